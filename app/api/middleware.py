@@ -1,0 +1,46 @@
+"""Pure ASGI middleware (no BaseHTTPMiddleware: it buffers streams and costs throughput)."""
+
+from __future__ import annotations
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.api.problems import BodyTooLarge, problem_response
+
+
+class BodySizeLimit:
+    """Refuse bodies above `limit` bytes with 413: up front from Content-Length, or while
+    streaming for chunked uploads, before the app has acted on a partial body."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    response = problem_response(400, "Content-Length is not a number")
+                    await response(scope, receive, send)
+                    return
+                if declared > self.limit:
+                    response = problem_response(413, str(BodyTooLarge(self.limit).detail))
+                    await response(scope, receive, send)
+                    return
+                break
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise BodyTooLarge(self.limit)
+            return message
+
+        await self.app(scope, limited_receive, send)

@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+from fastapi import APIRouter
+from starlette.responses import JSONResponse
+
+from app.api.deps import HealthServiceDep
+from app.api.schemas import Status
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/livez", summary="Process is alive (no I/O)")
+async def livez() -> Status:
+    return Status(status="ok")
+
+
+@router.get(
+    "/readyz",
+    summary="Ready for traffic: database reachable through the app's pool, schema at head",
+    responses={503: {"model": Status}},
+)
+async def readyz(health: HealthServiceDep) -> JSONResponse:
+    result = await health.readiness()
+    body = {"status": "ok" if result.ready else "unavailable", "detail": result.detail}
+    return JSONResponse(body, status_code=200 if result.ready else 503)

@@ -1,0 +1,203 @@
+"""Items routes: parse and validate, call the service, shape the response. No logic here."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Annotated, Literal
+from uuid import UUID
+
+from fastapi import APIRouter, Body, Header, Query, Request, Response, status
+
+from app.api.deps import IfMatch, ItemServiceDep, ServicesDep, etag
+from app.api.schemas import ItemIn, ItemOut, ItemPageOut, ItemPatch, Problem
+from app.services.errors import InvalidQuery
+from app.services.models import ItemFilter, Sort
+
+router = APIRouter(prefix="/v1/items", tags=["items"])
+
+PROBLEMS = {
+    code: {"model": Problem, "content": {"application/problem+json": {}}}
+    for code in (404, 412, 422, 428, 503)
+}
+
+SortParam = Literal["created_at", "-created_at", "name", "-name", "price", "-price"]
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        min_length=1,
+        max_length=255,
+        pattern=r"^[\x21-\x7e]+$",
+        description="Makes a retried create return the first response instead of a second item",
+    ),
+]
+
+
+def _with_etag(response: Response, item: ItemOut) -> ItemOut:
+    response.headers["ETag"] = etag(item.version)
+    return item
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    summary="Create an item",
+    description=(
+        "Returns 201 with `Location` and `ETag`. With an `Idempotency-Key`, a retry returns the "
+        "first response (marked `Idempotent-Replayed: true`) and stores nothing new; reusing the "
+        "key with a different body gets 422. Keys expire after IDEMPOTENCY_TTL_SECONDS."
+    ),
+    responses={409: PROBLEMS[422], 422: PROBLEMS[422], 503: PROBLEMS[503]},
+)
+async def create_item(
+    body: ItemIn,
+    request: Request,
+    response: Response,
+    items: ItemServiceDep,
+    idempotency_key: IdempotencyKey = None,
+) -> ItemOut:
+    created = await items.create(body.to_fields(), idempotency_key)
+    response.headers["Location"] = str(request.url_for("get_item", item_id=created.item.id).path)
+    if created.replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return _with_etag(response, ItemOut.of(created.item))
+
+
+@router.get(
+    "",
+    summary="List items",
+    description=(
+        "Offset pages (`page`, `per_page`) include `total`; keyset pages (`cursor` from "
+        "`next_cursor`) stay stable while rows are inserted. `q` matches name or description, "
+        "case-insensitively and literally (`%` and `_` are not wildcards). Soft-deleted items "
+        "are hidden unless `include_deleted=true`."
+    ),
+    responses={422: PROBLEMS[422], 503: PROBLEMS[503]},
+)
+async def list_items(
+    request: Request,
+    response: Response,
+    services: ServicesDep,
+    page: Annotated[int | None, Query(ge=1, le=1_000_000)] = None,
+    per_page: Annotated[int | None, Query(ge=1, description="at most MAX_PAGE_SIZE")] = None,
+    cursor: Annotated[str | None, Query(max_length=512)] = None,
+    is_active: bool | None = None,
+    min_price: Annotated[Decimal | None, Query(ge=0, max_digits=12, decimal_places=2)] = None,
+    max_price: Annotated[Decimal | None, Query(ge=0, max_digits=12, decimal_places=2)] = None,
+    q: Annotated[str | None, Query(min_length=1, max_length=200)] = None,
+    sort: SortParam = "-created_at",
+    include_deleted: bool = False,
+) -> ItemPageOut:
+    settings = services.settings
+    size = per_page or settings.default_page_size
+    if size > settings.max_page_size:
+        raise InvalidQuery(f"per_page must be at most {settings.max_page_size}", "per_page")
+    filters = ItemFilter(
+        is_active=is_active,
+        min_price=min_price,
+        max_price=max_price,
+        q=q,
+        include_deleted=include_deleted,
+    )
+    order = Sort(field=sort.lstrip("-"), descending=sort.startswith("-"))  # type: ignore[arg-type]
+    result = await services.items.list(filters, order, per_page=size, page=page, cursor=cursor)
+    if result.next_cursor:
+        next_url = request.url.remove_query_params(["page", "cursor"]).include_query_params(
+            cursor=result.next_cursor
+        )
+        response.headers["Link"] = f'<{next_url.path}?{next_url.query}>; rel="next"'
+    return ItemPageOut.of(result)
+
+
+@router.get(
+    "/{item_id}",
+    name="get_item",
+    summary="Get an item",
+    description="Soft-deleted items are 404 unless `include_deleted=true`.",
+    responses={304: {"description": "If-None-Match matched"}, 404: PROBLEMS[404]},
+)
+async def get_item(
+    item_id: UUID,
+    response: Response,
+    items: ItemServiceDep,
+    include_deleted: bool = False,
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> ItemOut:
+    item = ItemOut.of(await items.get(item_id, include_deleted=include_deleted))
+    if if_none_match is not None and etag(item.version) in _tags(if_none_match):
+        return Response(status_code=304, headers={"ETag": etag(item.version)})  # type: ignore[return-value]
+    return _with_etag(response, item)
+
+
+def _tags(header: str) -> set[str]:
+    return {part.strip().removeprefix("W/") for part in header.split(",")}
+
+
+@router.put(
+    "/{item_id}",
+    summary="Replace an item",
+    description=(
+        "Full replacement: every field takes the body's value; omitted optional fields are reset "
+        "to their defaults (`description` null, `is_active` true). Send `If-Match` with the ETag "
+        "you read to avoid overwriting someone else's change (412 on mismatch)."
+    ),
+    responses={404: PROBLEMS[404], 412: PROBLEMS[412], 428: PROBLEMS[428]},
+)
+async def replace_item(
+    item_id: UUID, body: ItemIn, response: Response, items: ItemServiceDep, if_match: IfMatch
+) -> ItemOut:
+    item = await items.replace(item_id, body.to_fields(), if_match)
+    return _with_etag(response, ItemOut.of(item))
+
+
+@router.patch(
+    "/{item_id}",
+    summary="Partially update an item",
+    description=(
+        "JSON Merge Patch (RFC 7396, `application/merge-patch+json` or `application/json`): only "
+        "the fields present change; `description: null` clears it. `If-Match` as for PUT."
+    ),
+    responses={404: PROBLEMS[404], 412: PROBLEMS[412], 428: PROBLEMS[428]},
+)
+async def patch_item(
+    item_id: UUID,
+    body: Annotated[ItemPatch, Body(media_type="application/merge-patch+json")],
+    response: Response,
+    items: ItemServiceDep,
+    if_match: IfMatch,
+) -> ItemOut:
+    item = await items.patch(item_id, body.changes(), if_match)
+    return _with_etag(response, ItemOut.of(item))
+
+
+@router.delete(
+    "/{item_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    summary="Delete an item (soft by default)",
+    description=(
+        "Soft delete hides the item from reads and lists and keeps the row; "
+        "`POST /v1/items/{id}/restore` brings it back. `permanent=true` removes the row for "
+        "good (also for a soft-deleted item) and cannot be undone."
+    ),
+    responses={404: PROBLEMS[404], 412: PROBLEMS[412], 428: PROBLEMS[428]},
+)
+async def delete_item(
+    item_id: UUID, items: ItemServiceDep, if_match: IfMatch, permanent: bool = False
+) -> Response:
+    if permanent:
+        await items.hard_delete(item_id, if_match)
+    else:
+        await items.soft_delete(item_id, if_match)
+    return Response(status_code=204)
+
+
+@router.post(
+    "/{item_id}/restore",
+    summary="Restore a soft-deleted item",
+    description="Idempotent: restoring a live item returns it unchanged.",
+    responses={404: PROBLEMS[404], 412: PROBLEMS[412], 428: PROBLEMS[428]},
+)
+async def restore_item(
+    item_id: UUID, response: Response, items: ItemServiceDep, if_match: IfMatch
+) -> ItemOut:
+    item = await items.restore(item_id, if_match)
+    return _with_etag(response, ItemOut.of(item))

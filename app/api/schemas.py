@@ -1,0 +1,122 @@
+"""Pydantic models at the HTTP boundary only."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Annotated, Any, Self
+from uuid import UUID
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    StringConstraints,
+    model_validator,
+)
+
+from app.services.models import Item, ItemFields, ItemPage
+
+Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+Description = Annotated[str, StringConstraints(max_length=10_000)]
+Price = Annotated[
+    Decimal,
+    Field(ge=0, max_digits=12, decimal_places=2, examples=[19.99]),
+    # JSON clients expect a number; 12 significant digits survive a double exactly.
+    PlainSerializer(float, return_type=float, when_used="json"),
+]
+
+
+class ItemIn(BaseModel):
+    """A complete item: the body of POST (create) and PUT (full replace). On PUT, an omitted
+    optional field is reset to its default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Name
+    description: Description | None = None
+    price: Price
+    is_active: bool = True
+
+    def to_fields(self) -> ItemFields:
+        return ItemFields(
+            name=self.name,
+            description=self.description,
+            price=self.price,
+            is_active=self.is_active,
+        )
+
+
+class ItemPatch(BaseModel):
+    """JSON Merge Patch (RFC 7396): only the fields present change; `description: null`
+    clears the description. Required fields cannot be set to null."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Name | None = None
+    description: Description | None = None
+    price: Price | None = None
+    is_active: bool | None = None
+
+    @model_validator(mode="after")
+    def _no_null_for_required(self) -> Self:
+        for name in ("name", "price", "is_active"):
+            if name in self.model_fields_set and getattr(self, name) is None:
+                raise ValueError(f"{name} cannot be null")
+        return self
+
+    def changes(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.model_fields_set}
+
+
+class ItemOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: UUID
+    name: str
+    description: str | None
+    price: Price
+    is_active: bool
+    version: int = Field(description="row version; the ETag carries it")
+    created_at: datetime
+    updated_at: datetime
+    deleted_at: datetime | None = Field(description="set when soft-deleted")
+
+    @classmethod
+    def of(cls, item: Item) -> ItemOut:
+        return cls.model_validate(item)
+
+
+class ItemPageOut(BaseModel):
+    data: list[ItemOut]
+    per_page: int
+    page: int | None = Field(description="offset page number; null for cursor pages")
+    total: int | None = Field(description="matching items; null for cursor pages")
+    next_cursor: str | None = Field(description="pass as `cursor` for the next page")
+
+    @classmethod
+    def of(cls, page: ItemPage) -> ItemPageOut:
+        return cls(
+            data=[ItemOut.of(item) for item in page.items],
+            per_page=page.per_page,
+            page=page.page,
+            total=page.total,
+            next_cursor=page.next_cursor,
+        )
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details."""
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str | None = None
+    instance: str | None = None
+    errors: list[dict[str, Any]] | None = None
+
+
+class Status(BaseModel):
+    status: str
+    detail: str | None = None

@@ -1,0 +1,136 @@
+"""`itemstream` command line: the one entry point used by README, Dockerfile and Helm chart."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from pydantic import ValidationError
+
+from app.config import Settings
+from app.db import migrations
+
+log = logging.getLogger("itemstream")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _load_settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as error:
+        lines = [f"  {'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in error.errors()]
+        sys.stderr.write("itemstream: invalid configuration\n" + "\n".join(lines) + "\n")
+        raise SystemExit(2) from None
+
+
+def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        applied = asyncio.run(
+            migrations.migrate(
+                settings.migration_database,
+                revision=args.revision,
+                lock_timeout=settings.migration_lock_timeout,
+            )
+        )
+    except migrations.MigrationLockTimeout as error:
+        log.error("%s", error)
+        return 3
+    log.info("migrations %s", "applied" if applied else "already up to date")
+    return 0
+
+
+def cmd_wait(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        asyncio.run(migrations.wait_for_head(settings.migration_database, timeout=args.timeout))
+    except TimeoutError as error:
+        log.error("schema not at head after %ss: %s", args.timeout, error)
+        return 1
+    return 0
+
+
+def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    if args.migrate if args.migrate is not None else settings.is_sqlite:
+        if cmd_migrate(settings, argparse.Namespace(revision="head")) != 0:
+            return 1
+    if args.host:
+        os.environ["HOST"] = args.host
+    if args.port:
+        os.environ["PORT"] = str(args.port)
+    if args.workers:
+        os.environ["WEB_CONCURRENCY"] = str(args.workers)
+    if args.reload:
+        import uvicorn
+
+        uvicorn.run(
+            "app.main:create_app",
+            factory=True,
+            host=args.host or settings.host,
+            port=args.port or settings.port,
+            reload=True,
+            reload_dirs=["app"],
+        )
+        return 0
+    argv = [sys.executable, "-m", "gunicorn", "-c", "python:app.gunicorn_conf", "app.main:create_app()"]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, argv)  # gunicorn becomes this process: it receives the signals
+
+
+def cmd_check_config(settings: Settings, args: argparse.Namespace) -> int:
+    safe = settings.model_dump(exclude={"database_password", "migration_database_password"})
+    for key in ("database_url", "migration_database_url"):
+        if safe.get(key):
+            safe[key] = settings.database.render_as_string(hide_password=True) if key == "database_url" \
+                else settings.migration_database.render_as_string(hide_password=True)
+    for key, value in sorted(safe.items()):
+        print(f"{key}={value}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="itemstream", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the HTTP service (gunicorn + uvicorn workers)")
+    serve.add_argument("--host", help="bind address (default: HOST or 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default: PORT or 8000)")
+    serve.add_argument("--workers", type=int, help="worker processes (default: from CPU limit)")
+    serve.add_argument("--reload", action="store_true", help="development: one process, reload")
+    serve.add_argument(
+        "--migrate",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="apply migrations first (default: only for the embedded SQLite database)",
+    )
+    serve.set_defaults(func=cmd_serve)
+
+    migrate = sub.add_parser("migrate", help="apply Alembic migrations (safe to run concurrently)")
+    migrate.add_argument("revision", nargs="?", default="head")
+    migrate.set_defaults(func=cmd_migrate)
+
+    wait = sub.add_parser("wait-for-migrations", help="block until the schema is at head")
+    wait.add_argument("--timeout", type=float, default=600.0)
+    wait.set_defaults(func=cmd_wait)
+
+    check = sub.add_parser("check-config", help="validate settings and print them (no secrets)")
+    check.set_defaults(func=cmd_check_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = _load_settings()
+    _setup_logging(settings.log_level)
+    result: int = args.func(settings, args)
+    return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

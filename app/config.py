@@ -1,0 +1,157 @@
+"""Typed configuration: one `Settings`, read from the environment and an optional `.env`."""
+
+from __future__ import annotations
+
+import logging
+from functools import cached_property
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from sqlalchemy.engine import URL, make_url
+
+log = logging.getLogger(__name__)
+
+Environment = Literal["development", "test", "production"]
+# How the app reaches Postgres. `pgbouncer` needs PgBouncer >= 1.21 with
+# max_prepared_statements > 0; `pgbouncer-legacy` is for older PgBouncer (e.g. 1.18).
+Pooler = Literal["none", "pgbouncer", "pgbouncer-legacy"]
+
+DEFAULT_SQLITE_URL = "sqlite+aiosqlite:///./itemstream.db"
+
+
+def normalize_database_url(raw: str) -> str:
+    """Accept the plain URLs hosting providers hand out and pick the async driver."""
+    url = raw.strip()
+    for prefix in ("postgres://", "postgresql://", "postgresql+psycopg://", "postgresql+psycopg2://"):
+        if url.startswith(prefix):
+            return "postgresql+asyncpg://" + url[len(prefix) :]
+    if url.startswith("sqlite://") and not url.startswith("sqlite+aiosqlite://"):
+        return "sqlite+aiosqlite://" + url[len("sqlite://") :]
+    return url
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        env_ignore_empty=True,
+        extra="ignore",
+        frozen=True,
+    )
+
+    environment: Environment = "development"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    # --- HTTP server -----------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    web_concurrency: int | None = Field(None, ge=1, le=64)
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="request bodies above get 413")
+    cors_allow_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    cors_allow_credentials: bool = False
+    docs_enabled: bool = True
+
+    # --- database ---------------------------------------------------------------------
+    database_url: str = DEFAULT_SQLITE_URL
+    # Optional: keeps the password out of the URL (e.g. from a Kubernetes Secret).
+    database_password: SecretStr | None = None
+    # Migrations must bypass a transaction pooler (advisory locks, DDL); defaults to
+    # database_url only when no pooler is in between.
+    migration_database_url: str | None = None
+    migration_database_password: SecretStr | None = None
+    migration_lock_timeout: float = Field(300.0, gt=0)
+    db_pooler: Pooler = "none"
+    db_pool_size: int = Field(10, ge=1, le=500)
+    db_max_overflow: int = Field(5, ge=0, le=500)
+    db_pool_timeout: float = Field(5.0, gt=0, description="seconds to wait for a pooled conn")
+    db_pool_recycle: int = Field(1800, ge=-1)
+    db_pool_pre_ping: bool = False
+    db_connect_timeout: float = Field(5.0, gt=0)
+    db_statement_timeout: float = Field(30.0, gt=0)
+    db_retry_after_seconds: int = Field(2, ge=1, description="Retry-After sent with a 503")
+
+    # --- items API --------------------------------------------------------------------
+    idempotency_ttl_seconds: int = Field(86_400, ge=60)
+    require_if_match: bool = False
+    max_page_size: int = Field(100, ge=1, le=1000)
+    default_page_size: int = Field(20, ge=1)
+
+    @field_validator("database_url", "migration_database_url", mode="before")
+    @classmethod
+    def _normalize_url(cls, value: object) -> object:
+        return normalize_database_url(value) if isinstance(value, str) else value
+
+    @field_validator("cors_allow_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                import json
+
+                return json.loads(text)
+            return [item.strip() for item in text.split(",") if item.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> Settings:
+        problems: list[str] = []
+        for name in ("database_url", "migration_database_url"):
+            raw = getattr(self, name)
+            if raw is None:
+                continue
+            try:
+                url = make_url(raw)
+            except Exception:
+                problems.append(f"{name.upper()} is not a valid database URL")
+                continue
+            if url.drivername not in ("postgresql+asyncpg", "sqlite+aiosqlite"):
+                problems.append(
+                    f"{name.upper()} must use postgresql+asyncpg or sqlite+aiosqlite, "
+                    f"got {url.drivername!r}"
+                )
+        if self.default_page_size > self.max_page_size:
+            problems.append("DEFAULT_PAGE_SIZE must not exceed MAX_PAGE_SIZE")
+        if "*" in self.cors_allow_origins and self.cors_allow_credentials:
+            problems.append("CORS_ALLOW_ORIGINS='*' cannot be combined with credentials")
+        if not problems and self.is_sqlite and self.db_pooler != "none":
+            problems.append("DB_POOLER applies to PostgreSQL only; set it to 'none' for SQLite")
+        if not problems and self.db_pooler != "none" and self.migration_database_url is None:
+            message = (
+                "MIGRATION_DATABASE_URL must point straight at PostgreSQL when DB_POOLER is "
+                f"{self.db_pooler!r}: migrations take advisory locks that a transaction pooler breaks"
+            )
+            if self.environment == "production":
+                problems.append(message)
+            else:
+                log.warning("%s (falling back to DATABASE_URL outside production)", message)
+        if self.environment == "production":
+            if self.is_sqlite:
+                problems.append("the embedded SQLite database is for development only")
+            if "*" in self.cors_allow_origins:
+                problems.append("CORS_ALLOW_ORIGINS='*' is refused in production")
+        if problems:
+            raise ValueError("invalid configuration: " + "; ".join(problems))
+        return self
+
+    @cached_property
+    def database(self) -> URL:
+        """The URL the app uses (may point at PgBouncer), with the password applied."""
+        return _with_password(make_url(self.database_url), self.database_password)
+
+    @cached_property
+    def migration_database(self) -> URL:
+        """The direct URL Alembic uses; never a transaction pooler."""
+        if self.migration_database_url is None:
+            return self.database
+        password = self.migration_database_password or self.database_password
+        return _with_password(make_url(self.migration_database_url), password)
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+
+def _with_password(url: URL, password: SecretStr | None) -> URL:
+    return url if password is None else url.set(password=password.get_secret_value())

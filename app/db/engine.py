@@ -1,0 +1,139 @@
+"""Engine construction for each way of reaching the database, and the one transaction scope
+the rest of the app uses."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+from uuid import uuid4
+
+from sqlalchemy import event, exc
+from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import ConnectionPoolEntry
+
+from app.config import Settings
+
+log = logging.getLogger(__name__)
+
+# SQLSTATE classes that mean "the database is not there right now", not "your query is wrong":
+# 08 connection exception, 53 insufficient resources, 57P0x shutdown/starting, 57014 cancelled
+# (statement timeout), and PgBouncer's own 08P01 for "no server connection available".
+_UNAVAILABLE_SQLSTATE_PREFIXES = ("08", "53", "57P0", "57014", "58")
+
+
+class DatabaseUnavailable(Exception):
+    """The database (or the pooler in front of it) cannot serve the request right now."""
+
+
+def _unique_statement_name() -> str:
+    # PgBouncer < 1.21 hands each transaction a different server connection; asyncpg's
+    # per-process counter names (__asyncpg_stmt_1__) would collide between clients there.
+    return f"__asyncpg_{uuid4().hex}__"
+
+
+def postgres_connect_args(settings: Settings) -> dict[str, Any]:
+    args: dict[str, Any] = {
+        "timeout": settings.db_connect_timeout,
+        # Client-side guard that also sends a cancel request; unlike a `statement_timeout`
+        # startup parameter it passes through every PgBouncer version.
+        "command_timeout": settings.db_statement_timeout,
+        "server_settings": {"application_name": "itemstream"},
+    }
+    if settings.db_pooler == "none":
+        timeout_ms = int(settings.db_statement_timeout * 1000)
+        args["server_settings"]["statement_timeout"] = str(timeout_ms)
+    elif settings.db_pooler == "pgbouncer-legacy":
+        args["statement_cache_size"] = 0  # asyncpg's cache
+        args["prepared_statement_cache_size"] = 0  # SQLAlchemy's cache
+        args["prepared_statement_name_func"] = _unique_statement_name
+    return args
+
+
+def create_engine(settings: Settings, url: URL | None = None) -> AsyncEngine:
+    """Create the app's engine. Call once per process, after any fork."""
+    url = url or settings.database
+    if url.get_backend_name() == "sqlite":
+        engine = create_async_engine(url, connect_args={"timeout": 15})
+        event.listen(engine.sync_engine, "connect", _configure_sqlite)
+        return engine
+    return create_async_engine(
+        url,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
+        pool_timeout=settings.db_pool_timeout,
+        pool_recycle=settings.db_pool_recycle,
+        pool_pre_ping=settings.db_pool_pre_ping,
+        connect_args=postgres_connect_args(settings),
+    )
+
+
+def _configure_sqlite(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=15000")
+    cursor.close()
+    # SQLite's lower() folds ASCII only; ILIKE compiles to lower(x) LIKE lower(y), so give it
+    # Unicode case folding to match PostgreSQL.
+    raw = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+    raw = getattr(raw, "_conn", raw)  # aiosqlite wraps the sqlite3 connection
+    if isinstance(raw, sqlite3.Connection):
+        raw.create_function("lower", 1, _unicode_lower, deterministic=True)
+
+
+def _unicode_lower(value: object) -> object:
+    return value.lower() if isinstance(value, str) else value
+
+
+def is_unavailable_error(error: BaseException) -> bool:
+    """True when an error means the database could not be reached, not that a query failed."""
+    if isinstance(error, exc.TimeoutError | ConnectionError | TimeoutError):
+        return True  # pool checkout timeout, refused/reset connections, command_timeout
+    if isinstance(error, exc.DBAPIError):
+        if error.connection_invalidated:
+            return True
+        orig = error.orig
+        sqlstate = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+        if isinstance(sqlstate, str) and sqlstate.startswith(_UNAVAILABLE_SQLSTATE_PREFIXES):
+            return True
+        cause = getattr(orig, "__cause__", None)
+        if cause is not None and cause is not error:
+            return is_unavailable_error(cause)
+        return isinstance(error, exc.InterfaceError)
+    return isinstance(error, OSError)
+
+
+class Database:
+    """Owns the engine; hands out one connection with one transaction per unit of work."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncConnection]:
+        """Commit when the block ends, roll back on any error; outages become one exception."""
+        try:
+            async with self.engine.begin() as connection:
+                yield connection
+        except DatabaseUnavailable:
+            raise
+        except Exception as error:
+            if is_unavailable_error(error):
+                log.warning("database unavailable: %s", _one_line(error))
+                raise DatabaseUnavailable(_one_line(error)) from error
+            raise
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]

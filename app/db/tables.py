@@ -1,0 +1,98 @@
+"""Table definitions (SQLAlchemy Core). Alembic migrations are the source of truth for DDL;
+these mirror them for queries and autogenerate checks."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    Boolean,
+    CheckConstraint,
+    Column,
+    DateTime,
+    Dialect,
+    Index,
+    Integer,
+    MetaData,
+    Numeric,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+    Uuid,
+    text,
+)
+
+# Stable constraint names, so migrations can refer to them on every backend.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC on every backend (SQLite hands back naive datetimes)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(UTC)
+        # SQLite stores text; a fixed naive-UTC form keeps lexical order == time order.
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, datetime)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+items = Table(
+    "items",
+    metadata,
+    Column("id", Uuid(), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("description", Text(), nullable=True),
+    Column("price", Numeric(12, 2, asdecimal=True), nullable=False),
+    Column("is_active", Boolean(), nullable=False, server_default="1"),
+    Column("version", Integer(), nullable=False, server_default="1"),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+    Column("deleted_at", UTCDateTime(), nullable=True),
+    CheckConstraint("price >= 0", name="price_non_negative"),
+    CheckConstraint("version >= 1", name="version_positive"),
+    # Partial: lists hide soft-deleted rows unless asked, so the hot path skips them.
+    *(
+        Index(
+            f"ix_items_live_{column}",
+            column,
+            "id",
+            postgresql_where=text("deleted_at IS NULL"),
+            sqlite_where=text("deleted_at IS NULL"),
+        )
+        for column in ("created_at", "name", "price")
+    ),
+)
+
+idempotency_keys = Table(
+    "idempotency_keys",
+    metadata,
+    Column("key", String(255), primary_key=True),
+    Column("request_hash", String(64), nullable=False),
+    Column("status_code", Integer(), nullable=True),
+    Column("response_body", Text(), nullable=True),
+    Column("resource_id", Uuid(), nullable=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Index("ix_idempotency_keys_created_at", "created_at"),
+)

@@ -1,0 +1,41 @@
+"""Domain errors. The API layer maps each to an HTTP status; nothing here knows about HTTP."""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Base class: `detail` is safe to show to the client."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class NotFound(ServiceError):
+    pass
+
+
+class PreconditionFailed(ServiceError):
+    """If-Match named a version the resource is no longer at."""
+
+    def __init__(self, detail: str, current_version: int | None = None) -> None:
+        super().__init__(detail)
+        self.current_version = current_version
+
+
+class PreconditionRequired(ServiceError):
+    """The deployment requires If-Match on writes and the request had none."""
+
+
+class IdempotencyKeyReused(ServiceError):
+    """The key was first used with a different request body."""
+
+
+class IdempotencyKeyInProgress(ServiceError):
+    """Another request with this key has not finished."""
+
+
+class InvalidQuery(ServiceError):
+    def __init__(self, detail: str, parameter: str) -> None:
+        super().__init__(detail)
+        self.parameter = parameter

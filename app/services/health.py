@@ -1,0 +1,36 @@
+"""Readiness: the database answers through the app's own pool and the schema is at head."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import text
+
+from app.db.engine import Database, DatabaseUnavailable
+
+
+@dataclass(frozen=True, slots=True)
+class Readiness:
+    ready: bool
+    detail: str
+
+
+class HealthService:
+    def __init__(self, db: Database, expected_revision: str) -> None:
+        self._db = db
+        self._expected = expected_revision
+        self.shutting_down = False
+
+    async def readiness(self) -> Readiness:
+        if self.shutting_down:
+            return Readiness(False, "shutting down")
+        try:
+            async with self._db.transaction() as conn:
+                current = await conn.scalar(text("SELECT version_num FROM alembic_version"))
+        except DatabaseUnavailable as error:
+            return Readiness(False, f"database unavailable: {error}")
+        except Exception as error:  # e.g. alembic_version missing on an empty database
+            return Readiness(False, f"schema check failed: {type(error).__name__}")
+        if current != self._expected:
+            return Readiness(False, f"schema at {current or 'nothing'}, expected {self._expected}")
+        return Readiness(True, f"schema at {current}")

@@ -1,0 +1,303 @@
+"""Item use cases: create (idempotent), read, list, replace, patch, soft/hard delete, restore."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+from collections.abc import Collection, Mapping
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+from uuid import UUID
+
+from app.db.engine import Database
+from app.db.items import ItemRepository
+from app.services.errors import (
+    IdempotencyKeyInProgress,
+    IdempotencyKeyReused,
+    InvalidQuery,
+    NotFound,
+    PreconditionFailed,
+    PreconditionRequired,
+)
+from app.services.ids import uuid7
+from app.services.models import Item, ItemFields, ItemFilter, ItemPage, Position, Sort
+
+WRITABLE_FIELDS = frozenset({"name", "description", "price", "is_active"})
+
+
+@dataclass(frozen=True, slots=True)
+class ItemPolicy:
+    idempotency_ttl: timedelta = timedelta(hours=24)
+    require_if_match: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Created:
+    item: Item
+    replayed: bool = False
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class ItemService:
+    def __init__(self, db: Database, policy: ItemPolicy | None = None) -> None:
+        self._db = db
+        self._policy = policy or ItemPolicy()
+
+    # --- create ---------------------------------------------------------------------------
+
+    async def create(self, fields: ItemFields, idempotency_key: str | None = None) -> Created:
+        """Create an item. With a key, a retry returns the first result and stores nothing new;
+        the same key with a different body is refused."""
+        now = _now()
+        values = {**asdict(fields), "id": uuid7(), "created_at": now, "updated_at": now}
+        async with self._db.transaction() as conn:
+            repo = ItemRepository(conn)
+            if idempotency_key is None:
+                return Created(await repo.insert(values))
+            fingerprint = _fingerprint(fields)
+            expired_before = now - self._policy.idempotency_ttl
+            if await repo.claim_key(idempotency_key, fingerprint, now, expired_before):
+                item = await repo.insert(values)
+                await repo.complete_key(idempotency_key, 201, _snapshot(item), item.id)
+                return Created(item)
+            stored = await repo.get_key(idempotency_key)
+        if stored is None:  # expired and purged between the two statements: a fresh attempt
+            return await self.create(fields, idempotency_key)
+        if stored.request_hash != fingerprint:
+            raise IdempotencyKeyReused(
+                "this Idempotency-Key was already used with a different request body"
+            )
+        if stored.response_body is None:
+            raise IdempotencyKeyInProgress("a request with this Idempotency-Key is in progress")
+        return Created(_from_snapshot(stored.response_body), replayed=True)
+
+    # --- read -----------------------------------------------------------------------------
+
+    async def get(self, item_id: UUID, *, include_deleted: bool = False) -> Item:
+        async with self._db.transaction() as conn:
+            item = await ItemRepository(conn).get(item_id, include_deleted=include_deleted)
+        if item is None:
+            raise NotFound(f"item {item_id} not found")
+        return item
+
+    async def list(
+        self,
+        filters: ItemFilter,
+        sort: Sort,
+        *,
+        per_page: int,
+        page: int | None = None,
+        cursor: str | None = None,
+    ) -> ItemPage:
+        """Offset pages carry a total; keyset pages (cursor) stay stable under inserts. Both
+        return next_cursor when more rows follow, so a client may switch to cursors."""
+        if page is not None and cursor is not None:
+            raise InvalidQuery("use either page or cursor, not both", "cursor")
+        after = _decode_cursor(cursor, filters, sort) if cursor is not None else None
+        offset = 0 if page is None else (page - 1) * per_page
+        async with self._db.transaction() as conn:
+            repo = ItemRepository(conn)
+            rows = await repo.page(filters, sort, limit=per_page + 1, offset=offset, after=after)
+            total = None
+            if cursor is None:
+                total = offset + len(rows) if len(rows) <= per_page and (rows or offset == 0) \
+                    else await repo.count(filters)
+        has_more = len(rows) > per_page
+        rows = rows[:per_page]
+        next_cursor = _encode_cursor(rows[-1], filters, sort) if has_more else None
+        return ItemPage(
+            items=rows,
+            per_page=per_page,
+            page=None if cursor is not None else (page or 1),
+            total=total,
+            next_cursor=next_cursor,
+        )
+
+    # --- update ---------------------------------------------------------------------------
+
+    async def replace(
+        self, item_id: UUID, fields: ItemFields, expected_versions: Collection[int] | None
+    ) -> Item:
+        """Full replacement: every writable field takes the given value (absent -> default)."""
+        return await self._update(item_id, asdict(fields), expected_versions)
+
+    async def patch(
+        self, item_id: UUID, changes: Mapping[str, Any], expected_versions: Collection[int] | None
+    ) -> Item:
+        """Partial update: only the given fields change."""
+        unknown = set(changes) - WRITABLE_FIELDS
+        if unknown:
+            raise InvalidQuery(f"fields cannot be changed: {', '.join(sorted(unknown))}", "body")
+        if not changes:
+            self._check_precondition_given(expected_versions)
+            item = await self.get(item_id)
+            _check_version(item, expected_versions)
+            return item
+        return await self._update(item_id, dict(changes), expected_versions)
+
+    async def _update(
+        self,
+        item_id: UUID,
+        values: dict[str, Any],
+        expected_versions: Collection[int] | None,
+        *,
+        deleted: bool = False,
+    ) -> Item:
+        self._check_precondition_given(expected_versions)
+        values["updated_at"] = _now()
+        async with self._db.transaction() as conn:
+            repo = ItemRepository(conn)
+            item = await repo.update(
+                item_id, values, expected_versions=expected_versions, deleted=deleted
+            )
+            if item is not None:
+                return item
+            current = await repo.get(item_id, include_deleted=True)
+        raise self._why_not_written(item_id, current, expected_versions, deleted=deleted)
+
+    # --- delete / restore -----------------------------------------------------------------
+
+    async def soft_delete(self, item_id: UUID, expected_versions: Collection[int] | None) -> Item:
+        """Hide the item from reads and lists; `restore` brings it back."""
+        return await self._update(item_id, {"deleted_at": _now()}, expected_versions)
+
+    async def restore(self, item_id: UUID, expected_versions: Collection[int] | None) -> Item:
+        self._check_precondition_given(expected_versions)
+        async with self._db.transaction() as conn:
+            repo = ItemRepository(conn)
+            values = {"deleted_at": None, "updated_at": _now()}
+            item = await repo.update(
+                item_id, values, expected_versions=expected_versions, deleted=True
+            )
+            if item is not None:
+                return item
+            current = await repo.get(item_id, include_deleted=True)
+        if current is not None and current.deleted_at is None:
+            _check_version(current, expected_versions)
+            return current  # already live: restoring is idempotent
+        raise self._why_not_written(item_id, current, expected_versions, deleted=True)
+
+    async def hard_delete(self, item_id: UUID, expected_versions: Collection[int] | None) -> None:
+        """Remove the row for good, whether or not it was soft-deleted first."""
+        self._check_precondition_given(expected_versions)
+        async with self._db.transaction() as conn:
+            repo = ItemRepository(conn)
+            if await repo.delete(item_id, expected_versions=expected_versions):
+                return
+            current = await repo.get(item_id, include_deleted=True)
+        if current is None:
+            raise NotFound(f"item {item_id} not found")
+        _check_version(current, expected_versions)
+
+    async def purge_expired_idempotency_keys(self) -> int:
+        async with self._db.transaction() as conn:
+            return await ItemRepository(conn).purge_keys(_now() - self._policy.idempotency_ttl)
+
+    # --- helpers --------------------------------------------------------------------------
+
+    def _check_precondition_given(self, expected_versions: Collection[int] | None) -> None:
+        if self._policy.require_if_match and expected_versions is None:
+            raise PreconditionRequired("this deployment requires If-Match on every write")
+
+    @staticmethod
+    def _why_not_written(
+        item_id: UUID,
+        current: Item | None,
+        expected_versions: Collection[int] | None,
+        *,
+        deleted: bool,
+    ) -> Exception:
+        if current is None or (current.deleted_at is not None) != deleted:
+            return NotFound(f"item {item_id} not found")
+        return PreconditionFailed(
+            f"item {item_id} is at version {current.version}, not the one in If-Match",
+            current_version=current.version,
+        )
+
+
+def _check_version(item: Item, expected_versions: Collection[int] | None) -> None:
+    if expected_versions is not None and item.version not in expected_versions:
+        raise PreconditionFailed(
+            f"item {item.id} is at version {item.version}, not the one in If-Match",
+            current_version=item.version,
+        )
+
+
+# --- idempotency snapshots ----------------------------------------------------------------
+
+
+def _fingerprint(fields: ItemFields) -> str:
+    canonical = json.dumps(asdict(fields), sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _snapshot(item: Item) -> str:
+    return json.dumps(asdict(item), default=str, separators=(",", ":"))
+
+
+def _from_snapshot(text: str) -> Item:
+    raw = json.loads(text)
+
+    def when(value: str | None) -> datetime | None:
+        return None if value is None else datetime.fromisoformat(value)
+
+    return Item(
+        id=UUID(raw["id"]),
+        name=raw["name"],
+        description=raw["description"],
+        price=Decimal(raw["price"]),
+        is_active=raw["is_active"],
+        version=raw["version"],
+        created_at=datetime.fromisoformat(raw["created_at"]),
+        updated_at=datetime.fromisoformat(raw["updated_at"]),
+        deleted_at=when(raw["deleted_at"]),
+    )
+
+
+# --- keyset cursors -----------------------------------------------------------------------
+
+
+def _filter_fingerprint(filters: ItemFilter, sort: Sort) -> str:
+    canonical = json.dumps([asdict(filters), asdict(sort)], default=str, sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _encode_cursor(last: Item, filters: ItemFilter, sort: Sort) -> str:
+    value = getattr(last, sort.field)
+    payload = {
+        "v": value.isoformat() if isinstance(value, datetime) else str(value),
+        "id": str(last.id),
+        "f": _filter_fingerprint(filters, sort),
+    }
+    raw = json.dumps(payload, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str, filters: ItemFilter, sort: Sort) -> Position:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        payload = json.loads(raw)
+        item_id = UUID(payload["id"])
+        text = payload["v"]
+        value: object
+        if sort.field == "created_at":
+            value = datetime.fromisoformat(text)
+        elif sort.field == "price":
+            value = Decimal(text)
+        else:
+            value = str(text)
+        fingerprint = payload["f"]
+    except (ValueError, KeyError, TypeError, binascii.Error, ArithmeticError) as error:
+        raise InvalidQuery("cursor is not valid; start again without it", "cursor") from error
+    if fingerprint != _filter_fingerprint(filters, sort):
+        raise InvalidQuery(
+            "cursor belongs to a different sort or filter; start again without it", "cursor"
+        )
+    return Position(value=value, id=item_id)

@@ -1,0 +1,67 @@
+"""Domain types shared by the service and database layers (no FastAPI, no Pydantic)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from typing import Literal
+from uuid import UUID
+
+SortField = Literal["created_at", "name", "price"]
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    id: UUID
+    name: str
+    description: str | None
+    price: Decimal
+    is_active: bool
+    version: int
+    created_at: datetime
+    updated_at: datetime
+    deleted_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class ItemFields:
+    """A complete set of writable fields (create and full replace)."""
+
+    name: str
+    description: str | None
+    price: Decimal
+    is_active: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Sort:
+    field: SortField = "created_at"
+    descending: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class ItemFilter:
+    is_active: bool | None = None
+    min_price: Decimal | None = None
+    max_price: Decimal | None = None
+    q: str | None = None
+    include_deleted: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Where a keyset page starts: after the row with this sort value and id."""
+
+    value: object
+    id: UUID
+
+
+@dataclass(frozen=True, slots=True)
+class ItemPage:
+    items: list[Item]
+    per_page: int
+    page: int | None = None
+    total: int | None = None
+    next_cursor: str | None = None
+    extra: dict[str, object] = field(default_factory=dict)

@@ -1,0 +1,74 @@
+"""How many gunicorn workers: WEB_CONCURRENCY when set, else the CPU this container may really
+use (cgroup v2 cpu.max, cgroup v1 CFS quota, then CPU affinity), never the host's core count.
+Async workers each run one event loop, so one per usable core saturates the CPU."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+DEFAULT_MAX_WORKERS = 8
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """CPUs allowed by the cgroup quota, or None when unlimited/unknown."""
+    v2 = _read(root / "cpu.max")
+    if v2 is not None:
+        quota, _, period = v2.partition(" ")
+        if quota == "max":
+            return None
+        try:
+            return int(quota) / int(period or "100000")
+        except ValueError:
+            return None
+    for v1_dir in (root / "cpu", root / "cpu,cpuacct", root):
+        quota_text = _read(v1_dir / "cpu.cfs_quota_us")
+        period_text = _read(v1_dir / "cpu.cfs_period_us")
+        if quota_text is None or period_text is None:
+            continue
+        try:
+            quota, period = int(quota_text), int(period_text)
+        except ValueError:
+            return None
+        return None if quota <= 0 or period <= 0 else quota / period
+    return None
+
+
+def affinity_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def usable_cpus(root: Path = Path("/sys/fs/cgroup")) -> float:
+    limit = cgroup_cpu_limit(root)
+    cpus = float(affinity_cpus())
+    return cpus if limit is None else min(limit, cpus)
+
+
+def worker_count(
+    env: Mapping[str, str] | None = None,
+    *,
+    cgroup_root: Path = Path("/sys/fs/cgroup"),
+    per_core: float = 1.0,
+    maximum: int | None = None,
+) -> int:
+    env = os.environ if env is None else env
+    explicit = env.get("WEB_CONCURRENCY", "").strip()
+    if explicit:
+        count = int(explicit)
+        if count < 1:
+            raise ValueError("WEB_CONCURRENCY must be at least 1")
+        return count
+    cap = maximum or int(env.get("MAX_WORKERS", "") or DEFAULT_MAX_WORKERS)
+    return max(1, min(cap, math.ceil(usable_cpus(cgroup_root) * per_core)))
