@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from pydantic import ValidationError
 
@@ -25,7 +26,9 @@ def _load_settings() -> Settings:
     try:
         return Settings()
     except ValidationError as error:
-        lines = [f"  {'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in error.errors()]
+        lines = [
+            f"  {'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in error.errors()
+        ]
         sys.stderr.write("itemstream: invalid configuration\n" + "\n".join(lines) + "\n")
         raise SystemExit(2) from None
 
@@ -48,7 +51,9 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_wait(settings: Settings, args: argparse.Namespace) -> int:
     try:
-        asyncio.run(migrations.wait_for_head(settings.migration_database, timeout=args.timeout))
+        asyncio.run(
+            migrations.wait_for_head(settings.migration_database, wait_seconds=args.timeout)
+        )
     except TimeoutError as error:
         log.error("schema not at head after %ss: %s", args.timeout, error)
         return 1
@@ -56,9 +61,9 @@ def cmd_wait(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
-    if args.migrate if args.migrate is not None else settings.is_sqlite:
-        if cmd_migrate(settings, argparse.Namespace(revision="head")) != 0:
-            return 1
+    migrate_first = settings.is_sqlite if args.migrate is None else args.migrate
+    if migrate_first and cmd_migrate(settings, argparse.Namespace(revision="head")) != 0:
+        return 1
     if args.host:
         os.environ["HOST"] = args.host
     if args.port:
@@ -77,18 +82,33 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
             reload_dirs=["app"],
         )
         return 0
-    argv = [sys.executable, "-m", "gunicorn", "-c", "python:app.gunicorn_conf", "app.main:create_app()"]
+    return _exec_gunicorn()
+
+
+def _exec_gunicorn() -> NoReturn:
+    argv = [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "-c",
+        "python:app.gunicorn_conf",
+        "app.main:create_app()",
+    ]
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(sys.executable, argv)  # gunicorn becomes this process: it receives the signals
+    # gunicorn replaces this process, so it is PID 1 in a container and receives the signals.
+    os.execv(sys.executable, argv)  # noqa: S606 - fixed argv, no shell
 
 
 def cmd_check_config(settings: Settings, args: argparse.Namespace) -> int:
     safe = settings.model_dump(exclude={"database_password", "migration_database_password"})
     for key in ("database_url", "migration_database_url"):
         if safe.get(key):
-            safe[key] = settings.database.render_as_string(hide_password=True) if key == "database_url" \
+            safe[key] = (
+                settings.database.render_as_string(hide_password=True)
+                if key == "database_url"
                 else settings.migration_database.render_as_string(hide_password=True)
+            )
     for key, value in sorted(safe.items()):
         print(f"{key}={value}")
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from functools import cached_property
 from typing import Annotated, Literal
@@ -23,7 +24,12 @@ DEFAULT_SQLITE_URL = "sqlite+aiosqlite:///./itemstream.db"
 def normalize_database_url(raw: str) -> str:
     """Accept the plain URLs hosting providers hand out and pick the async driver."""
     url = raw.strip()
-    for prefix in ("postgres://", "postgresql://", "postgresql+psycopg://", "postgresql+psycopg2://"):
+    for prefix in (
+        "postgres://",
+        "postgresql://",
+        "postgresql+psycopg://",
+        "postgresql+psycopg2://",
+    ):
         if url.startswith(prefix):
             return "postgresql+asyncpg://" + url[len(prefix) :]
     if url.startswith("sqlite://") and not url.startswith("sqlite+aiosqlite://"):
@@ -88,14 +94,29 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             text = value.strip()
             if text.startswith("["):
-                import json
-
                 return json.loads(text)
             return [item.strip() for item in text.split(",") if item.strip()]
         return value
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:
+        problems = self._url_problems()
+        if self.default_page_size > self.max_page_size:
+            problems.append("DEFAULT_PAGE_SIZE must not exceed MAX_PAGE_SIZE")
+        if "*" in self.cors_allow_origins and self.cors_allow_credentials:
+            problems.append("CORS_ALLOW_ORIGINS='*' cannot be combined with credentials")
+        if not problems:
+            problems += self._pooler_problems()
+        if self.environment == "production":
+            if self.is_sqlite:
+                problems.append("the embedded SQLite database is for development only")
+            if "*" in self.cors_allow_origins:
+                problems.append("CORS_ALLOW_ORIGINS='*' is refused in production")
+        if problems:
+            raise ValueError("invalid configuration: " + "; ".join(problems))
+        return self
+
+    def _url_problems(self) -> list[str]:
         problems: list[str] = []
         for name in ("database_url", "migration_database_url"):
             raw = getattr(self, name)
@@ -111,29 +132,22 @@ class Settings(BaseSettings):
                     f"{name.upper()} must use postgresql+asyncpg or sqlite+aiosqlite, "
                     f"got {url.drivername!r}"
                 )
-        if self.default_page_size > self.max_page_size:
-            problems.append("DEFAULT_PAGE_SIZE must not exceed MAX_PAGE_SIZE")
-        if "*" in self.cors_allow_origins and self.cors_allow_credentials:
-            problems.append("CORS_ALLOW_ORIGINS='*' cannot be combined with credentials")
-        if not problems and self.is_sqlite and self.db_pooler != "none":
-            problems.append("DB_POOLER applies to PostgreSQL only; set it to 'none' for SQLite")
-        if not problems and self.db_pooler != "none" and self.migration_database_url is None:
+        return problems
+
+    def _pooler_problems(self) -> list[str]:
+        if self.db_pooler == "none":
+            return []
+        if self.is_sqlite:
+            return ["DB_POOLER applies to PostgreSQL only; set it to 'none' for SQLite"]
+        if self.migration_database_url is None:
             message = (
                 "MIGRATION_DATABASE_URL must point straight at PostgreSQL when DB_POOLER is "
-                f"{self.db_pooler!r}: migrations take advisory locks that a transaction pooler breaks"
+                f"{self.db_pooler!r}: a transaction pooler breaks the migration advisory lock"
             )
             if self.environment == "production":
-                problems.append(message)
-            else:
-                log.warning("%s (falling back to DATABASE_URL outside production)", message)
-        if self.environment == "production":
-            if self.is_sqlite:
-                problems.append("the embedded SQLite database is for development only")
-            if "*" in self.cors_allow_origins:
-                problems.append("CORS_ALLOW_ORIGINS='*' is refused in production")
-        if problems:
-            raise ValueError("invalid configuration: " + "; ".join(problems))
-        return self
+                return [message]
+            log.warning("%s (falling back to DATABASE_URL outside production)", message)
+        return []
 
     @cached_property
     def database(self) -> URL:

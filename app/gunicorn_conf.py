@@ -24,10 +24,13 @@ max_requests = int(os.environ.get("GUNICORN_MAX_REQUESTS", "0"))
 max_requests_jitter = int(os.environ.get("GUNICORN_MAX_REQUESTS_JITTER", "0")) or (
     max_requests // 10
 )
-worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
+# Heartbeat file on tmpfs: fchmod on a disk-backed /tmp can block the worker.
+worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None  # noqa: S108
 preload_app = False  # engines and telemetry must be created after the fork
 forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
 accesslog = None
 errorlog = "-"
 loglevel = _settings.log_level.lower()
 proc_name = "itemstream"
+# The control socket (gunicorn >= 24) would need a writable home; we do not use it.
+control_socket_disable = True

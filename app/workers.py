@@ -23,20 +23,20 @@ def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
     """CPUs allowed by the cgroup quota, or None when unlimited/unknown."""
     v2 = _read(root / "cpu.max")
     if v2 is not None:
-        quota, _, period = v2.partition(" ")
-        if quota == "max":
+        quota_text, _, period_text = v2.partition(" ")
+        if quota_text == "max":
             return None
         try:
-            return int(quota) / int(period or "100000")
+            return int(quota_text) / int(period_text or "100000")
         except ValueError:
             return None
     for v1_dir in (root / "cpu", root / "cpu,cpuacct", root):
-        quota_text = _read(v1_dir / "cpu.cfs_quota_us")
-        period_text = _read(v1_dir / "cpu.cfs_period_us")
-        if quota_text is None or period_text is None:
+        v1_quota = _read(v1_dir / "cpu.cfs_quota_us")
+        v1_period = _read(v1_dir / "cpu.cfs_period_us")
+        if v1_quota is None or v1_period is None:
             continue
         try:
-            quota, period = int(quota_text), int(period_text)
+            quota, period = int(v1_quota), int(v1_period)
         except ValueError:
             return None
         return None if quota <= 0 or period <= 0 else quota / period

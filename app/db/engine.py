@@ -84,7 +84,7 @@ def _configure_sqlite(dbapi_connection: Any, _record: ConnectionPoolEntry) -> No
         raw.create_function("lower", 1, _unicode_lower, deterministic=True)
 
 
-def _unicode_lower(value: object) -> object:
+def _unicode_lower(value: str | None) -> str | None:
     return value.lower() if isinstance(value, str) else value
 
 

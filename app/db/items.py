@@ -140,12 +140,14 @@ class ItemRepository:
 
     # --- idempotency keys ---------------------------------------------------------------
 
-    async def claim_key(self, key: str, request_hash: str, now: datetime, expired_before: datetime) -> bool:
+    async def claim_key(
+        self, key: str, request_hash: str, now: datetime, expired_before: datetime
+    ) -> bool:
         """Insert the key, or take over an expired one. False when a live key exists; on
         Postgres this waits for a concurrent claimer of the same key to commit or roll back."""
         ins = postgresql.insert if self._dialect == "postgresql" else sqlite.insert
         stmt = ins(idempotency_keys).values(key=key, request_hash=request_hash, created_at=now)
-        stmt = stmt.on_conflict_do_update(
+        upsert = stmt.on_conflict_do_update(
             index_elements=[idempotency_keys.c.key],
             set_={
                 "request_hash": stmt.excluded.request_hash,
@@ -156,7 +158,7 @@ class ItemRepository:
             },
             where=idempotency_keys.c.created_at < expired_before,
         ).returning(idempotency_keys.c.key)
-        return (await self._conn.execute(stmt)).first() is not None
+        return (await self._conn.execute(upsert)).first() is not None
 
     async def get_key(self, key: str) -> StoredKey | None:
         query = select(

@@ -8,7 +8,6 @@ import logging
 import time
 from pathlib import Path
 
-from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
@@ -16,6 +15,8 @@ from sqlalchemy import Connection, text
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 from sqlalchemy.pool import NullPool
+
+from alembic import command
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,8 @@ def _upgrade(connection: Connection, revision: str) -> None:
     command.upgrade(config, revision)
 
 
-async def _acquire_lock(connection: AsyncConnection, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
+async def _acquire_lock(connection: AsyncConnection, wait_seconds: float) -> None:
+    deadline = time.monotonic() + wait_seconds
     announced = False
     while True:
         got = await connection.scalar(
@@ -68,7 +69,7 @@ async def _acquire_lock(connection: AsyncConnection, timeout: float) -> None:
             return
         if time.monotonic() > deadline:
             raise MigrationLockTimeout(
-                f"another migration held the lock for more than {timeout:.0f}s"
+                f"another migration held the lock for more than {wait_seconds:.0f}s"
             )
         if not announced:
             log.info("another migration is running; waiting for its lock")
@@ -110,11 +111,11 @@ async def migrate(url: URL, *, revision: str = "head", lock_timeout: float = 300
         await engine.dispose()
 
 
-async def wait_for_head(url: URL, *, timeout: float, interval: float = 2.0) -> None:
+async def wait_for_head(url: URL, *, wait_seconds: float, interval: float = 2.0) -> None:
     """Block until the schema is at head (used by pods that must not start before it)."""
     target = head_revision()
     engine = create_async_engine(url, poolclass=NullPool)
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + wait_seconds
     last = "not checked"
     try:
         while True:

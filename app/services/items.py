@@ -107,8 +107,11 @@ class ItemService:
             rows = await repo.page(filters, sort, limit=per_page + 1, offset=offset, after=after)
             total = None
             if cursor is None:
-                total = offset + len(rows) if len(rows) <= per_page and (rows or offset == 0) \
+                total = (
+                    offset + len(rows)
+                    if len(rows) <= per_page and (rows or offset == 0)
                     else await repo.count(filters)
+                )
         has_more = len(rows) > per_page
         rows = rows[:per_page]
         next_cursor = _encode_cursor(rows[-1], filters, sort) if has_more else None
@@ -281,11 +284,17 @@ def _encode_cursor(last: Item, filters: ItemFilter, sort: Sort) -> str:
 
 
 def _decode_cursor(cursor: str, filters: ItemFilter, sort: Sort) -> Position:
+    invalid = InvalidQuery("cursor is not valid; start again without it", "cursor")
     try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        payload = json.loads(raw)
-        item_id = UUID(payload["id"])
-        text = payload["v"]
+        payload = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        fingerprint, text, raw_id = payload["f"], payload["v"], payload["id"]
+    except (ValueError, KeyError, TypeError, binascii.Error) as error:
+        raise invalid from error
+    if fingerprint != _filter_fingerprint(filters, sort):
+        raise InvalidQuery(
+            "cursor belongs to a different sort or filter; start again without it", "cursor"
+        )
+    try:
         value: object
         if sort.field == "created_at":
             value = datetime.fromisoformat(text)
@@ -293,11 +302,6 @@ def _decode_cursor(cursor: str, filters: ItemFilter, sort: Sort) -> Position:
             value = Decimal(text)
         else:
             value = str(text)
-        fingerprint = payload["f"]
-    except (ValueError, KeyError, TypeError, binascii.Error, ArithmeticError) as error:
-        raise InvalidQuery("cursor is not valid; start again without it", "cursor") from error
-    if fingerprint != _filter_fingerprint(filters, sort):
-        raise InvalidQuery(
-            "cursor belongs to a different sort or filter; start again without it", "cursor"
-        )
-    return Position(value=value, id=item_id)
+        return Position(value=value, id=UUID(raw_id))
+    except (ValueError, TypeError, ArithmeticError) as error:
+        raise invalid from error

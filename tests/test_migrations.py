@@ -1,0 +1,172 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import asyncpg
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Connection
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from alembic import command
+from app.db.migrations import alembic_config, head_revision, migrate
+from app.db.tables import metadata
+from tests.support.postgres import PostgresServer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli_env(**values: str) -> dict[str, str]:
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("DATABASE_", "MIGRATION_", "DB_"))
+    }
+    env.update(values)
+    return env
+
+
+@pytest.mark.postgres
+def test_concurrent_migrate_runs_apply_exactly_once(pg: PostgresServer) -> None:
+    database = pg.create_database("itemstream_migrate")
+    url = pg.url(database).render_as_string(hide_password=False)
+    env = cli_env(MIGRATION_DATABASE_URL=url, DATABASE_URL=url, LOG_LEVEL="INFO")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "app", "migrate"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(5)
+    ]
+    outputs = [proc.communicate(timeout=120)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0] * 5, outputs
+    assert sum("Running upgrade" in out for out in outputs) == 1, outputs
+    assert sum("migrations applied" in out for out in outputs) == 1
+
+    async def version() -> str:
+        conn = await asyncpg.connect(
+            host=pg.host, port=pg.port, user=pg.admin_url.username, database=database
+        )
+        try:
+            return str(await conn.fetchval("SELECT version_num FROM alembic_version"))
+        finally:
+            await conn.close()
+
+    import asyncio
+
+    assert asyncio.run(version()) == head_revision()
+    pg.drop_database(database)
+
+
+def _diff(connection: Connection) -> list[object]:
+    context = MigrationContext.configure(connection, opts={"compare_type": True})
+    return [
+        change
+        for change in compare_metadata(context, metadata)
+        # Trigram indexes are Postgres-only and live in the migration, not in the table model.
+        if "trgm" not in str(change)
+    ]
+
+
+@pytest.mark.parametrize("backend", ["postgres", "sqlite"])
+async def test_migrations_round_trip_and_match_the_model(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    if backend == "postgres":
+        pg: PostgresServer = request.getfixturevalue("pg")
+        name = pg.create_database("itemstream_roundtrip")
+        url = pg.url(name)
+    else:
+        from sqlalchemy.engine import make_url
+
+        url = make_url(f"sqlite+aiosqlite:///{tmp_path / 'rt.db'}")
+    assert await migrate(url) is True
+    assert await migrate(url) is False  # already at head: nothing to do
+
+    engine = create_async_engine(url)
+    async with engine.connect() as conn:
+        assert await conn.run_sync(_diff) == []
+
+        def downgrade(sync_conn: Connection) -> None:
+            config = alembic_config()
+            config.attributes["connection"] = sync_conn
+            command.downgrade(config, "base")
+
+        await conn.run_sync(downgrade)
+        await conn.commit()
+    await engine.dispose()
+    assert await migrate(url) is True
+
+
+@pytest.mark.postgres
+async def test_search_uses_trigram_indexes(pg: PostgresServer) -> None:
+    database = pg.create_database("itemstream_trgm")
+    await migrate(pg.url(database))
+    conn = await asyncpg.connect(
+        host=pg.host, port=pg.port, user=pg.admin_url.username, database=database
+    )
+    try:
+        await conn.execute(
+            "INSERT INTO items (id, name, description, price, created_at, updated_at) "
+            "SELECT gen_random_uuid(), 'item ' || n, 'about ' || (n % 997), n % 500, now(), now() "
+            "FROM generate_series(1, 200000) AS n"
+        )
+        await conn.execute("ANALYZE items")
+        plan = "\n".join(
+            row[0]
+            for row in await conn.fetch(
+                "EXPLAIN SELECT id FROM items WHERE deleted_at IS NULL AND "
+                "(name ILIKE '%widget%' ESCAPE '\\' OR description ILIKE '%widget%' ESCAPE '\\') "
+                "ORDER BY created_at DESC, id DESC LIMIT 21"
+            )
+        )
+    finally:
+        await conn.close()
+        pg.drop_database(database)
+    assert "ix_items_name_trgm" in plan and "ix_items_description_trgm" in plan, plan
+
+
+@pytest.mark.postgres
+def test_wait_for_migrations(pg: PostgresServer, schema_db: str) -> None:
+    ready = pg.url(schema_db).render_as_string(hide_password=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "app", "wait-for-migrations", "--timeout", "10"],
+        cwd=ROOT,
+        env=cli_env(DATABASE_URL=ready),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    empty = pg.create_database("itemstream_empty")
+    waiting = subprocess.run(
+        [sys.executable, "-m", "app", "wait-for-migrations", "--timeout", "1"],
+        cwd=ROOT,
+        env=cli_env(DATABASE_URL=pg.url(empty).render_as_string(hide_password=False)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert waiting.returncode == 1
+    assert "schema not at head" in waiting.stderr
+    pg.drop_database(empty)
+
+
+@pytest.mark.postgres
+async def test_readyz_is_503_before_migrations(pg: PostgresServer) -> None:
+    from tests.conftest import app_client, make_settings
+
+    empty = pg.create_database("itemstream_unmigrated")
+    async with app_client(make_settings(pg.url(empty))) as client:
+        response = await client.get("/readyz")
+    assert response.status_code == 503
+    assert response.json()["status"] == "unavailable"
+    pg.drop_database(empty)
