@@ -3,8 +3,11 @@ created in the lifespan, once per worker process."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import timedelta
 
@@ -22,6 +25,21 @@ from app.services.health import HealthService
 from app.services.items import ItemPolicy, ItemService
 
 log = logging.getLogger(__name__)
+
+IDEMPOTENCY_PURGE_INTERVAL = 900.0
+
+
+async def _every(interval: float, job: Callable[[], Awaitable[int]]) -> None:
+    """Run `job` periodically (jittered, so workers and pods do not line up); never raises."""
+    while True:
+        await asyncio.sleep(interval * random.uniform(0.5, 1.5))  # noqa: S311 - not crypto
+        try:
+            removed = await job()
+            if removed:
+                log.info("purged %d expired idempotency keys", removed)
+        except Exception as error:  # the database may be down; try again next round
+            log.warning("idempotency key purge failed: %s", error)
+
 
 DESCRIPTION = """
 Items on PostgreSQL, with idempotent creates, optimistic concurrency (ETag / If-Match),
@@ -47,10 +65,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             items=ItemService(database, policy),
             health=HealthService(database, head_revision()),
         )
+        purger = asyncio.create_task(
+            _every(
+                IDEMPOTENCY_PURGE_INTERVAL, app.state.services.items.purge_expired_idempotency_keys
+            ),
+            name="purge-idempotency-keys",
+        )
         try:
             yield
         finally:
             app.state.services.health.shutting_down = True
+            purger.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await purger
             await database.dispose()
 
     docs = settings.docs_enabled

@@ -467,3 +467,23 @@ async def test_openapi_documents_the_semantics(client: httpx.AsyncClient) -> Non
     assert "restore" in delete["description"] and "permanent" in delete["description"]
     assert "Merge Patch" in spec["paths"]["/v1/items/{item_id}"]["patch"]["description"]
     assert (await client.get("/docs")).status_code == 200
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+async def test_cors_only_for_allowed_origins(settings: Settings) -> None:
+    allowed = settings.model_copy(update={"cors_allow_origins": ["https://app.example"]})
+    async with app_client(allowed) as client:
+        ok = await client.get("/v1/items", headers={"Origin": "https://app.example"})
+        assert ok.headers["access-control-allow-origin"] == "https://app.example"
+        assert "etag" in ok.headers["access-control-expose-headers"].lower()
+        other = await client.get("/v1/items", headers={"Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
+        preflight = await client.options(
+            "/v1/items/x",
+            headers={
+                "Origin": "https://app.example",
+                "Access-Control-Request-Method": "PATCH",
+                "Access-Control-Request-Headers": "if-match",
+            },
+        )
+        assert preflight.status_code == 200
