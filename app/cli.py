@@ -14,12 +14,9 @@ from pydantic import ValidationError
 
 from app.config import Settings
 from app.db import migrations
+from app.telemetry.logs import configure_logging
 
 log = logging.getLogger("itemstream")
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def _load_settings() -> Settings:
@@ -147,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = _load_settings()
-    _setup_logging(settings.log_level)
+    configure_logging(settings.log_level)
     result: int = args.func(settings, args)
     return result
 

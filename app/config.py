@@ -58,6 +58,21 @@ class Settings(BaseSettings):
     cors_allow_credentials: bool = False
     docs_enabled: bool = True
 
+    # --- telemetry --------------------------------------------------------------------
+    metrics_enabled: bool = True
+    # Serve /metrics from the gunicorn master on its own port (e.g. 9090) instead of the app
+    # port, so an Ingress or Gateway in front of the app never exposes it.
+    metrics_port: int | None = Field(None, ge=1, le=65535)
+    # The OpenTelemetry SDK reads the other OTEL_* variables itself (resource attributes,
+    # sampler, headers, timeouts); these decide whether tracing is on and are validated here.
+    otel_sdk_disabled: bool = False
+    otel_service_name: str = "itemstream"
+    otel_traces_exporter: Literal["otlp", "console", "none"] = "otlp"
+    otel_exporter_otlp_endpoint: str | None = None
+    otel_exporter_otlp_traces_endpoint: str | None = None
+    otel_exporter_otlp_protocol: str = "http/protobuf"
+    otel_exporter_otlp_traces_protocol: str | None = None
+
     # --- database ---------------------------------------------------------------------
     database_url: str = DEFAULT_SQLITE_URL
     # Optional: keeps the password out of the URL (e.g. from a Kubernetes Secret).
@@ -107,6 +122,18 @@ class Settings(BaseSettings):
             problems.append("CORS_ALLOW_ORIGINS='*' cannot be combined with credentials")
         if not problems:
             problems += self._pooler_problems()
+        protocol = self.otel_exporter_otlp_traces_protocol or self.otel_exporter_otlp_protocol
+        if (
+            self.tracing_enabled
+            and self.otel_traces_exporter == "otlp"
+            and protocol != "http/protobuf"
+        ):
+            problems.append(
+                f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r} is not supported: use http/protobuf "
+                "(port 4318); the gRPC exporter is not fork-safe under gunicorn"
+            )
+        if self.metrics_port is not None and self.metrics_port == self.port:
+            problems.append("METRICS_PORT must differ from PORT")
         if self.environment == "production":
             if self.is_sqlite:
                 problems.append("the embedded SQLite database is for development only")
@@ -161,6 +188,14 @@ class Settings(BaseSettings):
             return self.database
         password = self.migration_database_password or self.database_password
         return _with_password(make_url(self.migration_database_url), password)
+
+    @property
+    def tracing_enabled(self) -> bool:
+        if self.otel_sdk_disabled or self.otel_traces_exporter == "none":
+            return False
+        if self.otel_traces_exporter == "console":
+            return True
+        return bool(self.otel_exporter_otlp_endpoint or self.otel_exporter_otlp_traces_endpoint)
 
     @property
     def is_sqlite(self) -> bool:

@@ -4,14 +4,17 @@ Every value can be overridden with GUNICORN_CMD_ARGS."""
 from __future__ import annotations
 
 import os
+import tempfile
+from typing import Any
 
 from app.config import Settings
+from app.telemetry.logs import logging_config
 from app.workers import worker_count
 
 _settings = Settings()
 
 bind = [f"{_settings.host}:{_settings.port}"]
-worker_class = "uvicorn_worker.UvicornWorker"
+worker_class = "app.gunicorn_worker.Worker"
 # The embedded SQLite database takes one writer; Postgres deployments size by CPU.
 workers = 1 if _settings.is_sqlite else worker_count()
 # With async workers `timeout` is an event-loop heartbeat, not a request timeout.
@@ -20,6 +23,7 @@ graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "30"))
 # Longer than the idle timeout of the proxies in front (ALB/nginx/Envoy default 60 s), so the
 # proxy closes idle connections first and never reuses one we just closed (502s).
 keepalive = int(os.environ.get("GUNICORN_KEEPALIVE", "75"))
+# Off by default: every recycle drops open streams, rebuilds the pool and adds metric files.
 max_requests = int(os.environ.get("GUNICORN_MAX_REQUESTS", "0"))
 max_requests_jitter = int(os.environ.get("GUNICORN_MAX_REQUESTS_JITTER", "0")) or (
     max_requests // 10
@@ -28,9 +32,60 @@ max_requests_jitter = int(os.environ.get("GUNICORN_MAX_REQUESTS_JITTER", "0")) o
 worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None  # noqa: S108
 preload_app = False  # engines and telemetry must be created after the fork
 forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
-accesslog = None
-errorlog = "-"
-loglevel = _settings.log_level.lower()
+accesslog = None  # the app writes its own access log (route template, trace id)
+logconfig_dict = logging_config(_settings.log_level)
 proc_name = "itemstream"
 # The control socket (gunicorn >= 24) would need a writable home; we do not use it.
 control_socket_disable = True
+
+# Must be in the environment before any worker imports prometheus_client. In Kubernetes the
+# chart points it at an emptyDir; elsewhere a private temporary directory is made and removed.
+_own_metrics_dir: str | None = None
+if _settings.metrics_enabled and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    _own_metrics_dir = tempfile.mkdtemp(prefix="itemstream-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = _own_metrics_dir
+
+
+def on_starting(server: Any) -> None:
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory:
+        from app.telemetry.metrics import prepare_multiprocess_dir
+
+        prepare_multiprocess_dir(directory)
+
+
+def when_ready(server: Any) -> None:
+    if _settings.metrics_enabled and _settings.metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        from app.telemetry.metrics import scrape_registry
+
+        start_http_server(_settings.metrics_port, _settings.host, registry=scrape_registry())
+        server.log.info("metrics on %s:%s/metrics", _settings.host, _settings.metrics_port)
+
+
+def post_fork(server: Any, worker: Any) -> None:
+    from app.telemetry import tracing
+
+    tracing.configure(_settings)
+
+
+def worker_exit(server: Any, worker: Any) -> None:
+    from app.telemetry import tracing
+
+    tracing.shutdown()  # flush spans of a worker that is going away
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    # Runs in the master: drop the dead worker's live gauges (in-flight requests, pool use).
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from app.telemetry.metrics import mark_worker_dead
+
+        mark_worker_dead(worker.pid)
+
+
+def on_exit(server: Any) -> None:
+    if _own_metrics_dir is not None:
+        import shutil
+
+        shutil.rmtree(_own_metrics_dir, ignore_errors=True)

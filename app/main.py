@@ -21,8 +21,13 @@ from app.api.routes import health, items
 from app.config import Settings
 from app.db.engine import Database, create_engine
 from app.db.migrations import head_revision
+from app.lifecycle import Lifecycle, process_lifecycle
 from app.services.health import HealthService
 from app.services.items import ItemPolicy, ItemService
+from app.telemetry import tracing
+from app.telemetry.access import AccessLog
+from app.telemetry.metrics import AppMetrics
+from app.telemetry.metrics import instrument as instrument_metrics
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +55,17 @@ database is unreachable right now; retry after the given seconds.
 """
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, lifecycle: Lifecycle | None = None) -> FastAPI:
     settings = settings or Settings()
+    lifecycle = lifecycle or process_lifecycle
+    tracing.configure(settings)  # no-op when gunicorn's post_fork already did it
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        database = Database(create_engine(settings))
+        lifecycle.bind(asyncio.get_running_loop())
+        engine = create_engine(settings)
+        tracing.instrument_engine(engine)
+        database = Database(engine, observer=metrics)
         policy = ItemPolicy(
             idempotency_ttl=timedelta(seconds=settings.idempotency_ttl_seconds),
             require_if_match=settings.require_if_match,
@@ -63,7 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.services = Services(
             settings=settings,
             items=ItemService(database, policy),
-            health=HealthService(database, head_revision()),
+            health=HealthService(database, head_revision(), lifecycle),
         )
         purger = asyncio.create_task(
             _every(
@@ -74,11 +84,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            app.state.services.health.shutting_down = True
             purger.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await purger
             await database.dispose()
+            tracing.flush()
 
     docs = settings.docs_enabled
     app = FastAPI(
@@ -94,7 +104,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(items.router)
 
-    # Added last = outermost.
+    # Middleware: added last runs first. Order from the outside in: tracing (server span),
+    # HTTP metrics, access log (inside the span, so it has the trace id), CORS, body limit.
+    app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
     if settings.cors_allow_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -104,5 +116,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=["Content-Type", "If-Match", "If-None-Match", "Idempotency-Key"],
             expose_headers=["ETag", "Location", "Link", "Retry-After", "Idempotent-Replayed"],
         )
-    app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
+    app.add_middleware(AccessLog)
+    metrics: AppMetrics | None = None
+    if settings.metrics_enabled:
+        metrics = instrument_metrics(app, expose=settings.metrics_port is None)
+    tracing.instrument_app(app)
     return app

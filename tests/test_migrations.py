@@ -156,7 +156,7 @@ def test_wait_for_migrations(pg: PostgresServer, schema_db: str) -> None:
         timeout=60,
     )
     assert waiting.returncode == 1
-    assert "schema not at head" in waiting.stderr
+    assert "schema not at head" in waiting.stdout  # JSON log lines go to stdout
     pg.drop_database(empty)
 
 

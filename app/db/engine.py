@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Protocol
 from uuid import uuid4
 
 from sqlalchemy import event, exc
@@ -106,11 +107,29 @@ def is_unavailable_error(error: BaseException) -> bool:
     return isinstance(error, OSError)
 
 
+class DatabaseObserver(Protocol):
+    """What the telemetry layer wants to know about the pool (implemented by AppMetrics)."""
+
+    def connection_acquired(self, seconds: float) -> None: ...
+    def pool_checked_out(self, count: int) -> None: ...
+    def database_unavailable(self) -> None: ...
+
+
 class Database:
     """Owns the engine; hands out one connection with one transaction per unit of work."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, observer: DatabaseObserver | None = None) -> None:
         self.engine = engine
+        self._observer = observer
+        if observer is not None:
+            pool = engine.sync_engine.pool
+
+            def report(*_: object) -> None:
+                # Absolute value from the pool itself, so a missed event cannot drift it.
+                observer.pool_checked_out(pool.checkedout())  # type: ignore[attr-defined]
+
+            event.listen(engine.sync_engine, "checkout", report)
+            event.listen(engine.sync_engine, "checkin", report)
 
     @property
     def dialect(self) -> str:
@@ -119,14 +138,19 @@ class Database:
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncConnection]:
         """Commit when the block ends, roll back on any error; outages become one exception."""
+        started = time.perf_counter()
         try:
             async with self.engine.begin() as connection:
+                if self._observer is not None:
+                    self._observer.connection_acquired(time.perf_counter() - started)
                 yield connection
         except DatabaseUnavailable:
             raise
         except Exception as error:
             if is_unavailable_error(error):
                 log.warning("database unavailable: %s", _one_line(error))
+                if self._observer is not None:
+                    self._observer.database_unavailable()
                 raise DatabaseUnavailable(_one_line(error)) from error
             raise
 

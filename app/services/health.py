@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from sqlalchemy import text
 
 from app.db.engine import Database, DatabaseUnavailable
+from app.lifecycle import Lifecycle
 
 
 @dataclass(frozen=True, slots=True)
@@ -16,13 +17,13 @@ class Readiness:
 
 
 class HealthService:
-    def __init__(self, db: Database, expected_revision: str) -> None:
+    def __init__(self, db: Database, expected_revision: str, lifecycle: Lifecycle) -> None:
         self._db = db
         self._expected = expected_revision
-        self.shutting_down = False
+        self._lifecycle = lifecycle
 
     async def readiness(self) -> Readiness:
-        if self.shutting_down:
+        if self._lifecycle.shutting_down:
             return Readiness(False, "shutting down")
         try:
             async with self._db.transaction() as conn:

@@ -1,0 +1,43 @@
+"""The uvicorn worker class, plus one thing gunicorn's cannot do: tell the app the moment
+shutdown starts (readiness goes false, open streams get their final event), instead of only
+after every connection has drained."""
+
+from __future__ import annotations
+
+import sys
+from types import FrameType
+from typing import Any, ClassVar
+
+from gunicorn.arbiter import Arbiter
+from uvicorn import Server
+from uvicorn_worker import UvicornWorker
+
+from app.lifecycle import process_lifecycle
+
+# Leave the app this much of gunicorn's graceful_timeout for its lifespan shutdown (closing
+# pools, flushing spans) after connections are drained, before gunicorn's SIGKILL.
+SHUTDOWN_RESERVE_SECONDS = 5
+
+
+class _Server(Server):
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        process_lifecycle.begin_shutdown()
+        super().handle_exit(sig, frame)
+
+
+class Worker(UvicornWorker):  # type: ignore[misc]
+    CONFIG_KWARGS: ClassVar[dict[str, Any]] = {"loop": "auto", "http": "auto", "lifespan": "on"}
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        graceful = int(self.cfg.graceful_timeout)
+        self.config.timeout_graceful_shutdown = max(1, graceful - SHUTDOWN_RESERVE_SECONDS)
+
+    async def _serve(self) -> None:
+        # Same as UvicornWorker._serve, with the Server subclass above.
+        self.config.app = self.wsgi
+        server = _Server(config=self.config)
+        self._install_sigquit_handler()
+        await server.serve(sockets=self.sockets)
+        if not server.started:
+            sys.exit(Arbiter.WORKER_BOOT_ERROR)

@@ -1,0 +1,1 @@
+"""Logs, metrics and traces. Everything is set up per worker process, after the fork."""

@@ -1,0 +1,92 @@
+"""OpenTelemetry traces, configured from the standard OTEL_* variables.
+
+Set up once per worker after the fork (gunicorn `post_fork`; the app factory does it for
+single-process runs): the batch processor's thread and the exporter's HTTP session must not be
+inherited from the master. Off, with no overhead, when no OTLP endpoint is configured."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from fastapi import FastAPI
+from opentelemetry import trace
+from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.config import Settings
+
+log = logging.getLogger(__name__)
+
+NOT_TRACED = "livez,readyz,metrics"
+
+_provider: TracerProvider | None = None
+_configured_pid: int | None = None
+
+
+def configure(settings: Settings) -> TracerProvider | None:
+    """Install the global tracer provider for this process (idempotent per PID)."""
+    global _provider, _configured_pid  # noqa: PLW0603 - one provider per process, by design
+    if _configured_pid == os.getpid():
+        return _provider
+    _configured_pid = os.getpid()
+    _provider = None
+    exporter = _exporter(settings)
+    if exporter is None:
+        return None
+    # Resource.create reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES; TracerProvider
+    # reads OTEL_TRACES_SAMPLER(_ARG).
+    resource = Resource.create({SERVICE_NAME: settings.otel_service_name})
+    provider = TracerProvider(resource=resource)
+    provider.add_span_processor(BatchSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    _provider = provider
+    log.info("tracing to %s", settings.otel_traces_exporter)
+    return provider
+
+
+def _exporter(settings: Settings) -> SpanExporter | None:
+    if not settings.tracing_enabled:
+        return None
+    if settings.otel_traces_exporter == "console":
+        return ConsoleSpanExporter()
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    # Reads OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT, _HEADERS, _TIMEOUT, _COMPRESSION.
+    return OTLPSpanExporter()
+
+
+def instrument_app(app: FastAPI) -> None:
+    if _provider is None:
+        return
+    FastAPIInstrumentor.instrument_app(
+        app,
+        tracer_provider=_provider,
+        excluded_urls=NOT_TRACED,
+        # One span per request, not one per body chunk (SSE streams send thousands).
+        exclude_spans=["receive", "send"],
+    )
+
+
+def instrument_engine(engine: AsyncEngine) -> None:
+    if _provider is None:
+        return
+    # No SQL commenter: a per-request comment makes every statement unique, which defeats
+    # asyncpg's statement cache and PgBouncer's prepared-statement tracking.
+    SQLAlchemyInstrumentor().instrument(
+        engine=engine.sync_engine, tracer_provider=_provider, enable_commenter=False
+    )
+
+
+def flush(timeout_millis: int = 5000) -> None:
+    if _provider is not None:
+        _provider.force_flush(timeout_millis)
+
+
+def shutdown() -> None:
+    if _provider is not None:
+        _provider.shutdown()
