@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from app.config import Settings
-from tests.test_migrations import cli_env
+from tests.support.servers import clean_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,7 +76,7 @@ def test_cli_reports_bad_configuration_clearly() -> None:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        env=cli_env(DB_POOL_SIZE="many", ENVIRONMENT="production"),
+        env=clean_env(DB_POOL_SIZE="many", ENVIRONMENT="production"),
         timeout=60,
     )
     assert done.returncode == 2
@@ -91,7 +91,7 @@ def test_cli_check_config_hides_secrets() -> None:
         capture_output=True,
         text=True,
         timeout=60,
-        env=cli_env(
+        env=clean_env(
             DATABASE_URL="postgresql://app:hunter2@db/app", DATABASE_PASSWORD="other-secret"
         ),
     )

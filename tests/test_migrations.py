@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,25 +15,16 @@ from alembic import command
 from app.db.migrations import alembic_config, head_revision, migrate
 from app.db.tables import metadata
 from tests.support.postgres import PostgresServer
+from tests.support.servers import clean_env
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def cli_env(**values: str) -> dict[str, str]:
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("DATABASE_", "MIGRATION_", "DB_"))
-    }
-    env.update(values)
-    return env
 
 
 @pytest.mark.postgres
 def test_concurrent_migrate_runs_apply_exactly_once(pg: PostgresServer) -> None:
     database = pg.create_database("itemstream_migrate")
     url = pg.url(database).render_as_string(hide_password=False)
-    env = cli_env(MIGRATION_DATABASE_URL=url, DATABASE_URL=url, LOG_LEVEL="INFO")
+    env = clean_env(MIGRATION_DATABASE_URL=url, DATABASE_URL=url, LOG_LEVEL="INFO")
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "app", "migrate"],
@@ -140,7 +130,7 @@ def test_wait_for_migrations(pg: PostgresServer, schema_db: str) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "app", "wait-for-migrations", "--timeout", "10"],
         cwd=ROOT,
-        env=cli_env(DATABASE_URL=ready),
+        env=clean_env(DATABASE_URL=ready),
         capture_output=True,
         text=True,
         timeout=60,
@@ -150,7 +140,7 @@ def test_wait_for_migrations(pg: PostgresServer, schema_db: str) -> None:
     waiting = subprocess.run(
         [sys.executable, "-m", "app", "wait-for-migrations", "--timeout", "1"],
         cwd=ROOT,
-        env=cli_env(DATABASE_URL=pg.url(empty).render_as_string(hide_password=False)),
+        env=clean_env(DATABASE_URL=pg.url(empty).render_as_string(hide_password=False)),
         capture_output=True,
         text=True,
         timeout=60,

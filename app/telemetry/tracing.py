@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import AbstractContextManager
 
 from fastapi import FastAPI
 from opentelemetry import trace
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
+from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
@@ -77,9 +79,20 @@ def instrument_engine(engine: AsyncEngine) -> None:
         return
     # No SQL commenter: a per-request comment makes every statement unique, which defeats
     # asyncpg's statement cache and PgBouncer's prepared-statement tracking.
+    # skip_dep_check: the instrumentation still declares "sqlalchemy < 2.1" and would silently
+    # do nothing on 2.1, whose cursor-execute events it hooks are unchanged
+    # (tests/test_telemetry.py asserts the database spans arrive).
     SQLAlchemyInstrumentor().instrument(
-        engine=engine.sync_engine, tracer_provider=_provider, enable_commenter=False
+        engine=engine.sync_engine,
+        tracer_provider=_provider,
+        enable_commenter=False,
+        skip_dep_check=True,
     )
+
+
+def untraced() -> AbstractContextManager[None]:
+    """No spans inside (probes every few seconds would flood the trace store)."""
+    return suppress_instrumentation()
 
 
 def flush(timeout_millis: int = 5000) -> None:

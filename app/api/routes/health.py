@@ -5,6 +5,7 @@ from starlette.responses import JSONResponse
 
 from app.api.deps import HealthServiceDep
 from app.api.schemas import Status
+from app.telemetry import tracing
 
 router = APIRouter(tags=["health"])
 
@@ -20,6 +21,7 @@ async def livez() -> Status:
     responses={503: {"model": Status}},
 )
 async def readyz(health: HealthServiceDep) -> JSONResponse:
-    result = await health.readiness()
+    with tracing.untraced():
+        result = await health.readiness()
     body = {"status": "ok" if result.ready else "unavailable", "detail": result.detail}
     return JSONResponse(body, status_code=200 if result.ready else 503)

@@ -1,0 +1,104 @@
+"""Run `itemstream serve` (gunicorn + uvicorn workers) as a real process on a free port."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.support.processes import free_port, wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def clean_env(**values: str) -> dict[str, str]:
+    """The current environment without any of the service's settings, plus `values`."""
+    prefixes = (
+        "DATABASE_",
+        "MIGRATION_",
+        "DB_",
+        "OTEL_",
+        "METRICS_",
+        "PROMETHEUS_",
+        "WEB_CONCURRENCY",
+    )
+    env = {key: value for key, value in os.environ.items() if not key.startswith(prefixes)}
+    env.update(values)
+    return env
+
+
+@dataclass
+class Server:
+    base: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def json_lines(self) -> list[dict[str, Any]]:
+        lines = []
+        for line in self.output().splitlines():
+            if line.startswith("{"):
+                try:
+                    lines.append(json.loads(line))
+                except ValueError:
+                    continue
+        return lines
+
+    def terminate(self, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode
+
+
+@contextmanager
+def serve(env: dict[str, str], cwd: Path = ROOT, *, port: int | None = None) -> Iterator[Server]:
+    port = port or free_port()
+    log_file = tempfile.NamedTemporaryFile(prefix="itemstream-serve-", suffix=".log", delete=False)  # noqa: SIM115
+    log_path = Path(log_file.name)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app", "serve", "--port", str(port)],
+        cwd=cwd,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+    )
+    log_file.close()
+    server = Server(base=f"http://127.0.0.1:{port}", proc=proc, log_path=log_path)
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            return True
+        try:
+            return httpx.get(f"{server.base}/readyz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        assert wait_until(ready, 60), f"server never became ready:\n{server.output()[-3000:]}"
+        assert proc.poll() is None, f"server exited:\n{server.output()[-3000:]}"
+        yield server
+    finally:
+        import time as _t
+
+        _s = _t.time()
+        server.terminate()
+        print("TERMINATE", _t.time() - _s)
+        print(server.output()[-1500:])
+        log_path.unlink(missing_ok=True)

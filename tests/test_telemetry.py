@@ -1,0 +1,203 @@
+"""Telemetry of the real process model: gunicorn with two uvicorn workers on Postgres.
+
+- Prometheus counters summed across workers are exact, and stay exact when a worker dies.
+- Spans reach an OTLP/HTTP receiver: a server span with a database child span, the incoming
+  traceparent honoured, and the trace id in the access log line.
+- SIGTERM lets in-flight requests finish and exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.support.otlp import OtlpReceiver
+from tests.support.pgbouncer import PgBouncer
+from tests.support.postgres import PostgresServer
+from tests.support.processes import free_port, wait_until
+from tests.support.servers import Server, clean_env, serve
+
+pytestmark = pytest.mark.slow
+
+SERVER_KIND, CLIENT_KIND = 2, 3  # OTLP SpanKind values
+
+
+@pytest.fixture
+def receiver() -> Iterator[OtlpReceiver]:
+    otlp = OtlpReceiver().start()
+    yield otlp
+    otlp.close()
+
+
+def postgres_env(
+    pg: PostgresServer, bouncer: PgBouncer, database: str, **extra: str
+) -> dict[str, str]:
+    return clean_env(
+        DATABASE_URL=pg.url(database, port=bouncer.port).render_as_string(hide_password=False),
+        MIGRATION_DATABASE_URL=pg.url(database).render_as_string(hide_password=False),
+        DB_POOLER="pgbouncer",
+        **{"WEB_CONCURRENCY": "2", **extra},
+    )
+
+
+def metric_sum(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        match = re.fullmatch(rf"{re.escape(name)}(?:\{{(.*)\}})? (\S+)", line)
+        if match is None:
+            continue
+        sample_labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1) or ""))
+        if all(sample_labels.get(key) == value for key, value in labels.items()):
+            total += float(match.group(2))
+    return total
+
+
+def worker_pids(server: Server) -> set[int]:
+    return {int(pid) for pid in re.findall(r"Booting worker with pid: (\d+)", server.output())}
+
+
+async def hammer(base: str, paths: list[str]) -> list[int]:
+    # No keep-alive: every request is a new connection, so the kernel spreads them over both
+    # workers' accept queues.
+    limits = httpx.Limits(max_keepalive_connections=0, max_connections=16)
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=10) as client:
+        responses = await asyncio.gather(*(client.get(path) for path in paths))
+    return [response.status_code for response in responses]
+
+
+def test_metrics_are_exact_across_workers_and_survive_a_dead_worker(
+    pg: PostgresServer, pgbouncer_modern: PgBouncer, schema_db: str
+) -> None:
+    metrics_port = free_port()
+    env = postgres_env(pg, pgbouncer_modern, schema_db, METRICS_PORT=str(metrics_port))
+    with serve(env) as server:
+        item = httpx.post(f"{server.base}/v1/items", json={"name": "m", "price": 1}).json()
+        path = f"/v1/items/{item['id']}"
+        first = 150
+        assert asyncio.run(hammer(server.base, [path] * first)) == [200] * first
+
+        served_by = {
+            line["pid"] for line in server.json_lines() if line.get("logger") == "itemstream.access"
+        }
+        assert len(served_by) == 2, "both workers should have served requests"
+        assert httpx.get(f"{server.base}/metrics").status_code == 404  # not on the app port
+
+        def scrape() -> str:
+            return httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+
+        labels = {"handler": "/v1/items/{item_id}", "method": "GET", "status": "200"}
+        assert metric_sum(scrape(), "http_requests_total", **labels) == first
+
+        victim = min(worker_pids(server))
+        os.kill(victim, signal.SIGKILL)
+        assert wait_until(lambda: len(worker_pids(server)) == 3, 30), server.output()[-2000:]
+        assert wait_until(lambda: httpx.get(f"{server.base}/livez").status_code == 200, 10)
+        text = scrape()
+        assert metric_sum(text, "http_requests_total", **labels) == first  # dead worker counted
+
+        second = 60
+        assert asyncio.run(hammer(server.base, [path] * second)) == [200] * second
+        text = scrape()
+        assert metric_sum(text, "http_requests_total", **labels) == first + second
+        assert metric_sum(text, "itemstream_http_requests_in_flight") == 0
+        assert metric_sum(text, "itemstream_db_pool_acquire_seconds_count") >= first + second
+        assert "itemstream_db_pool_checked_out_connections" in text
+        # No stale per-pid gauge of the dead worker.
+        assert f'pid="{victim}"' not in text
+
+
+def test_spans_reach_otlp_with_db_children_and_log_correlation(
+    pg: PostgresServer, pgbouncer_modern: PgBouncer, schema_db: str, receiver: OtlpReceiver
+) -> None:
+    env = postgres_env(
+        pg,
+        pgbouncer_modern,
+        schema_db,
+        OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
+        OTEL_SERVICE_NAME="itemstream-test",
+        OTEL_RESOURCE_ATTRIBUTES="deployment.environment.name=test",
+        OTEL_BSP_SCHEDULE_DELAY="100",
+    )
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    parent_id = "00f067aa0ba902b7"
+    with serve(env) as server:
+        item = httpx.post(f"{server.base}/v1/items", json={"name": "t", "price": 1}).json()
+        response = httpx.get(
+            f"{server.base}/v1/items/{item['id']}",
+            headers={"traceparent": f"00-{trace_id}-{parent_id}-01"},
+        )
+        assert response.status_code == 200
+        httpx.get(f"{server.base}/readyz")  # excluded from tracing
+
+        def server_span_arrived() -> bool:
+            return any(s.trace_id == trace_id and s.kind == SERVER_KIND for s in receiver.spans)
+
+        assert wait_until(server_span_arrived, 15), receiver.spans
+        time.sleep(0.5)  # let the rest of the batch arrive
+        access_lines = [
+            line
+            for line in server.json_lines()
+            if line.get("logger") == "itemstream.access"
+            and line["http"]["route"] == "/v1/items/{item_id}"
+        ]
+    request_span = next(
+        s for s in receiver.spans if s.trace_id == trace_id and s.kind == SERVER_KIND
+    )
+    assert request_span.parent_span_id == parent_id  # incoming traceparent honoured
+    assert request_span.name == "GET /v1/items/{item_id}"
+    assert request_span.service == "itemstream-test"
+    in_trace = [s for s in receiver.spans if s.trace_id == trace_id]
+    db_spans = [
+        s
+        for s in in_trace
+        if s.kind == CLIENT_KIND and s.attributes.get("db.system") == "postgresql"
+    ]
+    assert db_spans, in_trace
+    assert all(s.parent_span_id == request_span.span_id for s in db_spans)
+    assert all("traceparent" not in str(s.attributes.get("db.statement", "")) for s in db_spans)
+    # No per-chunk send/receive spans, no spans for probes.
+    assert not [s for s in in_trace if "http send" in s.name or "http receive" in s.name]
+    assert not [s for s in receiver.spans if "readyz" in s.name]
+    assert not [
+        s for s in receiver.spans if "alembic_version" in str(s.attributes.get("db.statement"))
+    ]
+    # The access log line of that request carries its trace id.
+    assert [line["trace_id"] for line in access_lines if line.get("trace_id") == trace_id]
+
+
+def test_sigterm_lets_in_flight_requests_finish(
+    pg: PostgresServer, pgbouncer_modern: PgBouncer, schema_db: str
+) -> None:
+    env = postgres_env(pg, pgbouncer_modern, schema_db, WEB_CONCURRENCY="1")
+    with serve(env) as server:
+        port = int(server.base.rsplit(":", 1)[1])
+        body = b'{"name": "in flight", "price": 4}'
+        # A request whose body is still arriving when SIGTERM comes.
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.sendall(
+            b"POST /v1/items HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body[:10]
+        )
+        time.sleep(0.3)
+        server.proc.send_signal(signal.SIGTERM)
+        time.sleep(1.0)
+        assert server.proc.poll() is None, "exited with a request in flight"
+        sock.sendall(body[10:])
+        sock.settimeout(10)
+        reply = sock.recv(65536).decode()
+        sock.close()
+        assert reply.startswith("HTTP/1.1 201"), reply
+        server.proc.wait(30)
+        assert server.proc.returncode == 0, server.output()[-3000:]
+        lines = server.json_lines()
+        assert any("Shutting down" in line.get("msg", "") for line in lines)
