@@ -72,6 +72,10 @@ class Settings(BaseSettings):
     otel_exporter_otlp_traces_endpoint: str | None = None
     otel_exporter_otlp_protocol: str = "http/protobuf"
     otel_exporter_otlp_traces_protocol: str | None = None
+    # Unset: parent-based with this ratio for traces that start here (a sampled incoming
+    # traceparent is always followed). Set OTEL_TRACES_SAMPLER to use any SDK sampler instead.
+    otel_traces_sampler: str | None = None
+    otel_traces_sampler_arg: float = Field(0.1, ge=0, le=1)
 
     # --- database ---------------------------------------------------------------------
     database_url: str = DEFAULT_SQLITE_URL

@@ -65,7 +65,7 @@ def create_app(settings: Settings | None = None, lifecycle: Lifecycle | None = N
         lifecycle.bind(asyncio.get_running_loop())
         engine = create_engine(settings)
         tracing.instrument_engine(engine)
-        database = Database(engine, observer=metrics)
+        database = Database(engine, observer=metrics, pooler=settings.db_pooler)
         policy = ItemPolicy(
             idempotency_ttl=timedelta(seconds=settings.idempotency_ttl_seconds),
             require_if_match=settings.require_if_match,

@@ -20,14 +20,14 @@ async def test_expired_keys_are_purged_and_live_ones_kept(settings: Settings) ->
     try:
         await service.create(fields, "old")
         await service.create(fields, "fresh")
-        async with db.transaction() as conn:
+        async with db.engine.begin() as conn:
             await conn.execute(
                 update(idempotency_keys)
                 .where(idempotency_keys.c.key == "old")
                 .values(created_at=datetime.now(UTC) - timedelta(hours=2))
             )
         assert await service.purge_expired_idempotency_keys() == 1
-        async with db.transaction() as conn:
+        async with db.engine.begin() as conn:
             keys = set((await conn.execute(select(idempotency_keys.c.key))).scalars())
         assert keys == {"fresh"}
         # An expired key may be used again for a new request.
@@ -43,7 +43,7 @@ async def test_expired_key_is_taken_over_without_purge(settings: Settings) -> No
     service = ItemService(db, ItemPolicy(idempotency_ttl=timedelta(hours=1)))
     try:
         first = await service.create(ItemFields("a", None, Decimal(1), True), "k")
-        async with db.transaction() as conn:
+        async with db.engine.begin() as conn:
             await conn.execute(
                 update(idempotency_keys).values(created_at=datetime.now(UTC) - timedelta(hours=2))
             )

@@ -75,7 +75,7 @@ async def test_create_validation_names_the_field(
     body = assert_problem(await client.post("/v1/items", json=payload), 422)
     assert field in body["detail"]
     assert any(error["field"] == field for error in body["errors"])
-    assert (await client.get("/v1/items")).json()["total"] == 0
+    assert (await client.get("/v1/items?include_total=true")).json()["total"] == 0
 
 
 async def test_malformed_json_is_422_and_stores_nothing(client: httpx.AsyncClient) -> None:
@@ -85,7 +85,7 @@ async def test_malformed_json_is_422_and_stores_nothing(client: httpx.AsyncClien
         headers={"content-type": "application/json"},
     )
     assert_problem(response, 422, contains="not valid JSON")
-    assert (await client.get("/v1/items")).json()["total"] == 0
+    assert (await client.get("/v1/items?include_total=true")).json()["total"] == 0
 
 
 async def test_body_over_limit_is_413(client: httpx.AsyncClient) -> None:
@@ -104,7 +104,7 @@ async def test_body_over_limit_is_413(client: httpx.AsyncClient) -> None:
         "/v1/items", content=chunks(), headers={"content-type": "application/json"}
     )
     assert_problem(response, 413)
-    assert (await client.get("/v1/items")).json()["total"] == 0
+    assert (await client.get("/v1/items?include_total=true")).json()["total"] == 0
 
 
 async def test_idempotent_retry_returns_first_response(client: httpx.AsyncClient) -> None:
@@ -116,7 +116,7 @@ async def test_idempotent_retry_returns_first_response(client: httpx.AsyncClient
     assert again.headers["location"] == first.headers["location"]
     assert again.headers["idempotent-replayed"] == "true"
     assert "idempotent-replayed" not in first.headers
-    assert (await client.get("/v1/items")).json()["total"] == 1
+    assert (await client.get("/v1/items?include_total=true")).json()["total"] == 1
 
 
 async def test_idempotency_key_with_other_body_is_refused(client: httpx.AsyncClient) -> None:
@@ -126,7 +126,7 @@ async def test_idempotency_key_with_other_body_is_refused(client: httpx.AsyncCli
     ).status_code == 201
     other = await client.post("/v1/items", json={"name": "B", "price": 1}, headers=headers)
     assert_problem(other, 422, contains="different request body")
-    assert (await client.get("/v1/items")).json()["total"] == 1
+    assert (await client.get("/v1/items?include_total=true")).json()["total"] == 1
 
 
 @pytest.mark.parametrize("key", ["", "x" * 256, "has space", "tab\there"])
@@ -171,14 +171,17 @@ async def test_if_none_match_gives_304(client: httpx.AsyncClient) -> None:
 
 async def test_empty_list(client: httpx.AsyncClient) -> None:
     body = (await client.get("/v1/items")).json()
-    assert body == {"data": [], "per_page": 20, "page": 1, "total": 0, "next_cursor": None}
+    assert body == {"data": [], "per_page": 20, "page": 1, "total": None, "next_cursor": None}
+    counted = (await client.get("/v1/items?include_total=true")).json()
+    assert counted["total"] == 0
 
 
 async def test_offset_pages_and_last_page(client: httpx.AsyncClient) -> None:
     for index in range(25):
         await create(client, name=f"item {index:02}")
     pages = [
-        (await client.get(f"/v1/items?per_page=10&page={n}&sort=name")).json() for n in (1, 2, 3, 4)
+        (await client.get(f"/v1/items?per_page=10&page={n}&sort=name&include_total=true")).json()
+        for n in (1, 2, 3, 4)
     ]
     assert [len(page["data"]) for page in pages] == [10, 10, 5, 0]
     assert all(page["total"] == 25 for page in pages)
@@ -396,7 +399,7 @@ async def test_soft_delete_and_restore(client: httpx.AsyncClient) -> None:
     assert_problem(await client.get(url), 404)
     assert_problem(await client.patch(url, json={"price": 1}), 404)
     assert_problem(await client.delete(url), 404)
-    assert (await client.get("/v1/items")).json()["total"] == 0
+    assert (await client.get("/v1/items?include_total=true")).json()["total"] == 0
     hidden = (await client.get(f"{url}?include_deleted=true")).json()
     assert hidden["deleted_at"] is not None
     listed = (await client.get("/v1/items?include_deleted=true")).json()
@@ -407,7 +410,7 @@ async def test_soft_delete_and_restore(client: httpx.AsyncClient) -> None:
     assert restored.json()["deleted_at"] is None
     again = await client.post(f"{url}/restore")
     assert again.status_code == 200 and again.json()["version"] == restored.json()["version"]
-    assert (await client.get("/v1/items")).json()["total"] == 1
+    assert (await client.get("/v1/items?include_total=true")).json()["total"] == 1
 
 
 async def test_hard_delete(client: httpx.AsyncClient) -> None:

@@ -45,5 +45,5 @@ def test_embedded_sqlite_default(tmp_path: Path) -> None:
         created = httpx.post(f"{server.base}/v1/items", json={"name": "local", "price": 1})
         assert created.status_code == 201
         assert httpx.get(f"{server.base}/docs").status_code == 200
-        assert httpx.get(f"{server.base}/v1/items").json()["total"] == 1
+        assert httpx.get(f"{server.base}/v1/items?include_total=true").json()["total"] == 1
     assert os.path.getsize(tmp_path / "itemstream.db") > 0

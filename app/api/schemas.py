@@ -92,7 +92,7 @@ class ItemPageOut(BaseModel):
     data: list[ItemOut]
     per_page: int
     page: int | None = Field(description="offset page number; null for cursor pages")
-    total: int | None = Field(description="matching items; null for cursor pages")
+    total: int | None = Field(description="matching items, with include_total=true")
     next_cursor: str | None = Field(description="pass as `cursor` for the next page")
 
     @classmethod

@@ -11,12 +11,14 @@ from contextlib import asynccontextmanager
 from typing import Any, Protocol
 from uuid import uuid4
 
+import asyncpg
 from sqlalchemy import event, exc
 from sqlalchemy.engine import URL
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from app.config import Settings
+from app.db.session import PostgresSession, Session, SqlAlchemySession
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +95,11 @@ def is_unavailable_error(error: BaseException) -> bool:
     """True when an error means the database could not be reached, not that a query failed."""
     if isinstance(error, exc.TimeoutError | ConnectionError | TimeoutError):
         return True  # pool checkout timeout, refused/reset connections, command_timeout
+    if isinstance(error, asyncpg.PostgresError | asyncpg.InterfaceError):
+        sqlstate = getattr(error, "sqlstate", None)
+        if isinstance(sqlstate, str) and sqlstate.startswith(_UNAVAILABLE_SQLSTATE_PREFIXES):
+            return True
+        return isinstance(error, asyncpg.InterfaceError | asyncpg.ConnectionDoesNotExistError)
     if isinstance(error, exc.DBAPIError):
         if error.connection_invalidated:
             return True
@@ -118,9 +125,16 @@ class DatabaseObserver(Protocol):
 class Database:
     """Owns the engine; hands out one connection with one transaction per unit of work."""
 
-    def __init__(self, engine: AsyncEngine, observer: DatabaseObserver | None = None) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        observer: DatabaseObserver | None = None,
+        *,
+        pooler: str = "none",
+    ) -> None:
         self.engine = engine
         self._observer = observer
+        self._pooler = pooler
         if observer is not None:
             pool = engine.sync_engine.pool
 
@@ -136,14 +150,47 @@ class Database:
         return self.engine.dialect.name
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[AsyncConnection]:
-        """Commit when the block ends, roll back on any error; outages become one exception."""
+    async def transaction(self) -> AsyncIterator[Session]:
+        """One connection, one transaction: committed when the block ends, rolled back on any
+        error. An unreachable database becomes DatabaseUnavailable."""
+        async with self._session(transactional=True) as session:
+            yield session
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[Session]:
+        """For a unit of work that is a single read statement: no BEGIN/COMMIT round trips
+        where the path allows (direct, or PgBouncer >= 1.21 which keeps prepared statements
+        across server connections). Older PgBouncer needs the transaction to pin one server
+        connection between Parse and Execute."""
+        transactional = (
+            self.engine.dialect.name != "postgresql" or self._pooler == "pgbouncer-legacy"
+        )
+        async with self._session(transactional=transactional) as session:
+            yield session
+
+    @asynccontextmanager
+    async def _session(self, *, transactional: bool) -> AsyncIterator[Session]:
         started = time.perf_counter()
         try:
-            async with self.engine.begin() as connection:
+            async with self.engine.connect() as connection:
                 if self._observer is not None:
                     self._observer.connection_acquired(time.perf_counter() - started)
-                yield connection
+                if connection.dialect.name != "postgresql":
+                    async with connection.begin():
+                        yield SqlAlchemySession(connection)
+                    return
+                raw: Any = (await connection.get_raw_connection()).driver_connection
+                try:
+                    if transactional:
+                        async with raw.transaction():
+                            yield PostgresSession(raw)
+                    else:
+                        yield PostgresSession(raw)
+                except BaseException as error:
+                    if is_unavailable_error(error):
+                        # The pool cannot see errors on the driver connection: drop this one.
+                        await connection.invalidate()
+                    raise
         except DatabaseUnavailable:
             raise
         except Exception as error:

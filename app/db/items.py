@@ -1,5 +1,6 @@
-"""All SQL for items and idempotency keys. Every method runs on the caller's connection, inside
-the caller's transaction; one statement per round trip."""
+"""All SQL for items and idempotency keys. Every method runs on the caller's session (one
+connection, the caller's transaction), one statement per round trip. Statements are built
+once per shape (see app.db.session)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,25 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import Select, and_, delete, func, insert, literal, or_, select, tuple_, update
+from sqlalchemy import (
+    ARRAY,
+    Integer,
+    and_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    true,
+    tuple_,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql import Executable
 from sqlalchemy.sql.elements import ColumnElement
 
+from app.db.session import Session
 from app.db.tables import idempotency_keys, items
 from app.services.models import Item, ItemFilter, Position, Sort
 
@@ -29,10 +44,12 @@ _ITEM_COLUMNS = (
     items.c.deleted_at,
 )
 _SORT_COLUMNS = {"created_at": items.c.created_at, "name": items.c.name, "price": items.c.price}
-
-
-def _item(row: Any) -> Item:
-    return Item(*row)
+_KEY_COLUMNS = (
+    idempotency_keys.c.request_hash,
+    idempotency_keys.c.status_code,
+    idempotency_keys.c.response_body,
+    idempotency_keys.c.resource_id,
+)
 
 
 def escape_like(text: str) -> str:
@@ -48,23 +65,170 @@ class StoredKey:
     resource_id: UUID | None
 
 
+def _version_matches(dialect: str) -> ColumnElement[bool]:
+    # One shape for any number of acceptable versions: an array on Postgres, an expanding IN
+    # list elsewhere.
+    if dialect == "postgresql":
+        return items.c.version == func.any(bindparam("versions", type_=ARRAY(Integer)))
+    return items.c.version.in_(bindparam("versions", expanding=True))
+
+
+def _live(deleted: bool) -> ColumnElement[bool]:
+    return items.c.deleted_at.is_not(None) if deleted else items.c.deleted_at.is_(None)
+
+
+# --- statement builders (dialect -> statement), one per shape --------------------------------
+
+
+def _get_item(include_deleted: bool) -> Any:
+    def build(dialect: str) -> Executable:
+        query = select(*_ITEM_COLUMNS).where(items.c.id == bindparam("item_id"))
+        return query if include_deleted else query.where(items.c.deleted_at.is_(None))
+
+    return build
+
+
+def _update_item(columns: tuple[str, ...], deleted: bool, conditional: bool) -> Any:
+    def build(dialect: str) -> Executable:
+        query = (
+            update(items)
+            .where(items.c.id == bindparam("item_id"), _live(deleted))
+            .values({name: bindparam(f"v_{name}") for name in columns})
+            .values(version=items.c.version + 1)
+            .returning(*_ITEM_COLUMNS)
+        )
+        return query.where(_version_matches(dialect)) if conditional else query
+
+    return build
+
+
+def _delete_item(conditional: bool) -> Any:
+    def build(dialect: str) -> Executable:
+        query = delete(items).where(items.c.id == bindparam("item_id")).returning(items.c.id)
+        return query.where(_version_matches(dialect)) if conditional else query
+
+    return build
+
+
+def _filter_conditions(shape: tuple[bool, ...]) -> list[ColumnElement[bool]]:
+    include_deleted, by_active, by_min, by_max, by_text = shape
+    conditions: list[ColumnElement[bool]] = []
+    if not include_deleted:
+        conditions.append(items.c.deleted_at.is_(None))
+    if by_active:
+        conditions.append(items.c.is_active == bindparam("is_active"))
+    if by_min:
+        conditions.append(items.c.price >= bindparam("min_price"))
+    if by_max:
+        conditions.append(items.c.price <= bindparam("max_price"))
+    if by_text:
+        # Two predicates, each backed by its own pg_trgm GIN index (BitmapOr on Postgres).
+        pattern: Any = bindparam("pattern")
+        conditions.append(
+            or_(
+                items.c.name.ilike(pattern, escape="\\"),
+                items.c.description.ilike(pattern, escape="\\"),
+            )
+        )
+    return conditions
+
+
+def _page(filter_shape: tuple[bool, ...], sort: Sort, keyset: bool) -> Any:
+    def build(dialect: str) -> Executable:
+        column = _SORT_COLUMNS[sort.field]
+        conditions = _filter_conditions(filter_shape)
+        if keyset:
+            key = tuple_(column, items.c.id)
+            start = tuple_(
+                bindparam("after_value", type_=column.type),
+                bindparam("after_id", type_=items.c.id.type),
+            )
+            conditions.append(key < start if sort.descending else key > start)
+        order = (column.desc(), items.c.id.desc()) if sort.descending else (column, items.c.id)
+        return (
+            select(*_ITEM_COLUMNS)
+            .where(and_(true(), *conditions))
+            .order_by(*order)
+            .limit(bindparam("limit"))
+            .offset(bindparam("offset"))
+        )
+
+    return build
+
+
+def _count(filter_shape: tuple[bool, ...]) -> Any:
+    def build(dialect: str) -> Executable:
+        return (
+            select(func.count()).select_from(items).where(and_(*_filter_conditions(filter_shape)))
+        )
+
+    return build
+
+
+def _claim_key(dialect: str) -> Executable:
+    """Insert the key, or take over an expired one (ON CONFLICT ... DO UPDATE ... WHERE)."""
+    ins = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    stmt = ins(idempotency_keys).values(
+        key=bindparam("k_key"), request_hash=bindparam("k_hash"), created_at=bindparam("k_now")
+    )
+    return stmt.on_conflict_do_update(
+        index_elements=[idempotency_keys.c.key],
+        set_={
+            "request_hash": stmt.excluded.request_hash,
+            "created_at": stmt.excluded.created_at,
+            "status_code": None,
+            "response_body": None,
+            "resource_id": None,
+        },
+        where=idempotency_keys.c.created_at < bindparam("k_expired_before"),
+    ).returning(idempotency_keys.c.key)
+
+
+def _get_key(dialect: str) -> Executable:
+    return select(*_KEY_COLUMNS).where(idempotency_keys.c.key == bindparam("k_key"))
+
+
+def _complete_key(dialect: str) -> Executable:
+    return (
+        update(idempotency_keys)
+        .where(idempotency_keys.c.key == bindparam("k_key"))
+        .values(
+            status_code=bindparam("k_status"),
+            response_body=bindparam("k_body"),
+            resource_id=bindparam("k_resource"),
+        )
+    )
+
+
+def _purge_keys(dialect: str) -> Executable:
+    return delete(idempotency_keys).where(idempotency_keys.c.created_at < bindparam("before"))
+
+
+_GET = {flag: _get_item(flag) for flag in (False, True)}
+_DELETE = {flag: _delete_item(flag) for flag in (False, True)}
+_UPDATES: dict[tuple[tuple[str, ...], bool, bool], Any] = {}
+_PAGES: dict[tuple[tuple[bool, ...], Sort, bool], Any] = {}
+_COUNTS: dict[tuple[bool, ...], Any] = {}
+
+
 class ItemRepository:
-    def __init__(self, connection: AsyncConnection) -> None:
-        self._conn = connection
-        self._dialect = connection.dialect.name
+    def __init__(self, session: Session) -> None:
+        self._s = session
 
     # --- items -------------------------------------------------------------------------
 
     async def insert(self, values: Mapping[str, Any]) -> Item:
-        result = await self._conn.execute(insert(items).values(**values).returning(*_ITEM_COLUMNS))
-        return _item(result.one())
+        row = await self._s.fetch_one(
+            ("insert_item", tuple(sorted(values))), _insert_values(values), values
+        )
+        assert row is not None
+        return Item(*row)
 
     async def get(self, item_id: UUID, *, include_deleted: bool = False) -> Item | None:
-        query = select(*_ITEM_COLUMNS).where(items.c.id == item_id)
-        if not include_deleted:
-            query = query.where(items.c.deleted_at.is_(None))
-        row = (await self._conn.execute(query)).first()
-        return None if row is None else _item(row)
+        row = await self._s.fetch_one(
+            ("get_item", include_deleted), _GET[include_deleted], {"item_id": item_id}
+        )
+        return None if row is None else Item(*row)
 
     async def update(
         self,
@@ -74,25 +238,25 @@ class ItemRepository:
         expected_versions: Collection[int] | None,
         deleted: bool = False,
     ) -> Item | None:
-        """Conditional update; returns None when the row is missing, in the wrong deleted state,
-        or at another version. The version bump makes concurrent writers serialize on the row."""
-        state = items.c.deleted_at.is_not(None) if deleted else items.c.deleted_at.is_(None)
-        query = (
-            update(items)
-            .where(items.c.id == item_id, state)
-            .values(**values, version=items.c.version + 1)
-            .returning(*_ITEM_COLUMNS)
-        )
+        """Conditional update; None when the row is missing, in the wrong deleted state, or at
+        another version. The version bump makes concurrent writers serialize on the row."""
+        columns = tuple(sorted(values))
+        shape = (columns, deleted, expected_versions is not None)
+        build = _UPDATES.get(shape) or _UPDATES.setdefault(shape, _update_item(*shape))
+        params: dict[str, Any] = {f"v_{name}": values[name] for name in columns}
+        params["item_id"] = item_id
         if expected_versions is not None:
-            query = query.where(items.c.version.in_(expected_versions))
-        row = (await self._conn.execute(query)).first()
-        return None if row is None else _item(row)
+            params["versions"] = list(expected_versions)
+        row = await self._s.fetch_one(("update_item", *shape), build, params)
+        return None if row is None else Item(*row)
 
     async def delete(self, item_id: UUID, *, expected_versions: Collection[int] | None) -> bool:
-        query = delete(items).where(items.c.id == item_id).returning(items.c.id)
-        if expected_versions is not None:
-            query = query.where(items.c.version.in_(expected_versions))
-        return (await self._conn.execute(query)).first() is not None
+        conditional = expected_versions is not None
+        params: dict[str, Any] = {"item_id": item_id}
+        if conditional:
+            params["versions"] = list(expected_versions or ())
+        row = await self._s.fetch_one(("delete_item", conditional), _DELETE[conditional], params)
+        return row is not None
 
     async def page(
         self,
@@ -103,86 +267,74 @@ class ItemRepository:
         offset: int = 0,
         after: Position | None = None,
     ) -> list[Item]:
-        column = _SORT_COLUMNS[sort.field]
-        query = self._filtered(select(*_ITEM_COLUMNS), filters)
+        filter_shape, params = _filter_params(filters)
+        shape = (filter_shape, sort, after is not None)
+        build = _PAGES.get(shape) or _PAGES.setdefault(shape, _page(*shape))
+        params.update(limit=limit, offset=offset)
         if after is not None:
-            key = tuple_(column, items.c.id)
-            start = tuple_(_literal_like(column, after.value), _literal_like(items.c.id, after.id))
-            query = query.where(key < start if sort.descending else key > start)
-        order = (column.desc(), items.c.id.desc()) if sort.descending else (column, items.c.id)
-        query = query.order_by(*order).limit(limit).offset(offset)
-        return [_item(row) for row in await self._conn.execute(query)]
+            params.update(after_value=after.value, after_id=after.id)
+        return [Item(*row) for row in await self._s.fetch_all(("page", *shape), build, params)]
 
     async def count(self, filters: ItemFilter) -> int:
-        query = self._filtered(select(func.count()).select_from(items), filters)
-        return int((await self._conn.execute(query)).scalar_one())
-
-    def _filtered(self, query: Select[Any], filters: ItemFilter) -> Select[Any]:
-        conditions: list[ColumnElement[bool]] = []
-        if not filters.include_deleted:
-            conditions.append(items.c.deleted_at.is_(None))
-        if filters.is_active is not None:
-            conditions.append(items.c.is_active.is_(filters.is_active))
-        if filters.min_price is not None:
-            conditions.append(items.c.price >= filters.min_price)
-        if filters.max_price is not None:
-            conditions.append(items.c.price <= filters.max_price)
-        if filters.q:
-            pattern = f"%{escape_like(filters.q)}%"
-            # Two predicates, each backed by its own pg_trgm GIN index (BitmapOr on Postgres).
-            conditions.append(
-                or_(
-                    items.c.name.ilike(pattern, escape="\\"),
-                    items.c.description.ilike(pattern, escape="\\"),
-                )
-            )
-        return query.where(and_(*conditions)) if conditions else query
+        filter_shape, params = _filter_params(filters)
+        build = _COUNTS.get(filter_shape) or _COUNTS.setdefault(filter_shape, _count(filter_shape))
+        return int(await self._s.scalar(("count", filter_shape), build, params))
 
     # --- idempotency keys ---------------------------------------------------------------
 
     async def claim_key(
         self, key: str, request_hash: str, now: datetime, expired_before: datetime
     ) -> bool:
-        """Insert the key, or take over an expired one. False when a live key exists; on
-        Postgres this waits for a concurrent claimer of the same key to commit or roll back."""
-        ins = postgresql.insert if self._dialect == "postgresql" else sqlite.insert
-        stmt = ins(idempotency_keys).values(key=key, request_hash=request_hash, created_at=now)
-        upsert = stmt.on_conflict_do_update(
-            index_elements=[idempotency_keys.c.key],
-            set_={
-                "request_hash": stmt.excluded.request_hash,
-                "created_at": stmt.excluded.created_at,
-                "status_code": None,
-                "response_body": None,
-                "resource_id": None,
-            },
-            where=idempotency_keys.c.created_at < expired_before,
-        ).returning(idempotency_keys.c.key)
-        return (await self._conn.execute(upsert)).first() is not None
+        """False when a live key exists; on Postgres this waits for a concurrent claimer of the
+        same key to commit or roll back."""
+        params = {
+            "k_key": key,
+            "k_hash": request_hash,
+            "k_now": now,
+            "k_expired_before": expired_before,
+        }
+        return await self._s.fetch_one("claim_key", _claim_key, params) is not None
 
     async def get_key(self, key: str) -> StoredKey | None:
-        query = select(
-            idempotency_keys.c.request_hash,
-            idempotency_keys.c.status_code,
-            idempotency_keys.c.response_body,
-            idempotency_keys.c.resource_id,
-        ).where(idempotency_keys.c.key == key)
-        row = (await self._conn.execute(query)).first()
+        row = await self._s.fetch_one("get_key", _get_key, {"k_key": key})
         return None if row is None else StoredKey(*row)
 
     async def complete_key(self, key: str, status_code: int, body: str, resource_id: UUID) -> None:
-        await self._conn.execute(
-            update(idempotency_keys)
-            .where(idempotency_keys.c.key == key)
-            .values(status_code=status_code, response_body=body, resource_id=resource_id)
-        )
+        params = {"k_key": key, "k_status": status_code, "k_body": body, "k_resource": resource_id}
+        await self._s.execute("complete_key", _complete_key, params)
 
     async def purge_keys(self, expired_before: datetime) -> int:
-        result = await self._conn.execute(
-            delete(idempotency_keys).where(idempotency_keys.c.created_at < expired_before)
+        return await self._s.execute("purge_keys", _purge_keys, {"before": expired_before})
+
+
+def _insert_values(values: Mapping[str, Any]) -> Any:
+    columns = tuple(sorted(values))
+
+    def build(dialect: str) -> Executable:
+        return (
+            insert(items)
+            .values({name: bindparam(name) for name in columns})
+            .returning(*_ITEM_COLUMNS)
         )
-        return int(result.rowcount or 0)
+
+    return build
 
 
-def _literal_like(column: Any, value: object) -> Any:
-    return literal(value, type_=column.type)
+def _filter_params(filters: ItemFilter) -> tuple[tuple[bool, ...], dict[str, Any]]:
+    params: dict[str, Any] = {}
+    if filters.is_active is not None:
+        params["is_active"] = filters.is_active
+    if filters.min_price is not None:
+        params["min_price"] = filters.min_price
+    if filters.max_price is not None:
+        params["max_price"] = filters.max_price
+    if filters.q:
+        params["pattern"] = f"%{escape_like(filters.q)}%"
+    shape = (
+        filters.include_deleted,
+        filters.is_active is not None,
+        filters.min_price is not None,
+        filters.max_price is not None,
+        bool(filters.q),
+    )
+    return shape, params

@@ -5,9 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sqlalchemy import text
+from sqlalchemy.sql import Executable
 
 from app.db.engine import Database, DatabaseUnavailable
 from app.lifecycle import Lifecycle
+
+
+def _version_query(dialect: str) -> Executable:
+    return text("SELECT version_num FROM alembic_version")
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,8 +31,8 @@ class HealthService:
         if self._lifecycle.shutting_down:
             return Readiness(False, "shutting down")
         try:
-            async with self._db.transaction() as conn:
-                current = await conn.scalar(text("SELECT version_num FROM alembic_version"))
+            async with self._db.read() as session:
+                current = await session.scalar("alembic_version", _version_query, {})
         except DatabaseUnavailable as error:
             return Readiness(False, f"database unavailable: {error}")
         except Exception as error:  # e.g. alembic_version missing on an empty database

@@ -57,8 +57,8 @@ class ItemService:
         the same key with a different body is refused."""
         now = _now()
         values = {**asdict(fields), "id": uuid7(), "created_at": now, "updated_at": now}
-        async with self._db.transaction() as conn:
-            repo = ItemRepository(conn)
+        async with self._db.transaction() as session:
+            repo = ItemRepository(session)
             if idempotency_key is None:
                 return Created(await repo.insert(values))
             fingerprint = _fingerprint(fields)
@@ -81,8 +81,8 @@ class ItemService:
     # --- read -----------------------------------------------------------------------------
 
     async def get(self, item_id: UUID, *, include_deleted: bool = False) -> Item:
-        async with self._db.transaction() as conn:
-            item = await ItemRepository(conn).get(item_id, include_deleted=include_deleted)
+        async with self._db.read() as session:
+            item = await ItemRepository(session).get(item_id, include_deleted=include_deleted)
         if item is None:
             raise NotFound(f"item {item_id} not found")
         return item
@@ -95,23 +95,27 @@ class ItemService:
         per_page: int,
         page: int | None = None,
         cursor: str | None = None,
+        include_total: bool = False,
     ) -> ItemPage:
-        """Offset pages carry a total; keyset pages (cursor) stay stable under inserts. Both
-        return next_cursor when more rows follow, so a client may switch to cursors."""
+        """Offset pages or keyset pages (cursor, stable under inserts); both return next_cursor
+        when more rows follow. The total costs a COUNT over every matching row, so it is only
+        computed when asked for (free on the last page)."""
         if page is not None and cursor is not None:
             raise InvalidQuery("use either page or cursor, not both", "cursor")
         after = _decode_cursor(cursor, filters, sort) if cursor is not None else None
         offset = 0 if page is None else (page - 1) * per_page
-        async with self._db.transaction() as conn:
-            repo = ItemRepository(conn)
+        # Separate single-statement reads: under READ COMMITTED a transaction would not make
+        # the page and the count consistent anyway, and each read skips BEGIN/COMMIT.
+        async with self._db.read() as session:
+            repo = ItemRepository(session)
             rows = await repo.page(filters, sort, limit=per_page + 1, offset=offset, after=after)
-            total = None
-            if cursor is None:
-                total = (
-                    offset + len(rows)
-                    if len(rows) <= per_page and (rows or offset == 0)
-                    else await repo.count(filters)
-                )
+        total = None
+        if include_total:
+            if cursor is None and len(rows) <= per_page and (rows or offset == 0):
+                total = offset + len(rows)  # on the last page: no count query needed
+            else:
+                async with self._db.read() as session:
+                    total = await ItemRepository(session).count(filters)
         has_more = len(rows) > per_page
         rows = rows[:per_page]
         next_cursor = _encode_cursor(rows[-1], filters, sort) if has_more else None
@@ -155,8 +159,8 @@ class ItemService:
     ) -> Item:
         self._check_precondition_given(expected_versions)
         values["updated_at"] = _now()
-        async with self._db.transaction() as conn:
-            repo = ItemRepository(conn)
+        async with self._db.transaction() as session:
+            repo = ItemRepository(session)
             item = await repo.update(
                 item_id, values, expected_versions=expected_versions, deleted=deleted
             )
@@ -173,8 +177,8 @@ class ItemService:
 
     async def restore(self, item_id: UUID, expected_versions: Collection[int] | None) -> Item:
         self._check_precondition_given(expected_versions)
-        async with self._db.transaction() as conn:
-            repo = ItemRepository(conn)
+        async with self._db.transaction() as session:
+            repo = ItemRepository(session)
             values = {"deleted_at": None, "updated_at": _now()}
             item = await repo.update(
                 item_id, values, expected_versions=expected_versions, deleted=True
@@ -190,8 +194,8 @@ class ItemService:
     async def hard_delete(self, item_id: UUID, expected_versions: Collection[int] | None) -> None:
         """Remove the row for good, whether or not it was soft-deleted first."""
         self._check_precondition_given(expected_versions)
-        async with self._db.transaction() as conn:
-            repo = ItemRepository(conn)
+        async with self._db.transaction() as session:
+            repo = ItemRepository(session)
             if await repo.delete(item_id, expected_versions=expected_versions):
                 return
             current = await repo.get(item_id, include_deleted=True)
@@ -200,8 +204,8 @@ class ItemService:
         _check_version(current, expected_versions)
 
     async def purge_expired_idempotency_keys(self) -> int:
-        async with self._db.transaction() as conn:
-            return await ItemRepository(conn).purge_keys(_now() - self._policy.idempotency_ttl)
+        async with self._db.transaction() as session:
+            return await ItemRepository(session).purge_keys(_now() - self._policy.idempotency_ttl)
 
     # --- helpers --------------------------------------------------------------------------
 

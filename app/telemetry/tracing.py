@@ -18,6 +18,7 @@ from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.config import Settings
@@ -40,10 +41,13 @@ def configure(settings: Settings) -> TracerProvider | None:
     exporter = _exporter(settings)
     if exporter is None:
         return None
-    # Resource.create reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES; TracerProvider
-    # reads OTEL_TRACES_SAMPLER(_ARG).
+    # Resource.create reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES; with
+    # OTEL_TRACES_SAMPLER set, TracerProvider reads it (and _ARG) itself.
     resource = Resource.create({SERVICE_NAME: settings.otel_service_name})
-    provider = TracerProvider(resource=resource)
+    sampler = None
+    if settings.otel_traces_sampler is None:
+        sampler = ParentBased(TraceIdRatioBased(settings.otel_traces_sampler_arg))
+    provider = TracerProvider(resource=resource, sampler=sampler)
     provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     _provider = provider

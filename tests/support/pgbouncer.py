@@ -71,6 +71,9 @@ def render_ini(
         "ignore_startup_parameters = extra_float_digits",
         # Fail queued clients fast when Postgres is gone instead of holding them 120 s.
         "query_wait_timeout = 10",
+        # Connection churn under load would otherwise dominate the log.
+        "log_connections = 0",
+        "log_disconnections = 0",
         "server_connect_timeout = 3",
         "server_login_retry = 1",
         f"logfile = {work_dir / 'pgbouncer.log'}",
@@ -91,6 +94,7 @@ class PgBouncer:
     kind: str
     server_host: str
     server_port: int
+    pool_size: int = 10
     port: int = 0
     work_dir: Path | None = None
     process: subprocess.Popen[bytes] | None = None
@@ -115,6 +119,7 @@ class PgBouncer:
                 server_host=self.server_host,
                 server_port=self.server_port,
                 work_dir=self.work_dir,
+                pool_size=self.pool_size,
             )
             (self.work_dir / "pgbouncer.ini").write_text(ini)
         user = unprivileged_user()
@@ -122,7 +127,9 @@ class PgBouncer:
         argv = [self.binary, str(self.work_dir / "pgbouncer.ini")]
         if user is not None:
             argv[1:1] = ["-u", user]
-        self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # Everything also goes to the logfile; an unread stderr pipe would fill up and block
+        # PgBouncer (1.24 logs to both).
+        self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for_port(self.port, 15, self.process)
         return self
 

@@ -106,7 +106,7 @@ async def _answers(url: URL) -> bool:
     return True
 
 
-def _throwaway_cluster() -> PostgresServer:
+def throwaway_cluster() -> PostgresServer:
     initdb, postgres = _find_bin("initdb"), _find_bin("postgres")
     if initdb is None or postgres is None:
         raise RuntimeError(
@@ -173,4 +173,4 @@ def start_or_find() -> PostgresServer:
     local = make_url("postgresql://postgres@127.0.0.1:5432/postgres")
     if run_coroutine(lambda: _answers(local)):
         return PostgresServer(admin_url=local)
-    return _throwaway_cluster()
+    return throwaway_cluster()

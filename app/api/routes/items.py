@@ -66,8 +66,9 @@ async def create_item(
     "",
     summary="List items",
     description=(
-        "Offset pages (`page`, `per_page`) include `total`; keyset pages (`cursor` from "
-        "`next_cursor`) stay stable while rows are inserted. `q` matches name or description, "
+        "Offset pages (`page`, `per_page`) or keyset pages (`cursor` from `next_cursor`, stable "
+        "while rows are inserted); `next_cursor` is null on the last page. `include_total=true` "
+        "adds `total`, at the cost of counting every match. `q` matches name or description, "
         "case-insensitively and literally (`%` and `_` are not wildcards). Soft-deleted items "
         "are hidden unless `include_deleted=true`."
     ),
@@ -86,6 +87,9 @@ async def list_items(
     q: Annotated[str | None, Query(min_length=1, max_length=200)] = None,
     sort: SortParam = "-created_at",
     include_deleted: bool = False,
+    include_total: Annotated[
+        bool, Query(description="also count all matching items (a COUNT over them: costly)")
+    ] = False,
 ) -> ItemPageOut:
     settings = services.settings
     size = per_page or settings.default_page_size
@@ -99,7 +103,9 @@ async def list_items(
         include_deleted=include_deleted,
     )
     order = Sort(field=sort.lstrip("-"), descending=sort.startswith("-"))  # type: ignore[arg-type]
-    result = await services.items.list(filters, order, per_page=size, page=page, cursor=cursor)
+    result = await services.items.list(
+        filters, order, per_page=size, page=page, cursor=cursor, include_total=include_total
+    )
     if result.next_cursor:
         next_url = request.url.remove_query_params(["page", "cursor"]).include_query_params(
             cursor=result.next_cursor

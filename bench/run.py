@@ -1,0 +1,479 @@
+"""`make bench`: the service against the practical limit and the common pattern, side by side.
+
+Starts a throwaway PostgreSQL cluster and PgBouncer 1.24 (prepared statements) and < 1.21
+(compatibility mode) on loopback, seeds items, and runs every server under gunicorn with uvicorn
+workers, the service exactly as in production (metrics on, tracing on at the default sampling
+with an exporter pointed at a local sink). wrk drives each route in turn, bounded in time; the
+servers take turns in every round and the table reports the median of the rounds.
+
+Environment: BENCH_DURATION (seconds per run, 5), BENCH_ROUNDS (3), BENCH_CONNECTIONS (64),
+BENCH_ROWS (20000), BENCH_WORKERS (2)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from app.db.migrations import migrate  # noqa: E402
+from tests.support.pgbouncer import LEGACY, MODERN, PgBouncer, find_binary  # noqa: E402
+from tests.support.postgres import PostgresServer, throwaway_cluster  # noqa: E402
+from tests.support.processes import free_port, run_coroutine, wait_until  # noqa: E402
+from tests.support.servers import clean_env  # noqa: E402
+
+DURATION = int(os.environ.get("BENCH_DURATION", "5"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "64"))
+ROWS = int(os.environ.get("BENCH_ROWS", "20000"))
+WORKERS = int(os.environ.get("BENCH_WORKERS", "2"))
+SECTIONS = set(os.environ.get("BENCH_SECTIONS", "routes,scaling,cold").split(","))
+WRK_DIR = Path(__file__).parent / "wrk"
+RESULTS = Path(__file__).parent / "results"
+WORDS = ["amber", "birch", "cobalt", "dune", "ember", "fjord", "garnet", "harbor", "ivory", "jade"]
+
+ROUTES: dict[str, tuple[str, str | None]] = {
+    "get by id": ("/", "get.lua"),
+    "list page (filtered)": (
+        "/v1/items?is_active=true&min_price=10&max_price=800&per_page=20",
+        None,
+    ),
+    "search": ("/", "search.lua"),
+    "create": ("/", "create.lua"),
+    "patch": ("/", "patch.lua"),
+}
+
+
+# --- processes and CPU accounting ----------------------------------------------------------
+
+
+def _cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+
+
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, stack = [], [root]
+    while stack:
+        pid = stack.pop()
+        found.append(pid)
+        stack.extend(children.get(pid, []))
+    return found
+
+
+def tree_cpu(root: int) -> float:
+    return sum(_cpu_seconds(pid) for pid in _descendants(root))
+
+
+@dataclass
+class Server:
+    name: str
+    port: int
+    proc: subprocess.Popen[bytes]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def _wait_ready(server: Server, timeout: float = 60) -> float:
+    started = time.monotonic()
+
+    def ready() -> bool:
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"{server.name} exited with {server.proc.returncode}")
+        try:
+            return httpx.get(f"{server.url}/readyz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    if not wait_until(ready, timeout, interval=0.02):
+        raise TimeoutError(f"{server.name} not ready after {timeout}s")
+    return time.monotonic() - started
+
+
+def _stop(server: Server) -> None:
+    if server.proc.poll() is None:
+        server.proc.send_signal(signal.SIGTERM)
+        try:
+            server.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            server.proc.kill()
+
+
+@contextmanager
+def running(name: str, argv: list[str], env: dict[str, str]) -> Iterator[Server]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [*argv, "--bind", f"127.0.0.1:{port}"]
+        if "gunicorn" in argv
+        else [*argv, "--port", str(port)],
+        cwd=ROOT,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    server = Server(name, port, proc)
+    try:
+        _wait_ready(server)
+        yield server
+    finally:
+        _stop(server)
+
+
+def gunicorn(app: str, workers: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "-k",
+        "uvicorn_worker.UvicornWorker",
+        "-w",
+        str(workers),
+        "--keep-alive",
+        "75",
+        app,
+    ]
+
+
+def itemstream(workers: int) -> list[str]:
+    return [sys.executable, "-m", "app", "serve", "--workers", str(workers)]
+
+
+class _Sink(BaseHTTPRequestHandler):
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+# --- wrk -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    requests: int
+    cpu: dict[str, float] = field(default_factory=dict)  # cores used, by component
+
+
+def _ms(text: str) -> float:
+    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text).groups()  # type: ignore[union-attr]
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
+
+
+def wrk(url: str, script: str | None, ids_file: Path, cpu_roots: dict[str, int]) -> Run:
+    argv = ["wrk", "-t2", f"-c{CONNECTIONS}", f"-d{DURATION}s", "--latency", "--timeout", "5s"]
+    if script:
+        argv += ["-s", str(WRK_DIR / script)]
+    before = {name: tree_cpu(pid) for name, pid in cpu_roots.items()}
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        [*argv, url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "BENCH_IDS": str(ids_file)},
+    )
+    assert proc.stdout is not None
+    output = proc.stdout.read().decode()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    elapsed = time.monotonic() - started
+    cpu = {name: (tree_cpu(pid) - before[name]) / elapsed for name, pid in cpu_roots.items()}
+    cpu["wrk"] = (usage.ru_utime + usage.ru_stime) / elapsed
+    if proc.returncode != 0:
+        raise RuntimeError(f"wrk failed: {output}")
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
+    latencies = dict(re.findall(r"^\s+(50|99)%\s+(\S+)\s*$", output, re.M))
+    if "50" not in latencies or "99" not in latencies:
+        raise RuntimeError(f"wrk printed no latency distribution for {url}:\n{output}")
+    requests = int(re.search(r"(\d+) requests in", output).group(1))  # type: ignore[union-attr]
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    socket = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output
+    )
+    errors = (int(non_2xx.group(1)) if non_2xx else 0) + (
+        sum(map(int, socket.groups())) if socket else 0
+    )
+    return Run(rps, _ms(latencies["50"]), _ms(latencies["99"]), errors, requests, cpu)
+
+
+def median_run(runs: list[Run]) -> dict[str, Any]:
+    return {
+        "rps": round(statistics.median(r.rps for r in runs), 1),
+        "p50_ms": round(statistics.median(r.p50_ms for r in runs), 2),
+        "p99_ms": round(statistics.median(r.p99_ms for r in runs), 2),
+        "errors": sum(r.errors for r in runs),
+        "requests": sum(r.requests for r in runs),
+        "rounds": [round(r.rps, 1) for r in runs],
+        "cpu_cores": {k: round(statistics.median(r.cpu[k] for r in runs), 2) for k in runs[0].cpu},
+    }
+
+
+# --- data ------------------------------------------------------------------------------------
+
+
+async def seed(dsn: str) -> list[str]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(
+            """
+            INSERT INTO items (id, name, description, price, is_active, created_at, updated_at)
+            SELECT gen_random_uuid(),
+                   ($2::text[])[1 + n % 10] || (n % 100) || ' item ' || n,
+                   'a ' || ($2::text[])[1 + (n / 7) % 10] || ' thing',
+                   (n % 1000) + 0.5, n % 5 <> 0,
+                   now() - make_interval(secs => n), now()
+            FROM generate_series(1, $1) AS n
+            """,
+            ROWS,
+            WORDS,
+        )
+        await conn.execute("VACUUM ANALYZE items")
+        ids = await conn.fetch("SELECT id FROM items ORDER BY random() LIMIT 5000")
+        return [str(row["id"]) for row in ids]
+    finally:
+        await conn.close()
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+
+def _exit_on_signal(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)  # unwinds the ExitStack: servers, PgBouncers, Postgres
+
+
+def main() -> int:
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    if shutil.which("wrk") is None:
+        sys.exit("bench: wrk is not installed (apt-get install wrk)")
+    modern_bin, legacy_bin = find_binary(MODERN), find_binary(LEGACY)
+    if modern_bin is None or legacy_bin is None:
+        sys.exit(
+            "bench: needs PgBouncer >= 1.21 and < 1.21 (set PGBOUNCER_MODERN/LEGACY; `make bench` does)"
+        )
+    RESULTS.mkdir(exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="itemstream-bench-"))
+    ids_file = work / "ids.txt"
+    results: dict[str, Any] = {
+        "started": datetime.now(UTC).isoformat(),
+        "config": {
+            "duration_s": DURATION,
+            "rounds": ROUNDS,
+            "connections": CONNECTIONS,
+            "rows": ROWS,
+            "workers": WORKERS,
+            "cpus": os.cpu_count(),
+        },
+    }
+    with ExitStack() as stack:
+        print(
+            f"bench: throwaway PostgreSQL, {ROWS} rows, PgBouncer {modern_bin} and {legacy_bin}",
+            flush=True,
+        )
+        pg: PostgresServer = throwaway_cluster()
+        stack.callback(pg.close)
+        database = pg.create_database("bench")
+        direct = pg.url(database)
+        run_coroutine(lambda: migrate(direct))
+        dsn = f"postgresql://postgres@127.0.0.1:{pg.port}/{database}"
+        ids_file.write_text("\n".join(run_coroutine(lambda: seed(dsn))) + "\n")
+        modern = PgBouncer(modern_bin, MODERN, pg.host, pg.port, pool_size=20).start()
+        stack.callback(modern.close)
+        legacy = PgBouncer(legacy_bin, LEGACY, pg.host, pg.port, pool_size=20).start()
+        stack.callback(legacy.close)
+        sink = ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
+        threading.Thread(target=sink.serve_forever, daemon=True).start()
+        stack.callback(sink.shutdown)
+
+        def via(bouncer: PgBouncer) -> str:
+            return f"postgresql://postgres@127.0.0.1:{bouncer.port}/{database}"
+
+        service_env = clean_env(
+            DATABASE_URL=via(modern),
+            MIGRATION_DATABASE_URL=dsn,
+            DB_POOLER="pgbouncer",
+            ENVIRONMENT="production",
+            OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{sink.server_port}",
+            OTEL_SERVICE_NAME="itemstream-bench",
+        )
+        legacy_env = {**service_env, "DATABASE_URL": via(legacy), "DB_POOLER": "pgbouncer-legacy"}
+        servers = {
+            "limit": stack.enter_context(
+                running(
+                    "limit",
+                    gunicorn("bench.limit_server:app", WORKERS),
+                    {**clean_env(), "LIMIT_DSN": via(modern)},
+                )
+            ),
+            "itemstream": stack.enter_context(
+                running("itemstream", itemstream(WORKERS), service_env)
+            ),
+            "itemstream (PgBouncer 1.18)": stack.enter_context(
+                running("itemstream-legacy", itemstream(WORKERS), legacy_env)
+            ),
+            "common pattern": stack.enter_context(
+                running(
+                    "common",
+                    gunicorn("bench.common_pattern:app", WORKERS),
+                    {
+                        **clean_env(),
+                        "COMMON_URL": via(modern).replace("postgresql:", "postgresql+asyncpg:"),
+                    },
+                )
+            ),
+        }
+        roots = {"postgres": pg.process.pid if pg.process else 0, "pgbouncer": 0}
+
+        def measure(server: Server, bouncer: PgBouncer, path: str, script: str | None) -> Run:
+            assert bouncer.process is not None
+            cpu_roots = {
+                "app": server.proc.pid,
+                "postgres": roots["postgres"],
+                "pgbouncer": bouncer.process.pid,
+            }
+            return wrk(server.url + path, script, ids_file, cpu_roots)
+
+        # 1. Routes: every server in turn, every round.
+        route_results: dict[str, dict[str, Any]] = {}
+        for route, (path, script) in ROUTES.items() if "routes" in SECTIONS else ():
+            runs: dict[str, list[Run]] = {name: [] for name in servers}
+            for _ in range(ROUNDS):
+                for name, server in servers.items():
+                    bouncer = legacy if "1.18" in name else modern
+                    runs[name].append(measure(server, bouncer, path, script))
+            route_results[route] = {name: median_run(r) for name, r in runs.items()}
+            limit_rps = route_results[route]["limit"]["rps"]
+            for summary in route_results[route].values():
+                summary["ratio_to_limit"] = (
+                    round(summary["rps"] / limit_rps, 2) if limit_rps else None
+                )
+            print(
+                f"  {route}: "
+                + ", ".join(f"{n} {s['rps']:.0f} rps" for n, s in route_results[route].items()),
+                flush=True,
+            )
+        results["routes"] = route_results
+
+        # 2. Worker scaling for the service: 1, one per core, and the classic 2 x cores + 1.
+        for name in list(servers)[1:]:
+            _stop(servers[name])
+        cpus = os.cpu_count() or 1
+        scaling: dict[str, dict[str, Any]] = {}
+        for workers in sorted({1, cpus, 2 * cpus + 1}) if "scaling" in SECTIONS else ():
+            with running(f"itemstream-w{workers}", itemstream(workers), service_env) as server:
+                for route in ("get by id", "list page (filtered)"):
+                    path, script = ROUTES[route]
+                    runs_w = [measure(server, modern, path, script) for _ in range(ROUNDS)]
+                    scaling.setdefault(route, {})[str(workers)] = median_run(runs_w)
+            print(
+                f"  workers={workers}: "
+                + ", ".join(f"{r} {scaling[r][str(workers)]['rps']:.0f} rps" for r in scaling),
+                flush=True,
+            )
+        results["worker_scaling"] = scaling
+
+        # 3. Cold start: process start to the first ready /readyz.
+        cold = []
+        for _ in range(3 if "cold" in SECTIONS else 0):
+            port = free_port()
+            started = time.monotonic()
+            proc = subprocess.Popen(
+                [*itemstream(WORKERS), "--port", str(port)],
+                cwd=ROOT,
+                env={**service_env, "PYTHONPATH": str(ROOT)},
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            server = Server("cold", port, proc)
+            _wait_ready(server)
+            cold.append(time.monotonic() - started)
+            _stop(server)
+        if cold:
+            results["cold_start_s"] = {
+                "median": round(statistics.median(cold), 2),
+                "runs": [round(c, 2) for c in cold],
+            }
+
+    results["finished"] = datetime.now(UTC).isoformat()
+    out = RESULTS / f"bench-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
+    out.write_text(json.dumps(results, indent=2))
+    print_table(results)
+    print(f"\nJSON: {out}")
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def print_table(results: dict[str, Any]) -> None:
+    config = results["config"]
+    print(
+        f"\n{config['rows']} rows, {config['connections']} connections, {config['duration_s']} s x "
+        f"{config['rounds']} rounds (median), {config['workers']} workers, {config['cpus']} CPUs, wrk on the same box"
+    )
+    header = f"{'route':<22}{'server':<30}{'rps':>8}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}{'x limit':>9}   cpu cores app/pg/pgb/wrk"
+    print(header)
+    print("-" * len(header))
+    for route, by_server in results.get("routes", {}).items():
+        for name, s in by_server.items():
+            cpu = s["cpu_cores"]
+            split = (
+                f"{cpu['app']:.2f}/{cpu['postgres']:.2f}/{cpu['pgbouncer']:.2f}/{cpu['wrk']:.2f}"
+            )
+            print(
+                f"{route:<22}{name:<30}{s['rps']:>8.0f}{s['p50_ms']:>9.2f}{s['p99_ms']:>9.2f}{s['errors']:>8}"
+                f"{s['ratio_to_limit']:>9.2f}   {split}"
+            )
+    print("\nworker scaling (itemstream):")
+    for route, by_workers in results.get("worker_scaling", {}).items():
+        base = by_workers["1"]["rps"]
+        cells = ", ".join(
+            f"{w} workers {s['rps']:.0f} rps ({s['rps'] / base:.2f}x, p99 {s['p99_ms']:.1f} ms)"
+            for w, s in by_workers.items()
+        )
+        print(f"  {route}: {cells}")
+    if "cold_start_s" in results:
+        cold = results["cold_start_s"]
+        print(f"\ncold start to ready: median {cold['median']} s ({cold['runs']})")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,43 @@
+# Shared by scripts/test.sh and scripts/bench.sh: installs uv, the locked Python dependencies,
+# and PgBouncer (an old one < 1.21 and a modern one >= 1.21), exporting PGBOUNCER_LEGACY and
+# PGBOUNCER_MODERN. Source it from the repository root.
+
+say() { printf '==> %s\n' "$*" >&2; }
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else return 1; fi; }
+
+if ! command -v uv >/dev/null 2>&1; then
+  say "installing uv"
+  python3 -m pip install --quiet --user uv 2>/dev/null || python3 -m pip install --quiet uv
+  export PATH="$HOME/.local/bin:$PATH"
+fi
+
+say "syncing Python dependencies (uv.lock)"
+uv sync --frozen --quiet
+
+pgb_version() { "$1" --version 2>/dev/null | sed -n 's/^PgBouncer \([0-9]*\)\.\([0-9]*\).*/\1 \2/p'; }
+is_modern() { read -r major minor <<<"$(pgb_version "$1")"; [ -n "${major:-}" ] && { [ "$major" -gt 1 ] || [ "$minor" -ge 21 ]; }; }
+
+system_pgb=$(command -v pgbouncer || { [ -x /usr/sbin/pgbouncer ] && echo /usr/sbin/pgbouncer; } || true)
+if [ -z "$system_pgb" ] && command -v apt-get >/dev/null 2>&1; then
+  say "installing PgBouncer from the distribution"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer >/dev/null 2>&1 \
+    || { as_root apt-get update -qq >/dev/null 2>&1 && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer >/dev/null; } \
+    || say "could not install pgbouncer with apt-get"
+  system_pgb=$(command -v pgbouncer || { [ -x /usr/sbin/pgbouncer ] && echo /usr/sbin/pgbouncer; } || true)
+fi
+if [ -n "$system_pgb" ]; then
+  if is_modern "$system_pgb"; then export PGBOUNCER_MODERN="${PGBOUNCER_MODERN:-$system_pgb}"
+  else export PGBOUNCER_LEGACY="${PGBOUNCER_LEGACY:-$system_pgb}"; fi
+fi
+if [ -z "${PGBOUNCER_MODERN:-}" ]; then
+  # Debian 12 ships 1.18; this helper (present on the project's build machines) unpacks 1.24.
+  for helper in "$root/../shared/tools/pgbouncer-modern" "$root/.tools/pgbouncer-modern"; do
+    if [ -x "$helper" ]; then
+      say "installing a modern PgBouncer with $helper"
+      PGBOUNCER_MODERN=$("$helper" --print-path) && export PGBOUNCER_MODERN
+      break
+    fi
+  done
+fi
+say "PgBouncer legacy: ${PGBOUNCER_LEGACY:-none}; modern: ${PGBOUNCER_MODERN:-none (those tests skip; CI fails)}"
+
