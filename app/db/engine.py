@@ -138,12 +138,16 @@ class Database:
         if observer is not None:
             pool = engine.sync_engine.pool
 
-            def report(*_: object) -> None:
-                # Absolute value from the pool itself, so a missed event cannot drift it.
+            # Absolute values from the pool itself, so a missed event cannot drift them. The
+            # checkin event fires before the connection is back in the pool: not counted then.
+            def on_checkout(*_: object) -> None:
                 observer.pool_checked_out(pool.checkedout())  # type: ignore[attr-defined]
 
-            event.listen(engine.sync_engine, "checkout", report)
-            event.listen(engine.sync_engine, "checkin", report)
+            def on_checkin(*_: object) -> None:
+                observer.pool_checked_out(max(0, pool.checkedout() - 1))  # type: ignore[attr-defined]
+
+            event.listen(engine.sync_engine, "checkout", on_checkout)
+            event.listen(engine.sync_engine, "checkin", on_checkin)
 
     @property
     def dialect(self) -> str:

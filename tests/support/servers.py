@@ -95,10 +95,5 @@ def serve(env: dict[str, str], cwd: Path = ROOT, *, port: int | None = None) -> 
         assert proc.poll() is None, f"server exited:\n{server.output()[-3000:]}"
         yield server
     finally:
-        import time as _t
-
-        _s = _t.time()
         server.terminate()
-        print("TERMINATE", _t.time() - _s)
-        print(server.output()[-1500:])
         log_path.unlink(missing_ok=True)
