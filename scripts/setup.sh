@@ -41,3 +41,14 @@ if [ -z "${PGBOUNCER_MODERN:-}" ]; then
 fi
 say "PgBouncer legacy: ${PGBOUNCER_LEGACY:-none}; modern: ${PGBOUNCER_MODERN:-none (those tests skip; CI fails)}"
 
+if ! command -v podman >/dev/null 2>&1 && ! command -v docker >/dev/null 2>&1; then
+  # The image tests build the real Dockerfile. On the project's build machines this helper
+  # installs podman and a local python:3.11-slim base (no registry is reachable there).
+  for helper in "$root/../shared/tools/container-runtime"; do
+    if [ -x "$helper" ]; then
+      say "setting up podman with $helper (about 2 minutes, once per machine)"
+      "$helper" setup >&2 || say "container runtime setup failed; the image tests will say so"
+    fi
+  done
+fi
+

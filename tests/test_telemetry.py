@@ -82,12 +82,17 @@ def test_metrics_are_exact_across_workers_and_survive_a_dead_worker(
     with serve(env) as server:
         item = httpx.post(f"{server.base}/v1/items", json={"name": "m", "price": 1}).json()
         path = f"/v1/items/{item['id']}"
-        first = 150
-        assert asyncio.run(hammer(server.base, [path] * first)) == [200] * first
-
-        served_by = {
-            line["pid"] for line in server.json_lines() if line.get("logger") == "itemstream.access"
-        }
+        first = 0
+        for _ in range(4):  # the kernel picks the accepting worker; usually one round spreads
+            assert asyncio.run(hammer(server.base, [path] * 50)) == [200] * 50
+            first += 50
+            served_by = {
+                line["pid"]
+                for line in server.json_lines()
+                if line.get("logger") == "itemstream.access"
+            }
+            if len(served_by) == 2:
+                break
         assert len(served_by) == 2, "both workers should have served requests"
         assert httpx.get(f"{server.base}/metrics").status_code == 404  # not on the app port
 

@@ -36,7 +36,6 @@ class _Compiled:
 
 
 _TABLE = re.compile(r"\b(?:FROM|INTO|UPDATE)\s+(\w+)", re.IGNORECASE)
-# A proxy until the app configures tracing; without a provider its spans cost ~1 us.
 _tracer = trace.get_tracer("app.db")
 
 
@@ -104,10 +103,15 @@ class PostgresSession:
         compiled = compiled_for_postgres(shape, build)
         fixed = compiled.fixed
         args = [params[n] if n in params else fixed[n] for n in compiled.params]
+        run = getattr(self._conn, method)
+        # Only as a child of a sampled span: probes, background jobs and unsampled requests
+        # create no spans at all (and pay nothing for them).
+        if not trace.get_current_span().is_recording():
+            return await run(compiled.sql, *args)
         with _tracer.start_as_current_span(
             compiled.span_name, kind=SpanKind.CLIENT, attributes=compiled.span_attributes
         ):
-            return await getattr(self._conn, method)(compiled.sql, *args)
+            return await run(compiled.sql, *args)
 
     async def fetch_one(self, shape: Any, build: Builder, params: Mapping[str, Any]) -> Row | None:
         row: Row | None = await self._run("fetchrow", shape, build, params)
