@@ -50,6 +50,8 @@ def postgres_connect_args(settings: Settings) -> dict[str, Any]:
         timeout_ms = int(settings.db_statement_timeout * 1000)
         args["server_settings"]["statement_timeout"] = str(timeout_ms)
     elif settings.db_pooler == "pgbouncer-legacy":
+        # No named statements: the app's queries go out unnamed. The two SQLAlchemy settings
+        # cover what SQLAlchemy itself still executes on these connections (e.g. pre-ping).
         args["statement_cache_size"] = 0  # asyncpg's cache
         args["prepared_statement_cache_size"] = 0  # SQLAlchemy's cache
         args["prepared_statement_name_func"] = _unique_statement_name
@@ -148,10 +150,6 @@ class Database:
 
             event.listen(engine.sync_engine, "checkout", on_checkout)
             event.listen(engine.sync_engine, "checkin", on_checkin)
-
-    @property
-    def dialect(self) -> str:
-        return self.engine.dialect.name
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Session]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from typing import Literal
@@ -64,4 +64,3 @@ class ItemPage:
     page: int | None = None
     total: int | None = None
     next_cursor: str | None = None
-    extra: dict[str, object] = field(default_factory=dict)
