@@ -1,15 +1,13 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
 from app.config import Settings
-from tests.support.servers import clean_env
+from tests.support.servers import clean_env, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,30 +69,17 @@ def test_cors_origins_from_comma_list() -> None:
 
 
 def test_cli_reports_bad_configuration_clearly() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "app", "check-config"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env=clean_env(DB_POOL_SIZE="many", ENVIRONMENT="production"),
-        timeout=60,
-    )
+    done = run_cli("check-config", env=clean_env(DB_POOL_SIZE="many", ENVIRONMENT="production"))
     assert done.returncode == 2
     assert "invalid configuration" in done.stderr and "db_pool_size" in done.stderr
     assert "Traceback" not in done.stderr
 
 
 def test_cli_check_config_hides_secrets() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "app", "check-config"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=clean_env(
-            DATABASE_URL="postgresql://app:hunter2@db/app", DATABASE_PASSWORD="other-secret"
-        ),
+    env = clean_env(
+        DATABASE_URL="postgresql://app:hunter2@db/app", DATABASE_PASSWORD="other-secret"
     )
+    done = run_cli("check-config", env=env)
     assert done.returncode == 0, done.stderr
     assert "hunter2" not in done.stdout and "other-secret" not in done.stdout
     assert "database_url=postgresql+asyncpg://app:***@db/app" in done.stdout

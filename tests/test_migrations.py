@@ -15,7 +15,7 @@ from alembic import command
 from app.db.migrations import alembic_config, head_revision, migrate
 from app.db.tables import metadata
 from tests.support.postgres import PostgresServer
-from tests.support.servers import clean_env
+from tests.support.servers import clean_env, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -127,23 +127,12 @@ async def test_search_uses_trigram_indexes(pg: PostgresServer) -> None:
 @pytest.mark.postgres
 def test_wait_for_migrations(pg: PostgresServer, schema_db: str) -> None:
     ready = pg.url(schema_db).render_as_string(hide_password=False)
-    done = subprocess.run(
-        [sys.executable, "-m", "app", "wait-for-migrations", "--timeout", "10"],
-        cwd=ROOT,
-        env=clean_env(DATABASE_URL=ready),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = run_cli("wait-for-migrations", "--timeout", "10", env=clean_env(DATABASE_URL=ready))
     assert done.returncode == 0, done.stderr
     empty = pg.create_database("itemstream_empty")
-    waiting = subprocess.run(
-        [sys.executable, "-m", "app", "wait-for-migrations", "--timeout", "1"],
-        cwd=ROOT,
-        env=clean_env(DATABASE_URL=pg.url(empty).render_as_string(hide_password=False)),
-        capture_output=True,
-        text=True,
-        timeout=60,
+    empty_url = pg.url(empty).render_as_string(hide_password=False)
+    waiting = run_cli(
+        "wait-for-migrations", "--timeout", "1", env=clean_env(DATABASE_URL=empty_url)
     )
     assert waiting.returncode == 1
     assert "schema not at head" in waiting.stdout  # JSON log lines go to stdout

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cache
 from typing import Any
 from uuid import UUID
 
@@ -80,6 +81,7 @@ def _live(deleted: bool) -> ColumnElement[bool]:
 # --- statement builders (dialect -> statement), one per shape --------------------------------
 
 
+@cache
 def _get_item(include_deleted: bool) -> Any:
     def build(dialect: str) -> Executable:
         query = select(*_ITEM_COLUMNS).where(items.c.id == bindparam("item_id"))
@@ -88,6 +90,7 @@ def _get_item(include_deleted: bool) -> Any:
     return build
 
 
+@cache
 def _update_item(columns: tuple[str, ...], deleted: bool, conditional: bool) -> Any:
     def build(dialect: str) -> Executable:
         query = (
@@ -102,6 +105,7 @@ def _update_item(columns: tuple[str, ...], deleted: bool, conditional: bool) -> 
     return build
 
 
+@cache
 def _delete_item(conditional: bool) -> Any:
     def build(dialect: str) -> Executable:
         query = delete(items).where(items.c.id == bindparam("item_id")).returning(items.c.id)
@@ -133,6 +137,7 @@ def _filter_conditions(shape: tuple[bool, ...]) -> list[ColumnElement[bool]]:
     return conditions
 
 
+@cache
 def _page(filter_shape: tuple[bool, ...], sort: Sort, keyset: bool) -> Any:
     def build(dialect: str) -> Executable:
         column = _SORT_COLUMNS[sort.field]
@@ -156,6 +161,7 @@ def _page(filter_shape: tuple[bool, ...], sort: Sort, keyset: bool) -> Any:
     return build
 
 
+@cache
 def _count(filter_shape: tuple[bool, ...]) -> Any:
     def build(dialect: str) -> Executable:
         return (
@@ -204,13 +210,6 @@ def _purge_keys(dialect: str) -> Executable:
     return delete(idempotency_keys).where(idempotency_keys.c.created_at < bindparam("before"))
 
 
-_GET = {flag: _get_item(flag) for flag in (False, True)}
-_DELETE = {flag: _delete_item(flag) for flag in (False, True)}
-_UPDATES: dict[tuple[tuple[str, ...], bool, bool], Any] = {}
-_PAGES: dict[tuple[tuple[bool, ...], Sort, bool], Any] = {}
-_COUNTS: dict[tuple[bool, ...], Any] = {}
-
-
 class ItemRepository:
     def __init__(self, session: Session) -> None:
         self._s = session
@@ -219,14 +218,14 @@ class ItemRepository:
 
     async def insert(self, values: Mapping[str, Any]) -> Item:
         row = await self._s.fetch_one(
-            ("insert_item", tuple(sorted(values))), _insert_values(values), values
+            ("insert_item", columns := tuple(sorted(values))), _insert_item(columns), values
         )
         assert row is not None
         return Item(*row)
 
     async def get(self, item_id: UUID, *, include_deleted: bool = False) -> Item | None:
         row = await self._s.fetch_one(
-            ("get_item", include_deleted), _GET[include_deleted], {"item_id": item_id}
+            ("get_item", include_deleted), _get_item(include_deleted), {"item_id": item_id}
         )
         return None if row is None else Item(*row)
 
@@ -242,7 +241,7 @@ class ItemRepository:
         another version. The version bump makes concurrent writers serialize on the row."""
         columns = tuple(sorted(values))
         shape = (columns, deleted, expected_versions is not None)
-        build = _UPDATES.get(shape) or _UPDATES.setdefault(shape, _update_item(*shape))
+        build = _update_item(*shape)
         params: dict[str, Any] = {f"v_{name}": values[name] for name in columns}
         params["item_id"] = item_id
         if expected_versions is not None:
@@ -255,7 +254,9 @@ class ItemRepository:
         params: dict[str, Any] = {"item_id": item_id}
         if conditional:
             params["versions"] = list(expected_versions or ())
-        row = await self._s.fetch_one(("delete_item", conditional), _DELETE[conditional], params)
+        row = await self._s.fetch_one(
+            ("delete_item", conditional), _delete_item(conditional), params
+        )
         return row is not None
 
     async def page(
@@ -269,7 +270,7 @@ class ItemRepository:
     ) -> list[Item]:
         filter_shape, params = _filter_params(filters)
         shape = (filter_shape, sort, after is not None)
-        build = _PAGES.get(shape) or _PAGES.setdefault(shape, _page(*shape))
+        build = _page(*shape)
         params.update(limit=limit, offset=offset)
         if after is not None:
             params.update(after_value=after.value, after_id=after.id)
@@ -277,7 +278,7 @@ class ItemRepository:
 
     async def count(self, filters: ItemFilter) -> int:
         filter_shape, params = _filter_params(filters)
-        build = _COUNTS.get(filter_shape) or _COUNTS.setdefault(filter_shape, _count(filter_shape))
+        build = _count(filter_shape)
         return int(await self._s.scalar(("count", filter_shape), build, params))
 
     # --- idempotency keys ---------------------------------------------------------------
@@ -307,9 +308,8 @@ class ItemRepository:
         return await self._s.execute("purge_keys", _purge_keys, {"before": expired_before})
 
 
-def _insert_values(values: Mapping[str, Any]) -> Any:
-    columns = tuple(sorted(values))
-
+@cache
+def _insert_item(columns: tuple[str, ...]) -> Any:
     def build(dialect: str) -> Executable:
         return (
             insert(items)

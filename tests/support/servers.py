@@ -97,3 +97,18 @@ def serve(env: dict[str, str], cwd: Path = ROOT, *, port: int | None = None) -> 
     finally:
         server.terminate()
         log_path.unlink(missing_ok=True)
+
+
+def run_cli(
+    *args: str, env: dict[str, str], timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """`python -m app ARGS` from the repository root; output captured, never raises."""
+    return subprocess.run(
+        [sys.executable, "-m", "app", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
