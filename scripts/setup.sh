@@ -1,6 +1,9 @@
 # Shared by scripts/test.sh and scripts/bench.sh: installs uv, the locked Python dependencies,
 # and PgBouncer (an old one < 1.21 and a modern one >= 1.21), exporting PGBOUNCER_LEGACY and
-# PGBOUNCER_MODERN. Source it from the repository root.
+# PGBOUNCER_MODERN, and podman for the image tests where no Docker engine runs. Source it
+# from the repository root.
+
+root=${root:-$(pwd)}
 
 say() { printf '==> %s\n' "$*" >&2; }
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else return 1; fi; }
@@ -41,14 +44,13 @@ if [ -z "${PGBOUNCER_MODERN:-}" ]; then
 fi
 say "PgBouncer legacy: ${PGBOUNCER_LEGACY:-none}; modern: ${PGBOUNCER_MODERN:-none (those tests skip; CI fails)}"
 
-if ! command -v podman >/dev/null 2>&1 && ! command -v docker >/dev/null 2>&1; then
-  # The image tests build the real Dockerfile. On the project's build machines this helper
-  # installs podman and a local python:3.11-slim base (no registry is reachable there).
-  for helper in "$root/../shared/tools/container-runtime"; do
-    if [ -x "$helper" ]; then
-      say "setting up podman with $helper (about 2 minutes, once per machine)"
-      "$helper" setup >&2 || say "container runtime setup failed; the image tests will say so"
-    fi
-  done
+# The image tests build the real Dockerfile. A docker client alone is not enough (these
+# machines have one but no engine), and nothing can be pulled there: the helper installs podman
+# and a local python:3.11-slim stand-in. Skipped where a Docker engine works or both are present.
+docker_works() { command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; }
+podman_ready() { command -v podman >/dev/null 2>&1 && podman image exists docker.io/library/python:3.11-slim 2>/dev/null; }
+helper="$root/../shared/tools/container-runtime"
+if ! docker_works && ! podman_ready && [ -x "$helper" ]; then
+  say "setting up podman with $helper (about 2 minutes, once per machine)"
+  "$helper" setup >&2 || say "container runtime setup failed; the image tests will say so"
 fi
-
