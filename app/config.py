@@ -102,6 +102,33 @@ class Settings(BaseSettings):
     max_page_size: int = Field(100, ge=1, le=1000)
     default_page_size: int = Field(20, ge=1)
 
+    # --- LLM provider and streams ------------------------------------------------------
+    # `mock` streams deterministic text offline; `openai` is any OpenAI-compatible
+    # /v1/chat/completions server (vLLM, OpenAI, Ollama) at LLM_BASE_URL.
+    llm_provider: Literal["mock", "openai"] = "mock"
+    llm_base_url: str | None = Field(None, description="e.g. http://vllm:8000/v1")
+    llm_api_key: SecretStr | None = None
+    llm_model: str = Field("itemstream-mock", min_length=1, description="for item generations")
+    llm_connect_timeout: float = Field(5.0, gt=0)
+    # The longest silence allowed between two tokens, time to first token included.
+    llm_read_timeout: float = Field(120.0, gt=0)
+    llm_max_connections: int = Field(1000, ge=1, description="per worker")
+    llm_retries: int = Field(1, ge=0, le=5, description="before the first token only")
+    mock_tokens: int = Field(32, ge=1, le=100_000)
+    mock_token_delay: float = Field(0.02, ge=0)
+    mock_first_token_delay: float = Field(0.0, ge=0)
+    mock_fail_after: int | None = Field(None, ge=0, description="simulate an upstream failure")
+    stream_heartbeat_seconds: float = Field(15.0, gt=0)
+    stream_max_seconds: float = Field(300.0, gt=0)
+    stream_max_tokens: int = Field(4096, ge=1)
+    stream_max_concurrent: int = Field(1000, ge=1, description="per worker; beyond it 503")
+    # On SIGTERM open streams may finish for this long, then end with an error event. Keep it
+    # below GUNICORN_GRACEFUL_TIMEOUT - 5.
+    stream_drain_seconds: float = Field(10.0, ge=0)
+    max_prompt_chars: int = Field(32_000, ge=1)
+    # An export holds one database connection (and a PgBouncer server connection) throughout.
+    export_max_seconds: float = Field(3600.0, gt=0)
+
     @field_validator("database_url", "migration_database_url", mode="before")
     @classmethod
     def _normalize_url(cls, value: object) -> object:
@@ -136,6 +163,8 @@ class Settings(BaseSettings):
                 f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r} is not supported: use http/protobuf "
                 "(port 4318); the gRPC exporter is not fork-safe under gunicorn"
             )
+        if self.llm_provider == "openai" and not self.llm_base_url:
+            problems.append("LLM_BASE_URL is required when LLM_PROVIDER is 'openai'")
         if self.metrics_port is not None and self.metrics_port == self.port:
             problems.append("METRICS_PORT must differ from PORT")
         if self.environment == "production":

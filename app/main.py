@@ -4,7 +4,6 @@ created in the lifespan, once per worker process."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -17,11 +16,14 @@ from starlette.middleware.cors import CORSMiddleware
 from app.api import problems
 from app.api.deps import Services
 from app.api.middleware import BodySizeLimit
-from app.api.routes import health, items
+from app.api.routes import chat, health, items
+from app.api.routes import generations as generations_routes
 from app.config import Settings
 from app.db.engine import Database, create_engine
 from app.db.migrations import head_revision
 from app.lifecycle import Lifecycle, process_lifecycle
+from app.providers.factory import create_provider
+from app.services.generations import GenerationService, StreamLimits
 from app.services.health import HealthService
 from app.services.items import ItemPolicy, ItemService
 from app.telemetry import tracing
@@ -31,26 +33,30 @@ from app.telemetry.metrics import instrument as instrument_metrics
 
 log = logging.getLogger(__name__)
 
-IDEMPOTENCY_PURGE_INTERVAL = 900.0
+HOUSEKEEPING_INTERVAL = 900.0
 
 
-async def _every(interval: float, job: Callable[[], Awaitable[int]]) -> None:
+async def _every(interval: float, what: str, job: Callable[[], Awaitable[int]]) -> None:
     """Run `job` periodically (jittered, so workers and pods do not line up); never raises."""
     while True:
         await asyncio.sleep(interval * random.uniform(0.5, 1.5))  # noqa: S311 - not crypto
         try:
-            removed = await job()
-            if removed:
-                log.info("purged %d expired idempotency keys", removed)
+            count = await job()
+            if count:
+                log.info("%s: %d rows", what, count)
         except Exception as error:  # the database may be down; try again next round
-            log.warning("idempotency key purge failed: %s", error)
+            log.warning("%s failed: %s", what, error)
 
 
 DESCRIPTION = """
 Items on PostgreSQL, with idempotent creates, optimistic concurrency (ETag / If-Match),
 offset and keyset pagination, literal case-insensitive search, soft and hard deletes.
 
-Errors are `application/problem+json` (RFC 9457). A 503 with `Retry-After` means the
+Token streams over Server-Sent Events: an OpenAI-compatible `/v1/chat/completions` and
+item-grounded generations, each recorded in `/v1/generations/{id}`.
+
+Errors are `application/problem+json` (RFC 9457); the OpenAI-compatible endpoint uses
+OpenAI's error shape. A 503 with `Retry-After` means the
 database is unreachable right now; retry after the given seconds.
 """
 
@@ -69,24 +75,52 @@ def create_app(settings: Settings | None = None, lifecycle: Lifecycle | None = N
         policy = ItemPolicy(
             idempotency_ttl=timedelta(seconds=settings.idempotency_ttl_seconds),
             require_if_match=settings.require_if_match,
+            export_max_seconds=settings.export_max_seconds,
         )
-        app.state.services = Services(
+        provider = create_provider(settings)
+        generations = GenerationService(
+            database,
+            provider,
+            model=settings.llm_model,
+            limits=StreamLimits(
+                max_concurrent=settings.stream_max_concurrent,
+                max_seconds=settings.stream_max_seconds,
+                max_tokens=settings.stream_max_tokens,
+                max_prompt_chars=settings.max_prompt_chars,
+            ),
+            lifecycle=lifecycle,
+            observer=metrics,
+        )
+        services = app.state.services = Services(
             settings=settings,
             items=ItemService(database, policy),
             health=HealthService(database, head_revision(), lifecycle),
+            generations=generations,
+            lifecycle=lifecycle,
         )
-        purger = asyncio.create_task(
-            _every(
-                IDEMPOTENCY_PURGE_INTERVAL, app.state.services.items.purge_expired_idempotency_keys
+        jobs = [
+            asyncio.create_task(
+                _every(
+                    HOUSEKEEPING_INTERVAL,
+                    "purge expired idempotency keys",
+                    services.items.purge_expired_idempotency_keys,
+                )
             ),
-            name="purge-idempotency-keys",
-        )
+            asyncio.create_task(
+                _every(
+                    HOUSEKEEPING_INTERVAL,
+                    "fail generations abandoned by dead workers",
+                    generations.sweep_abandoned,
+                )
+            ),
+        ]
         try:
             yield
         finally:
-            purger.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await purger
+            for job in jobs:
+                job.cancel()
+            await asyncio.gather(*jobs, return_exceptions=True)
+            await provider.aclose()
             await database.dispose()
             tracing.flush()
 
@@ -103,6 +137,8 @@ def create_app(settings: Settings | None = None, lifecycle: Lifecycle | None = N
     problems.install(app, retry_after_seconds=settings.db_retry_after_seconds)
     app.include_router(health.router)
     app.include_router(items.router)
+    app.include_router(generations_routes.router)
+    app.include_router(chat.router)
 
     # Middleware: added last runs first. Order from the outside in: tracing (server span),
     # HTTP metrics, access log (inside the span, so it has the trace id), CORS, body limit.

@@ -92,7 +92,7 @@ async def truncate(pg: PostgresServer, database: str) -> None:
         host=pg.host, port=pg.port, user=pg.admin_url.username, database=database
     )
     try:
-        await conn.execute("TRUNCATE items, idempotency_keys")
+        await conn.execute("TRUNCATE items, idempotency_keys, generations")
     finally:
         await conn.close()
 

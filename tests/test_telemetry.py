@@ -9,12 +9,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
 import socket
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
@@ -117,7 +120,10 @@ def test_metrics_are_exact_across_workers_and_survive_a_dead_worker(
         assert asyncio.run(hammer(server.base, [path] * second)) == [200] * second
         text = scrape()
         assert metric_sum(text, "http_requests_total", **labels) == first + second
-        assert metric_sum(text, "itemstream_http_requests_in_flight") == 0
+        # The gauge drops just after the response went out: give the worker a moment.
+        assert wait_until(
+            lambda: metric_sum(scrape(), "itemstream_http_requests_in_flight") == 0, 5
+        )
         assert metric_sum(text, "itemstream_db_pool_acquire_seconds_count") >= first + second
         assert metric_sum(text, "itemstream_db_pool_checked_out_connections") == 0  # at rest
         # No stale per-pid gauge of the dead worker.
@@ -210,3 +216,132 @@ def test_sigterm_lets_in_flight_requests_finish(
         assert server.proc.returncode == 0, server.output()[-3000:]
         lines = server.json_lines()
         assert any("Shutting down" in line.get("msg", "") for line in lines)
+
+
+class _FakeUpstream(ThreadingHTTPServer):
+    """A minimal OpenAI-compatible upstream in a thread: three tokens, then [DONE]."""
+
+    def __init__(self) -> None:
+        self.traceparents: list[str] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers["Content-Length"]))
+                outer.traceparents.append(self.headers.get("traceparent", ""))
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                for index in range(3):
+                    chunk = {"choices": [{"index": 0, "delta": {"content": f"t{index} "}}]}
+                    self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                    self.wfile.flush()
+                    time.sleep(0.02)
+                final = {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+                self.wfile.write(f"data: {json.dumps(final)}\n\ndata: [DONE]\n\n".encode())
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+
+def test_stream_span_has_first_token_event_and_upstream_http_child(
+    pg: PostgresServer, pgbouncer_modern: PgBouncer, schema_db: str, receiver: OtlpReceiver
+) -> None:
+    upstream = _FakeUpstream()
+    env = postgres_env(
+        pg,
+        pgbouncer_modern,
+        schema_db,
+        WEB_CONCURRENCY="1",
+        OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
+        OTEL_BSP_SCHEDULE_DELAY="100",
+        LLM_PROVIDER="openai",
+        LLM_BASE_URL=upstream.url,
+    )
+    trace_id = "5bf92f3577b34da6a3ce929d0e0e4737"
+    try:
+        with serve(env) as server:
+            response = httpx.post(
+                f"{server.base}/v1/chat/completions",
+                json={"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+                headers={"traceparent": f"00-{trace_id}-00f067aa0ba902b8-01"},
+            )
+            assert response.status_code == 200, response.text
+            assert response.json()["choices"][0]["message"]["content"] == "t0 t1 t2 "
+
+            def stream_span_arrived() -> bool:
+                return any(s.name == "chat m" for s in receiver.spans)
+
+            assert wait_until(stream_span_arrived, 15), receiver.spans
+            time.sleep(0.5)
+    finally:
+        upstream.shutdown()
+    in_trace = {s.span_id: s for s in receiver.spans if s.trace_id == trace_id}
+    request = next(s for s in in_trace.values() if s.kind == SERVER_KIND)
+    stream = next(s for s in in_trace.values() if s.name == "chat m")
+    assert stream.parent_span_id == request.span_id
+    assert stream.attributes["gen_ai.usage.output_tokens"] == 3
+    assert stream.attributes["itemstream.generation.outcome"] == "completed"
+    assert "gen_ai.first_token" in stream.events
+    http_spans = [s for s in in_trace.values() if s.parent_span_id == stream.span_id]
+    assert [s.name for s in http_spans] == ["POST"], http_spans
+    # The upstream got the trace context of its HTTP client span.
+    assert upstream.traceparents[0].split("-")[1:3] == [trace_id, http_spans[0].span_id]
+
+
+def test_sigterm_ends_open_streams_with_a_final_event(
+    pg: PostgresServer, pgbouncer_modern: PgBouncer, schema_db: str
+) -> None:
+    env = postgres_env(
+        pg,
+        pgbouncer_modern,
+        schema_db,
+        WEB_CONCURRENCY="1",
+        MOCK_TOKENS="400",
+        MOCK_TOKEN_DELAY="0.05",
+        STREAM_DRAIN_SECONDS="2",
+    )
+    results: dict[str, list[str]] = {}
+
+    def read(name: str, base: str, max_tokens: int) -> None:
+        body = {
+            "model": "m",
+            "messages": [{"role": "user", "content": "hi"}],
+            "stream": True,
+            "max_tokens": max_tokens,
+        }
+        lines = results.setdefault(name, [])
+        with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=30) as r:
+            lines.extend(line for line in r.iter_lines() if line.startswith("data:"))
+
+    with serve(env) as server:
+        # Short: 30 tokens (1.5 s) ends inside the drain period. Long: 20 s does not.
+        threads = [
+            threading.Thread(target=read, args=("short", server.base, 30)),
+            threading.Thread(target=read, args=("long", server.base, 400)),
+        ]
+        for thread in threads:
+            thread.start()
+        assert wait_until(
+            lambda: len(results) == 2 and all(len(v) >= 3 for v in results.values()), 10
+        )
+        signalled = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        for thread in threads:
+            thread.join(30)
+        assert server.proc.wait(30) == 0, server.output()[-3000:]
+        took = time.monotonic() - signalled
+    assert results["short"][-1] == "data: [DONE]"
+    last = json.loads(results["long"][-1].removeprefix("data: "))
+    assert "shut down" in last["error"]["message"], results["long"][-3:]
+    assert took < 10, f"shutdown took {took:.1f}s"

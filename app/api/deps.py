@@ -9,6 +9,8 @@ from typing import Annotated
 from fastapi import Depends, Header, HTTPException, Request
 
 from app.config import Settings
+from app.lifecycle import Lifecycle
+from app.services.generations import GenerationService
 from app.services.health import HealthService
 from app.services.items import ItemService
 
@@ -18,6 +20,8 @@ class Services:
     settings: Settings
     items: ItemService
     health: HealthService
+    generations: GenerationService
+    lifecycle: Lifecycle
 
 
 async def _services(request: Request) -> Services:

@@ -117,6 +117,16 @@ def install(app: FastAPI, *, retry_after_seconds: int) -> None:
             case errors.InvalidQuery():
                 error = {"location": "query", "field": exc.parameter, "message": exc.detail}
                 return problem_response(422, exc.detail, instance=path, errors=[error])
+            case errors.InvalidInput():
+                error = {"location": "body", "field": exc.field, "message": exc.detail}
+                return problem_response(422, exc.detail, instance=path, errors=[error])
+            case errors.Conflict():
+                return problem_response(409, exc.detail, instance=path)
+            case errors.Overloaded():
+                headers = {"Retry-After": str(exc.retry_after)}
+                return problem_response(503, exc.detail, instance=path, headers=headers)
+            case errors.StreamLimitExceeded():
+                return problem_response(504, exc.detail, instance=path)
         return problem_response(400, exc.detail, instance=path)
 
     async def on_unavailable(request: Request, exc: Exception) -> Response:

@@ -82,6 +82,10 @@ class ItemOut(BaseModel):
     created_at: datetime
     updated_at: datetime
     deleted_at: datetime | None = Field(description="set when soft-deleted")
+    generated_text: str | None = Field(
+        None, description="text of the last completed `POST /v1/items/{id}/generate`"
+    )
+    generation_id: UUID | None = Field(None, description="the generation that wrote it")
 
     @classmethod
     def of(cls, item: Item) -> ItemOut:

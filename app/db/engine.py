@@ -171,7 +171,17 @@ class Database:
             yield session
 
     @asynccontextmanager
-    async def _session(self, *, transactional: bool) -> AsyncIterator[Session]:
+    async def stream(self) -> AsyncIterator[Session]:
+        """For a long read that streams to a client (exports). If it ends early (client gone,
+        error) the connection is closed instead of reused: that stops the query on the server
+        at once, and a connection in the middle of a COPY is never handed to anyone else."""
+        async with self._session(transactional=True, discard_on_error=True) as session:
+            yield session
+
+    @asynccontextmanager
+    async def _session(
+        self, *, transactional: bool, discard_on_error: bool = False
+    ) -> AsyncIterator[Session]:
         started = time.perf_counter()
         try:
             async with self.engine.connect() as connection:
@@ -189,7 +199,7 @@ class Database:
                     else:
                         yield PostgresSession(raw)
                 except BaseException as error:
-                    if is_unavailable_error(error):
+                    if discard_on_error or is_unavailable_error(error):
                         # The pool cannot see errors on the driver connection: drop this one.
                         await connection.invalidate()
                     raise

@@ -4,9 +4,13 @@ once per shape (see app.db.session)."""
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
+from decimal import Decimal
 from functools import cache
 from typing import Any
 from uuid import UUID
@@ -16,9 +20,11 @@ from sqlalchemy import (
     Integer,
     and_,
     bindparam,
+    case,
     delete,
     func,
     insert,
+    literal_column,
     or_,
     select,
     true,
@@ -29,7 +35,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql import Executable
 from sqlalchemy.sql.elements import ColumnElement
 
-from app.db.session import Session
+from app.db.session import Session, Writer
 from app.db.tables import idempotency_keys, items
 from app.services.models import Item, ItemFilter, Position, Sort
 
@@ -43,6 +49,8 @@ _ITEM_COLUMNS = (
     items.c.created_at,
     items.c.updated_at,
     items.c.deleted_at,
+    items.c.generated_text,
+    items.c.generation_id,
 )
 _SORT_COLUMNS = {"created_at": items.c.created_at, "name": items.c.name, "price": items.c.price}
 _KEY_COLUMNS = (
@@ -171,6 +179,90 @@ def _count(filter_shape: tuple[bool, ...]) -> Any:
     return build
 
 
+# --- export ------------------------------------------------------------------------------
+
+EXPORT_COLUMNS = (
+    "id",
+    "name",
+    "description",
+    "price",
+    "is_active",
+    "version",
+    "created_at",
+    "updated_at",
+    "deleted_at",
+    "generated_text",
+    "generation_id",
+)
+_TIMESTAMPS = frozenset({"created_at", "updated_at", "deleted_at"})
+_UTC_FORMAT: ColumnElement[str] = literal_column("""'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'""")
+# NDJSON through COPY's CSV mode: a JSON document never contains these control characters
+# raw (JSON escapes them) nor a raw newline, so COPY writes each document verbatim.
+NDJSON_COPY_OPTIONS = {"format": "csv", "delimiter": "\x1e", "quote": "\x1f"}
+CSV_COPY_OPTIONS = {"format": "csv", "header": True}
+
+
+def _export_value(name: str, fmt: str) -> ColumnElement[Any]:
+    column = items.c[name]
+    if name in _TIMESTAMPS:
+        return func.to_char(func.timezone("UTC", column), _UTC_FORMAT)
+    if name == "is_active" and fmt == "csv":  # COPY would write t/f
+        return case((column, literal_column("'true'")), else_=literal_column("'false'"))
+    return column
+
+
+@cache
+def _export(filter_shape: tuple[bool, ...], sort: Sort, fmt: str) -> Any:
+    def build(dialect: str) -> Executable:
+        column = _SORT_COLUMNS[sort.field]
+        order = (column.desc(), items.c.id.desc()) if sort.descending else (column, items.c.id)
+        if dialect != "postgresql":
+            selected: Any = _ITEM_COLUMNS
+        elif fmt == "ndjson":
+            pairs: list[Any] = []
+            for name in EXPORT_COLUMNS:
+                pairs += [literal_column(f"'{name}'"), _export_value(name, fmt)]
+            selected = (func.json_build_object(*pairs),)
+        else:
+            selected = tuple(_export_value(name, fmt).label(name) for name in EXPORT_COLUMNS)
+        conditions = _filter_conditions(filter_shape)
+        return select(*selected).where(and_(true(), *conditions)).order_by(*order)
+
+    return build
+
+
+def _json_value(item: Item, name: str) -> Any:
+    value = getattr(item, name)
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, Decimal):
+        return float(value)
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return str(value)
+
+
+def encode_ndjson(batch: list[Item]) -> bytes:
+    lines = (
+        json.dumps({name: _json_value(item, name) for name in EXPORT_COLUMNS}) for item in batch
+    )
+    return "".join(line + "\n" for line in lines).encode()
+
+
+def encode_csv(batch: list[Item], *, header: bool) -> bytes:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    if header:
+        writer.writerow(EXPORT_COLUMNS)
+    for item in batch:
+        row = []
+        for name in EXPORT_COLUMNS:
+            value = _json_value(item, name)
+            row.append("true" if value is True else "false" if value is False else value)
+        writer.writerow(row)
+    return out.getvalue().encode()
+
+
 def _claim_key(dialect: str) -> Executable:
     """Insert the key, or take over an expired one (ON CONFLICT ... DO UPDATE ... WHERE)."""
     ins = postgresql.insert if dialect == "postgresql" else sqlite.insert
@@ -280,6 +372,36 @@ class ItemRepository:
         filter_shape, params = _filter_params(filters)
         build = _count(filter_shape)
         return int(await self._s.scalar(("count", filter_shape), build, params))
+
+    async def export(
+        self,
+        filters: ItemFilter,
+        sort: Sort,
+        fmt: str,
+        write: Writer,
+        *,
+        max_seconds: float,
+        batch_size: int = 1000,
+    ) -> int:
+        """Every matching item to `write` as NDJSON or CSV, in constant memory."""
+        filter_shape, params = _filter_params(filters)
+        shape = ("export", filter_shape, sort, fmt)
+        build = _export(filter_shape, sort, fmt)
+        if self._s.dialect == "postgresql":
+            options = NDJSON_COPY_OPTIONS if fmt == "ndjson" else CSV_COPY_OPTIONS
+            return await self._s.copy_out(
+                shape, build, params, write, options=options, max_seconds=max_seconds
+            )
+        count = 0
+        if fmt == "csv":
+            await write(encode_csv([], header=True))
+        async for rows in self._s.fetch_batches(shape, build, params, batch_size):
+            batch = [Item(*row) for row in rows]
+            await write(
+                encode_ndjson(batch) if fmt == "ndjson" else encode_csv(batch, header=False)
+            )
+            count += len(batch)
+        return count
 
     # --- idempotency keys ---------------------------------------------------------------
 

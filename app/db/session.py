@@ -9,7 +9,7 @@ embedded development database, runs the same statements through SQLAlchemy."""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -21,6 +21,7 @@ from sqlalchemy.sql import ClauseElement, Executable
 
 Builder = Callable[[str], Executable]  # dialect name -> statement with bind parameters
 Row = Sequence[Any]
+Writer = Callable[[bytes], Awaitable[None]]
 
 _PG_DIALECT: Any = postgresql.asyncpg.dialect()  # type: ignore[no-untyped-call]
 
@@ -91,6 +92,19 @@ class Session(Protocol):
     ) -> list[Row]: ...
     async def scalar(self, shape: Any, build: Builder, params: Mapping[str, Any]) -> Any: ...
     async def execute(self, shape: Any, build: Builder, params: Mapping[str, Any]) -> int: ...
+    async def copy_out(
+        self,
+        shape: Any,
+        build: Builder,
+        params: Mapping[str, Any],
+        write: Writer,
+        *,
+        options: Mapping[str, Any],
+        max_seconds: float,
+    ) -> int: ...
+    def fetch_batches(
+        self, shape: Any, build: Builder, params: Mapping[str, Any], size: int
+    ) -> AsyncIterator[list[Row]]: ...
 
 
 class PostgresSession:
@@ -126,8 +140,39 @@ class PostgresSession:
 
     async def execute(self, shape: Any, build: Builder, params: Mapping[str, Any]) -> int:
         status: str = await self._run("execute", shape, build, params)  # e.g. "DELETE 3"
-        tail = status.rsplit(" ", 1)[-1]
-        return int(tail) if tail.isdigit() else 0
+        return _count(status)
+
+    async def copy_out(
+        self,
+        shape: Any,
+        build: Builder,
+        params: Mapping[str, Any],
+        write: Writer,
+        *,
+        options: Mapping[str, Any],
+        max_seconds: float,
+    ) -> int:
+        """COPY (query) TO STDOUT straight into `write`: rows stream as the server produces
+        them, and a slow `write` slows the server down (no buffering in between). Must run in
+        a transaction (SET LOCAL lifts the statement timeout for this statement only)."""
+        compiled = compiled_for_postgres(shape, build)
+        args = [params[n] if n in params else compiled.fixed[n] for n in compiled.params]
+        await self._conn.execute(f"SET LOCAL statement_timeout = {int(max_seconds * 1000)}")
+        status: str = await self._conn.copy_from_query(
+            compiled.sql, *args, output=write, timeout=max_seconds, **options
+        )
+        return _count(status)
+
+    async def fetch_batches(
+        self, shape: Any, build: Builder, params: Mapping[str, Any], size: int
+    ) -> AsyncIterator[list[Row]]:
+        raise NotImplementedError("PostgreSQL exports use copy_out")
+        yield []  # pragma: no cover - makes this an async generator
+
+
+def _count(status: str) -> int:
+    tail = status.rsplit(" ", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
 
 
 class SqlAlchemySession:
@@ -150,3 +195,23 @@ class SqlAlchemySession:
     async def execute(self, shape: Any, build: Builder, params: Mapping[str, Any]) -> int:
         result = await self._conn.execute(self._stmt(shape, build), dict(params))
         return int(getattr(result, "rowcount", 0) or 0)
+
+    async def copy_out(
+        self,
+        shape: Any,
+        build: Builder,
+        params: Mapping[str, Any],
+        write: Writer,
+        *,
+        options: Mapping[str, Any],
+        max_seconds: float,
+    ) -> int:
+        raise NotImplementedError("COPY is PostgreSQL only; use fetch_batches")
+
+    async def fetch_batches(
+        self, shape: Any, build: Builder, params: Mapping[str, Any], size: int
+    ) -> AsyncIterator[list[Row]]:
+        """Rows in batches from one server-side cursor (constant memory)."""
+        result = await self._conn.stream(self._stmt(shape, build), dict(params))
+        async for partition in result.partitions(size):
+            yield list(partition)

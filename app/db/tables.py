@@ -12,6 +12,8 @@ from sqlalchemy import (
     Column,
     DateTime,
     Dialect,
+    Float,
+    ForeignKey,
     Index,
     Integer,
     MetaData,
@@ -70,6 +72,9 @@ items = Table(
     Column("created_at", UTCDateTime(), nullable=False),
     Column("updated_at", UTCDateTime(), nullable=False),
     Column("deleted_at", UTCDateTime(), nullable=True),
+    # The last completed item-grounded generation (see generations).
+    Column("generated_text", Text(), nullable=True),
+    Column("generation_id", Uuid(), nullable=True),
     CheckConstraint("price >= 0", name="price_non_negative"),
     CheckConstraint("version >= 1", name="version_positive"),
     # Partial: lists hide soft-deleted rows unless asked, so the hot path skips them.
@@ -95,4 +100,49 @@ idempotency_keys = Table(
     Column("resource_id", Uuid(), nullable=True),
     Column("created_at", UTCDateTime(), nullable=False),
     Index("ix_idempotency_keys_created_at", "created_at"),
+)
+
+GENERATION_STATUSES = ("streaming", "completed", "cancelled", "failed")
+
+generations = Table(
+    "generations",
+    metadata,
+    Column("id", Uuid(), primary_key=True),
+    Column("kind", String(16), nullable=False),  # chat | item
+    Column("item_id", Uuid(), ForeignKey("items.id", ondelete="SET NULL"), nullable=True),
+    Column("idempotency_key", String(255), nullable=True),
+    Column("provider", String(32), nullable=False),
+    Column("model", String(200), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("error", Text(), nullable=True),
+    Column("finish_reason", String(32), nullable=True),
+    Column("prompt_tokens", Integer(), nullable=True),
+    Column("completion_tokens", Integer(), nullable=False, server_default="0"),
+    Column("time_to_first_token_seconds", Float(), nullable=True),
+    Column("duration_seconds", Float(), nullable=True),
+    Column("output", Text(), nullable=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("finished_at", UTCDateTime(), nullable=True),
+    CheckConstraint(
+        "status IN ('streaming', 'completed', 'cancelled', 'failed')", name="status_known"
+    ),
+    # One live or completed generation per item and key: a retried request replays it.
+    Index(
+        "uq_generations_item_key",
+        "item_id",
+        "idempotency_key",
+        unique=True,
+        postgresql_where=text(
+            "idempotency_key IS NOT NULL AND status IN ('streaming', 'completed')"
+        ),
+        sqlite_where=text("idempotency_key IS NOT NULL AND status IN ('streaming', 'completed')"),
+    ),
+    # The sweeper looks for streams whose worker died.
+    Index(
+        "ix_generations_streaming_created_at",
+        "created_at",
+        postgresql_where=text("status = 'streaming'"),
+        sqlite_where=text("status = 'streaming'"),
+    ),
+    Index("ix_generations_item_id", "item_id"),
 )

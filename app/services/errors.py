@@ -39,3 +39,27 @@ class InvalidQuery(ServiceError):
     def __init__(self, detail: str, parameter: str) -> None:
         super().__init__(detail)
         self.parameter = parameter
+
+
+class Conflict(ServiceError):
+    """The request conflicts with work in progress (e.g. the same generation is running)."""
+
+
+class InvalidInput(ServiceError):
+    """The body passed schema validation but breaks a deployment limit (e.g. prompt size)."""
+
+    def __init__(self, detail: str, field: str) -> None:
+        super().__init__(detail)
+        self.field = field
+
+
+class Overloaded(ServiceError):
+    """This process is at a capacity limit or shutting down; retry after `retry_after`."""
+
+    def __init__(self, detail: str, retry_after: int = 1) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+
+class StreamLimitExceeded(ServiceError):
+    """A running stream hit the maximum duration."""

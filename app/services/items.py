@@ -10,11 +10,12 @@ from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal
 from uuid import UUID
 
 from app.db.engine import Database
 from app.db.items import ItemRepository
+from app.db.session import Writer
 from app.services.errors import (
     IdempotencyKeyInProgress,
     IdempotencyKeyReused,
@@ -26,6 +27,7 @@ from app.services.errors import (
 from app.services.ids import uuid7
 from app.services.models import Item, ItemFields, ItemFilter, ItemPage, Position, Sort
 
+ExportFormat = Literal["ndjson", "csv"]
 WRITABLE_FIELDS = frozenset({"name", "description", "price", "is_active"})
 
 
@@ -33,6 +35,7 @@ WRITABLE_FIELDS = frozenset({"name", "description", "price", "is_active"})
 class ItemPolicy:
     idempotency_ttl: timedelta = timedelta(hours=24)
     require_if_match: bool = False
+    export_max_seconds: float = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +80,19 @@ class ItemService:
         if stored.response_body is None:
             raise IdempotencyKeyInProgress("a request with this Idempotency-Key is in progress")
         return Created(_from_snapshot(stored.response_body), replayed=True)
+
+    # --- export ---------------------------------------------------------------------------
+
+    async def export(
+        self, filters: ItemFilter, sort: Sort, fmt: ExportFormat, write: Writer
+    ) -> int:
+        """Stream every matching item to `write` (NDJSON or CSV) from one snapshot of the
+        table, in constant memory; returns the number of rows. If `write` raises or the caller
+        is cancelled, the query stops and nothing is left running."""
+        async with self._db.stream() as session:
+            return await ItemRepository(session).export(
+                filters, sort, fmt, write, max_seconds=self._policy.export_max_seconds
+            )
 
     # --- read -----------------------------------------------------------------------------
 

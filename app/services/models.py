@@ -22,6 +22,8 @@ class Item:
     created_at: datetime
     updated_at: datetime
     deleted_at: datetime | None
+    generated_text: str | None = None
+    generation_id: UUID | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,3 +66,26 @@ class ItemPage:
     page: int | None = None
     total: int | None = None
     next_cursor: str | None = None
+
+
+GenerationStatus = Literal["streaming", "completed", "cancelled", "failed"]
+
+
+@dataclass(frozen=True, slots=True)
+class Generation:
+    id: UUID
+    kind: str
+    item_id: UUID | None
+    idempotency_key: str | None
+    provider: str
+    model: str
+    status: GenerationStatus
+    error: str | None
+    finish_reason: str | None
+    prompt_tokens: int | None
+    completion_tokens: int
+    time_to_first_token_seconds: float | None
+    duration_seconds: float | None
+    output: str | None
+    created_at: datetime
+    finished_at: datetime | None

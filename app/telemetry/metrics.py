@@ -51,6 +51,54 @@ class AppMetrics:
             registry=registry,
         )
 
+        self.streams_active = Gauge(
+            "itemstream_streams_active",
+            "Token streams being served (all workers)",
+            multiprocess_mode="livesum",
+            registry=registry,
+        )
+        self.streams = Counter(
+            "itemstream_streams",
+            "Token streams ended, by outcome (completed, cancelled, failed)",
+            ["provider", "outcome"],
+            registry=registry,
+        )
+        self.stream_tokens = Counter(
+            "itemstream_stream_tokens",
+            "Tokens streamed to clients",
+            ["provider"],
+            registry=registry,
+        )
+        self.time_to_first_token = Histogram(
+            "itemstream_stream_time_to_first_token_seconds",
+            "Time from the start of a stream to its first token",
+            ["provider"],
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60),
+            registry=registry,
+        )
+        self.upstream_errors = Counter(
+            "itemstream_upstream_errors",
+            "LLM upstream failures, by kind (rate_limited, timeout, rejected, unavailable)",
+            ["provider", "kind"],
+            registry=registry,
+        )
+
+    # GenerationObserver protocol (app.services.generations)
+    def stream_started(self, provider: str) -> None:
+        self.streams_active.inc()
+
+    def first_token(self, provider: str, seconds: float) -> None:
+        self.time_to_first_token.labels(provider).observe(seconds)
+
+    def stream_finished(self, provider: str, outcome: str, tokens: int) -> None:
+        self.streams_active.dec()
+        self.streams.labels(provider, outcome).inc()
+        if tokens:
+            self.stream_tokens.labels(provider).inc(tokens)
+
+    def upstream_error(self, provider: str, kind: str) -> None:
+        self.upstream_errors.labels(provider, kind).inc()
+
     # DatabaseObserver protocol (app.db.engine)
     def connection_acquired(self, seconds: float) -> None:
         self.db_pool_acquire.observe(seconds)

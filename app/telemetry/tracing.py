@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from contextlib import AbstractContextManager
 
+import httpx
 from fastapi import FastAPI
-from opentelemetry import trace
+from opentelemetry import propagate, trace
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
 from opentelemetry.instrumentation.utils import suppress_instrumentation
@@ -107,3 +109,28 @@ def flush(timeout_millis: int = 5000) -> None:
 def shutdown() -> None:
     if _provider is not None:
         _provider.shutdown()
+
+
+_TRACE_HEADERS = ("traceparent", "tracestate")
+
+
+def outgoing_headers(incoming: Mapping[str, str]) -> dict[str, str]:
+    """W3C trace context for an upstream call: the current span's when tracing is on (the
+    httpx instrumentation re-injects it for its own client span), else the caller's as is."""
+    headers: dict[str, str] = {}
+    if trace.get_current_span().get_span_context().is_valid:
+        propagate.inject(headers)
+        return headers
+    for name in _TRACE_HEADERS:
+        value = incoming.get(name)
+        if value:
+            headers[name] = value
+    return headers
+
+
+def instrument_http_client(client: httpx.AsyncClient) -> None:
+    if _provider is None:
+        return
+    from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+
+    HTTPXClientInstrumentor.instrument_client(client, tracer_provider=_provider)

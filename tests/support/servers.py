@@ -31,6 +31,9 @@ def clean_env(**values: str) -> dict[str, str]:
         "METRICS_",
         "PROMETHEUS_",
         "WEB_CONCURRENCY",
+        "LLM_",
+        "MOCK_",
+        "STREAM_",
     )
     env = {key: value for key, value in os.environ.items() if not key.startswith(prefixes)}
     env.update(values)

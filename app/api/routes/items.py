@@ -6,11 +6,14 @@ from decimal import Decimal
 from typing import Annotated, Literal
 from uuid import UUID
 
-from fastapi import APIRouter, Body, Header, Query, Request, Response, status
+from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response, status
 
 from app.api.deps import IfMatch, ItemServiceDep, ServicesDep, etag
 from app.api.schemas import ItemIn, ItemOut, ItemPageOut, ItemPatch, Problem
+from app.api.streaming import ExportResponse
+from app.db.session import Writer
 from app.services.errors import InvalidQuery
+from app.services.items import ExportFormat
 from app.services.models import ItemFilter, Sort
 
 router = APIRouter(prefix="/v1/items", tags=["items"])
@@ -30,6 +33,31 @@ IdempotencyKey = Annotated[
         description="Makes a retried create return the first response instead of a second item",
     ),
 ]
+
+
+async def _filters(
+    is_active: bool | None = None,
+    min_price: Annotated[Decimal | None, Query(ge=0, max_digits=12, decimal_places=2)] = None,
+    max_price: Annotated[Decimal | None, Query(ge=0, max_digits=12, decimal_places=2)] = None,
+    q: Annotated[
+        str | None, Query(min_length=1, max_length=200, description="in name or description")
+    ] = None,
+    include_deleted: bool = False,
+) -> ItemFilter:
+    return ItemFilter(
+        is_active=is_active,
+        min_price=min_price,
+        max_price=max_price,
+        q=q,
+        include_deleted=include_deleted,
+    )
+
+
+Filters = Annotated[ItemFilter, Depends(_filters)]
+
+
+def _sort(param: SortParam) -> Sort:
+    return Sort(field=param.lstrip("-"), descending=param.startswith("-"))  # type: ignore[arg-type]
 
 
 def _with_etag(response: Response, item: ItemOut) -> ItemOut:
@@ -78,15 +106,11 @@ async def list_items(
     request: Request,
     response: Response,
     services: ServicesDep,
+    filters: Filters,
     page: Annotated[int | None, Query(ge=1, le=1_000_000)] = None,
     per_page: Annotated[int | None, Query(ge=1, description="at most MAX_PAGE_SIZE")] = None,
     cursor: Annotated[str | None, Query(max_length=512)] = None,
-    is_active: bool | None = None,
-    min_price: Annotated[Decimal | None, Query(ge=0, max_digits=12, decimal_places=2)] = None,
-    max_price: Annotated[Decimal | None, Query(ge=0, max_digits=12, decimal_places=2)] = None,
-    q: Annotated[str | None, Query(min_length=1, max_length=200)] = None,
     sort: SortParam = "-created_at",
-    include_deleted: bool = False,
     include_total: Annotated[
         bool, Query(description="also count all matching items (a COUNT over them: costly)")
     ] = False,
@@ -95,16 +119,8 @@ async def list_items(
     size = per_page or settings.default_page_size
     if size > settings.max_page_size:
         raise InvalidQuery(f"per_page must be at most {settings.max_page_size}", "per_page")
-    filters = ItemFilter(
-        is_active=is_active,
-        min_price=min_price,
-        max_price=max_price,
-        q=q,
-        include_deleted=include_deleted,
-    )
-    order = Sort(field=sort.lstrip("-"), descending=sort.startswith("-"))  # type: ignore[arg-type]
     result = await services.items.list(
-        filters, order, per_page=size, page=page, cursor=cursor, include_total=include_total
+        filters, _sort(sort), per_page=size, page=page, cursor=cursor, include_total=include_total
     )
     if result.next_cursor:
         next_url = request.url.remove_query_params(["page", "cursor"]).include_query_params(
@@ -112,6 +128,44 @@ async def list_items(
         )
         response.headers["Link"] = f'<{next_url.path}?{next_url.query}>; rel="next"'
     return ItemPageOut.of(result)
+
+
+EXPORT_TYPES = {"ndjson": "application/x-ndjson", "csv": "text/csv; charset=utf-8"}
+
+
+@router.get(
+    "/export",
+    summary="Export all matching items as NDJSON or CSV",
+    description=(
+        "Every item matching the list filters, streamed from one consistent snapshot in "
+        "constant memory: NDJSON by default, CSV (with a header row) with `format=csv` or "
+        "`Accept: text/csv`. Timestamps are UTC RFC 3339. A transfer that breaks off midway "
+        "is aborted, never silently cut short."
+    ),
+    response_class=ExportResponse,
+    status_code=200,
+    responses={
+        200: {"content": {"application/x-ndjson": {}, "text/csv": {}}},
+        422: PROBLEMS[422],
+        503: PROBLEMS[503],
+    },
+)
+async def export_items(
+    request: Request,
+    items: ItemServiceDep,
+    filters: Filters,
+    sort: SortParam = "-created_at",
+    format: Annotated[ExportFormat | None, Query(description="default: from Accept")] = None,
+) -> ExportResponse:
+    fmt: ExportFormat = format or (
+        "csv" if "text/csv" in request.headers.get("accept", "") else "ndjson"
+    )
+    order = _sort(sort)
+
+    async def produce(write: Writer) -> int:
+        return await items.export(filters, order, fmt, write)
+
+    return ExportResponse(produce, media_type=EXPORT_TYPES[fmt], filename=f"items.{fmt}")
 
 
 @router.get(

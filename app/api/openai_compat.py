@@ -1,0 +1,196 @@
+"""The OpenAI Chat Completions wire format: request and response models, stream chunks, and
+errors shaped as OpenAI sends them (`{"error": {"message", "type", "param", "code"}}`), so
+the official client libraries work against this service unmodified."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Coroutine
+from typing import Any, Literal
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import JSONResponse, Response
+
+from app.api.problems import validation_errors
+from app.api.streaming import error_detail, error_status, sse_event
+from app.db.engine import DatabaseUnavailable
+from app.providers.base import Message, ProviderError
+from app.services import errors
+from app.services.generations import Finished, Run
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[TextPart] | None = None
+
+    def to_message(self) -> Message:
+        content = self.content
+        if isinstance(content, list):
+            content = "".join(part.text for part in content)
+        return Message(self.role, content or "")
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    # Clients send many optional parameters (top_p, user, seed, ...); unknown ones are ignored.
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1, max_length=200)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=512)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    n: int = Field(1, ge=1, le=1, description="only 1 is supported")
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+def completion_id(run: Run) -> str:
+    return f"chatcmpl-{run.id.hex}"
+
+
+def usage(run: Run) -> dict[str, int]:
+    prompt = run.prompt_tokens or 0
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": run.tokens,
+        "total_tokens": prompt + run.tokens,
+    }
+
+
+def completion_body(run: Run, text: str) -> dict[str, Any]:
+    return {
+        "id": completion_id(run),
+        "object": "chat.completion",
+        "created": int(run.created.timestamp()),
+        "model": run.model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": None,
+                "finish_reason": run.finish_reason or "stop",
+            }
+        ],
+        "usage": usage(run),
+    }
+
+
+class ChunkFormat:
+    """`chat.completion.chunk` events ending with `data: [DONE]`."""
+
+    def __init__(self, include_usage: bool) -> None:
+        self.include_usage = include_usage
+
+    def _chunk(self, run: Run, delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+        chunk: dict[str, Any] = {
+            "id": completion_id(run),
+            "object": "chat.completion.chunk",
+            "created": int(run.created.timestamp()),
+            "model": run.model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        }
+        if self.include_usage:
+            chunk["usage"] = None
+        return chunk
+
+    def opening(self, run: Run) -> bytes:
+        return sse_event(self._chunk(run, {"role": "assistant", "content": ""}, None))
+
+    def text(self, run: Run, text: str, index: int) -> bytes:
+        return sse_event(self._chunk(run, {"content": text}, None))
+
+    def closing(self, run: Run, finished: Finished) -> bytes:
+        out = sse_event(self._chunk(run, {}, run.finish_reason or "stop"))
+        if self.include_usage:
+            last = self._chunk(run, {}, None)
+            last["choices"] = []
+            last["usage"] = usage(run)
+            out += sse_event(last)
+        return out + sse_event("[DONE]")
+
+    def failure(self, run: Run, error: Exception) -> bytes:
+        status, _ = error_status(error)
+        return sse_event({"error": error_body(status, error_detail(error))["error"]})
+
+    def error_response(self, error: Exception) -> tuple[int, dict[str, str], bytes, str]:
+        status, headers = error_status(error)
+        body = json.dumps(error_body(status, error_detail(error))).encode()
+        return status, headers, body, "application/json"
+
+
+_TYPES = {
+    400: ("invalid_request_error", None),
+    404: ("invalid_request_error", "not_found"),
+    409: ("invalid_request_error", "conflict"),
+    413: ("invalid_request_error", "request_too_large"),
+    422: ("invalid_request_error", None),
+    429: ("rate_limit_error", "rate_limit_exceeded"),
+    502: ("api_error", "upstream_error"),
+    503: ("api_error", "overloaded"),
+    504: ("api_error", "upstream_timeout"),
+}
+
+
+def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
+    kind, code = _TYPES.get(status, ("api_error", None))
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def openai_error(
+    status: int, message: str, *, param: str | None = None, headers: dict[str, str] | None = None
+) -> Response:
+    return JSONResponse(error_body(status, message, param), status_code=status, headers=headers)
+
+
+class OpenAIRoute(APIRoute):
+    """Routes whose errors use OpenAI's shape instead of problem+json."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except RequestValidationError as exc:
+                detail, items = validation_errors(exc)
+                field = items[0]["field"] if items else None
+                return openai_error(400, detail, param=field or None)
+            except errors.InvalidInput as exc:
+                return openai_error(400, exc.detail, param=exc.field)
+            except errors.Overloaded as exc:
+                return openai_error(503, exc.detail, headers={"Retry-After": str(exc.retry_after)})
+            except errors.NotFound as exc:
+                return openai_error(404, exc.detail)
+            except errors.StreamLimitExceeded as exc:
+                return openai_error(504, exc.detail)
+            except ProviderError as exc:
+                status, headers = error_status(exc)
+                return openai_error(status, exc.detail, headers=headers)
+            except DatabaseUnavailable:
+                return openai_error(
+                    503, "the database is unavailable; retry later", headers={"Retry-After": "2"}
+                )
+
+        return handle

@@ -1,0 +1,151 @@
+"""Item-grounded generation (SSE) and generation records."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from http import HTTPStatus
+from typing import Annotated, Any
+from uuid import UUID
+
+from fastapi import APIRouter, Body, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.api.deps import ServicesDep
+from app.api.problems import PROBLEM_JSON
+from app.api.routes.items import PROBLEMS, IdempotencyKey
+from app.api.schemas import Problem
+from app.api.streaming import EventStreamResponse, error_detail, error_status, sse_event
+from app.services.generations import Finished, Run
+from app.services.models import Generation
+from app.telemetry import tracing
+
+router = APIRouter(prefix="/v1", tags=["generations"])
+
+
+class GenerateIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    instructions: str | None = Field(
+        None, min_length=1, max_length=4000, description="what to write; a description by default"
+    )
+    max_tokens: int | None = Field(None, ge=1)
+
+
+class GenerationOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: UUID
+    kind: str = Field(description="chat or item")
+    item_id: UUID | None
+    provider: str
+    model: str
+    status: str = Field(description="streaming, completed, cancelled or failed")
+    error: str | None
+    finish_reason: str | None
+    prompt_tokens: int | None
+    completion_tokens: int
+    time_to_first_token_seconds: float | None
+    duration_seconds: float | None
+    output: str | None
+    created_at: datetime
+    finished_at: datetime | None
+
+    @classmethod
+    def of(cls, generation: Generation) -> GenerationOut:
+        return cls.model_validate(generation)
+
+
+class ItemEventFormat:
+    """`generation`, then `token` events (with ids), then `done` or `error`."""
+
+    def opening(self, run: Run) -> bytes:
+        return sse_event(
+            {"generation_id": str(run.id), "model": run.model, "replayed": run.replayed},
+            event="generation",
+        )
+
+    def text(self, run: Run, text: str, index: int) -> bytes:
+        return sse_event({"text": text}, event="token", event_id=str(index + 1))
+
+    def closing(self, run: Run, finished: Finished) -> bytes:
+        generation = finished.generation
+        return sse_event(
+            {
+                "generation_id": str(generation.id),
+                "status": generation.status,
+                "completion_tokens": generation.completion_tokens,
+                "finish_reason": generation.finish_reason,
+                "item_version": finished.item_version,
+                "replayed": run.replayed,
+            },
+            event="done",
+        )
+
+    def failure(self, run: Run, error: Exception) -> bytes:
+        status, _ = error_status(error)
+        return sse_event(_problem(status, error), event="error")
+
+    def error_response(self, error: Exception) -> tuple[int, dict[str, str], bytes, str]:
+        status, headers = error_status(error)
+        return status, headers, json.dumps(_problem(status, error)).encode(), PROBLEM_JSON
+
+
+def _problem(status: int, error: Exception) -> dict[str, Any]:
+    return {
+        "type": "about:blank",
+        "title": HTTPStatus(status).phrase,
+        "status": status,
+        "detail": error_detail(error),
+    }
+
+
+@router.post(
+    "/items/{item_id}/generate",
+    summary="Stream a generated text about an item (SSE)",
+    description=(
+        "Streams `generation`, `token` (with event ids) and a final `done` event; on "
+        "completion the text is stored on the item (`generated_text`, version + 1) exactly "
+        "once. With an `Idempotency-Key`, repeating the request replays the completed "
+        "generation instead of generating again (409 while it still runs). An upstream failure "
+        "before the first token gets a real status (429, 502, 504); after it, an `error` event."
+    ),
+    response_class=EventStreamResponse,
+    status_code=200,
+    responses={
+        200: {"content": {"text/event-stream": {}}},
+        **{code: PROBLEMS.get(code, {"model": Problem}) for code in (404, 409, 422, 503)},
+    },
+)
+async def generate_for_item(
+    item_id: UUID,
+    request: Request,
+    services: ServicesDep,
+    body: Annotated[GenerateIn | None, Body()] = None,
+    idempotency_key: IdempotencyKey = None,
+) -> EventStreamResponse:
+    body = body or GenerateIn()
+    run = await services.generations.start_for_item(
+        item_id,
+        instructions=body.instructions,
+        max_tokens=body.max_tokens,
+        idempotency_key=idempotency_key,
+        headers=tracing.outgoing_headers(request.headers),
+    )
+    return EventStreamResponse(
+        run,
+        ItemEventFormat(),
+        heartbeat_seconds=services.settings.stream_heartbeat_seconds,
+        drain_seconds=services.settings.stream_drain_seconds,
+        lifecycle=services.lifecycle,
+        headers={"Location": f"/v1/generations/{run.id}"},
+    )
+
+
+@router.get(
+    "/generations/{generation_id}",
+    summary="A recorded generation: outcome, tokens, timings and text",
+    responses={404: PROBLEMS[404], 503: PROBLEMS[503]},
+)
+async def get_generation(generation_id: UUID, services: ServicesDep) -> GenerationOut:
+    return GenerationOut.of(await services.generations.get(generation_id))

@@ -1,0 +1,142 @@
+"""All SQL for generations, and for storing a completed generation on its item."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from sqlalchemy import bindparam, insert, literal_column, select, update
+from sqlalchemy.sql import Executable
+
+from app.db.session import Session
+from app.db.tables import generations, items
+from app.services.models import Generation
+
+_COLUMNS = (
+    generations.c.id,
+    generations.c.kind,
+    generations.c.item_id,
+    generations.c.idempotency_key,
+    generations.c.provider,
+    generations.c.model,
+    generations.c.status,
+    generations.c.error,
+    generations.c.finish_reason,
+    generations.c.prompt_tokens,
+    generations.c.completion_tokens,
+    generations.c.time_to_first_token_seconds,
+    generations.c.duration_seconds,
+    generations.c.output,
+    generations.c.created_at,
+    generations.c.finished_at,
+)
+_INSERTED = ("id", "kind", "item_id", "idempotency_key", "provider", "model", "status")
+_FINISHED = (
+    "status",
+    "error",
+    "finish_reason",
+    "prompt_tokens",
+    "completion_tokens",
+    "time_to_first_token_seconds",
+    "duration_seconds",
+    "output",
+    "finished_at",
+)
+
+
+def _insert(dialect: str) -> Executable:
+    values: dict[str, Any] = {name: bindparam(f"g_{name}") for name in _INSERTED}
+    values["created_at"] = bindparam("g_created_at", type_=generations.c.created_at.type)
+    return insert(generations).values(values)
+
+
+def _get(dialect: str) -> Executable:
+    return select(*_COLUMNS).where(generations.c.id == bindparam("g_id"))
+
+
+def _find_live_by_key(dialect: str) -> Executable:
+    return select(*_COLUMNS).where(
+        generations.c.item_id == bindparam("g_item_id"),
+        generations.c.idempotency_key == bindparam("g_key"),
+        # Literal values: an expanding IN list would need render-time compilation.
+        generations.c.status.in_([literal_column("'streaming'"), literal_column("'completed'")]),
+    )
+
+
+def _finish(dialect: str) -> Executable:
+    # Only a streaming row moves: the one transition that can apply a result, exactly once.
+    return (
+        update(generations)
+        .where(generations.c.id == bindparam("g_id"), generations.c.status == "streaming")
+        .values(
+            {name: bindparam(f"g_{name}", type_=generations.c[name].type) for name in _FINISHED}
+        )
+        .returning(generations.c.id)
+    )
+
+
+def _store_on_item(dialect: str) -> Executable:
+    return (
+        update(items)
+        .where(items.c.id == bindparam("i_id"), items.c.deleted_at.is_(None))
+        .values(
+            generated_text=bindparam("i_text"),
+            generation_id=bindparam("i_generation_id"),
+            updated_at=bindparam("i_now", type_=items.c.updated_at.type),
+            version=items.c.version + 1,
+        )
+        .returning(items.c.version)
+    )
+
+
+def _abandon(dialect: str) -> Executable:
+    return (
+        update(generations)
+        .where(
+            generations.c.status == "streaming",
+            generations.c.created_at < bindparam("g_before", type_=generations.c.created_at.type),
+        )
+        .values(
+            status="failed",
+            error="abandoned: the serving process stopped before the stream ended",
+            finished_at=bindparam("g_now", type_=generations.c.finished_at.type),
+        )
+    )
+
+
+class GenerationRepository:
+    def __init__(self, session: Session) -> None:
+        self._s = session
+
+    async def insert(self, values: Mapping[str, Any]) -> None:
+        params = {f"g_{name}": values[name] for name in (*_INSERTED, "created_at")}
+        await self._s.execute("insert_generation", _insert, params)
+
+    async def get(self, generation_id: UUID) -> Generation | None:
+        row = await self._s.fetch_one("get_generation", _get, {"g_id": generation_id})
+        return None if row is None else Generation(*row)
+
+    async def find_live_by_key(self, item_id: UUID, key: str) -> Generation | None:
+        params = {"g_item_id": item_id, "g_key": key}
+        row = await self._s.fetch_one("find_generation_by_key", _find_live_by_key, params)
+        return None if row is None else Generation(*row)
+
+    async def finish(self, generation_id: UUID, values: Mapping[str, Any]) -> bool:
+        """False when the generation was no longer streaming (already finished or swept)."""
+        params = {f"g_{name}": values.get(name) for name in _FINISHED}
+        params["g_id"] = generation_id
+        return await self._s.fetch_one("finish_generation", _finish, params) is not None
+
+    async def store_on_item(
+        self, item_id: UUID, text: str, generation_id: UUID, now: datetime
+    ) -> int | None:
+        """The item's new version, or None when it is gone or soft-deleted."""
+        params = {"i_id": item_id, "i_text": text, "i_generation_id": generation_id, "i_now": now}
+        row = await self._s.fetch_one("store_generation_on_item", _store_on_item, params)
+        return None if row is None else int(row[0])
+
+    async def abandon_stale(self, started_before: datetime, now: datetime) -> int:
+        params = {"g_before": started_before, "g_now": now}
+        return await self._s.execute("abandon_generations", _abandon, params)

@@ -1,0 +1,475 @@
+"""Generations: run a provider stream, count what it produced, and record the outcome.
+
+A `GenerationRun` is driven by whoever sends the tokens (the HTTP layer) and ends with exactly
+one `finish()`, whatever happened: completed, cancelled (client gone), or failed (upstream
+error, limit, shutdown). The row is inserted before the first upstream byte, so a worker that
+dies mid-stream leaves a `streaming` row that the sweeper marks failed later."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncGenerator, Mapping
+from contextlib import nullcontext
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Literal, Protocol
+from uuid import UUID
+
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+
+from app.db.engine import Database
+from app.db.generations import GenerationRepository
+from app.db.items import ItemRepository
+from app.lifecycle import Lifecycle
+from app.providers.base import Chunk, CompletionRequest, Message, Provider, ProviderError
+from app.services.errors import (
+    Conflict,
+    InvalidInput,
+    NotFound,
+    Overloaded,
+    StreamLimitExceeded,
+)
+from app.services.ids import uuid7
+from app.services.models import Generation, Item
+
+log = logging.getLogger(__name__)
+_tracer = trace.get_tracer("app.generations")
+
+Outcome = Literal["completed", "cancelled", "failed"]
+
+
+@dataclass(frozen=True, slots=True)
+class StreamLimits:
+    max_concurrent: int = 1000  # per worker process
+    max_seconds: float = 300.0
+    max_tokens: int = 4096
+    max_prompt_chars: int = 32_000
+
+
+class GenerationObserver(Protocol):
+    """What the telemetry layer wants to know about streams (implemented by AppMetrics)."""
+
+    def stream_started(self, provider: str) -> None: ...
+    def first_token(self, provider: str, seconds: float) -> None: ...
+    def stream_finished(self, provider: str, outcome: Outcome, tokens: int) -> None: ...
+    def upstream_error(self, provider: str, kind: str) -> None: ...
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(slots=True)
+class Finished:
+    generation: Generation
+    item_version: int | None = None  # the item's version after the text was stored
+
+
+class GenerationRun:
+    """One stream. Iterate for chunks with text; `finish()` records the outcome once."""
+
+    def __init__(
+        self,
+        service: GenerationService,
+        generation_id: UUID,
+        request: CompletionRequest,
+        *,
+        kind: str,
+        item_id: UUID | None,
+        idempotency_key: str | None,
+        created_at: datetime,
+    ) -> None:
+        self.id = generation_id
+        self.model = request.model
+        self.created = created_at
+        self.kind = kind
+        self.item_id = item_id
+        self.idempotency_key = idempotency_key
+        self.replayed = False
+        self._service = service
+        self._request = request
+        self._chunks: AsyncGenerator[Chunk, None] | None = None
+        self._started = time.monotonic()
+        self.deadline = self._started + service.limits.max_seconds
+        self._ttft: float | None = None
+        self._parts: list[str] = []
+        self.tokens = 0
+        self.prompt_tokens: int | None = None
+        self.finish_reason: str | None = None
+        self._finishing: asyncio.Future[Finished] | None = None
+        self._span: Span | None = None
+        if trace.get_current_span().is_recording():
+            self._span = _tracer.start_span(
+                f"chat {request.model}",
+                kind=SpanKind.CLIENT,
+                attributes={
+                    "gen_ai.operation.name": "chat",
+                    "gen_ai.provider.name": service.provider.name,
+                    "gen_ai.request.model": request.model,
+                    "gen_ai.request.max_tokens": request.max_tokens,
+                    "itemstream.generation.id": str(generation_id),
+                },
+            )
+
+    @property
+    def provider(self) -> str:
+        return self._service.provider.name
+
+    @property
+    def text(self) -> str:
+        return "".join(self._parts)
+
+    def __aiter__(self) -> GenerationRun:
+        return self
+
+    async def __anext__(self) -> str:
+        """The next piece of text. Raises ProviderError when the upstream fails."""
+        if self._chunks is None:
+            self._chunks = self._service.provider.stream(self._request)
+        while True:
+            if self.tokens >= self._request.max_tokens:
+                self.finish_reason = self.finish_reason or "length"
+                raise StopAsyncIteration
+            with trace.use_span(self._span) if self._span else nullcontext():
+                try:
+                    chunk = await self._chunks.__anext__()
+                except ProviderError as error:
+                    self._service.observe_upstream_error(error)
+                    raise
+            if chunk.usage is not None:
+                self.prompt_tokens = chunk.usage.prompt_tokens
+            if chunk.finish_reason is not None:
+                self.finish_reason = chunk.finish_reason
+            if chunk.text:
+                if self._ttft is None:
+                    self._ttft = time.monotonic() - self._started
+                    self._service.observe_first_token(self._ttft)
+                    if self._span is not None:
+                        self._span.add_event("gen_ai.first_token", {"seconds": self._ttft})
+                self.tokens += 1
+                self._parts.append(chunk.text)
+                return chunk.text
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        return self._ttft
+
+    async def finish(self, outcome: Outcome, error: str | None = None) -> Finished:
+        """Record the outcome and release the stream slot. The first call decides the outcome
+        and runs to the end even if its caller is cancelled; later calls wait for it. Raises
+        DatabaseUnavailable when the row cannot be written (the sweeper fails it later)."""
+        if self._finishing is None:
+            self._finishing = asyncio.ensure_future(self._finish(outcome, error))
+        return await asyncio.shield(self._finishing)
+
+    async def _finish(self, outcome: Outcome, error: str | None) -> Finished:
+        chunks, self._chunks = self._chunks, None
+        duration = time.monotonic() - self._started
+        try:
+            if chunks is not None:
+                await chunks.aclose()  # closes the upstream connection if still open
+            return await self._service.record(self, outcome, error, duration)
+        finally:
+            if self._span is not None:
+                self._end_span(outcome, error)
+            self._service.release(self, outcome)
+
+    def _end_span(self, outcome: Outcome, error: str | None) -> None:
+        assert self._span is not None
+        span, self._span = self._span, None
+        span.set_attribute("gen_ai.usage.output_tokens", self.tokens)
+        span.set_attribute("itemstream.generation.outcome", outcome)
+        if self.finish_reason:
+            span.set_attribute("gen_ai.response.finish_reasons", [self.finish_reason])
+        if outcome == "failed":
+            span.set_status(Status(StatusCode.ERROR, error))
+        span.end()
+
+
+class ReplayedRun:
+    """A completed generation asked for again (same item and Idempotency-Key): its stored
+    text, with no upstream call and nothing written."""
+
+    replayed = True
+
+    def __init__(self, generation: Generation, max_seconds: float) -> None:
+        self.id = generation.id
+        self.model = generation.model
+        self.created = generation.created_at
+        self.provider = generation.provider
+        self.tokens = generation.completion_tokens
+        self.prompt_tokens = generation.prompt_tokens
+        self.finish_reason = generation.finish_reason
+        self.deadline = time.monotonic() + max_seconds
+        self._pending = [generation.output or ""]
+        self._finished = Finished(generation)
+
+    def __aiter__(self) -> ReplayedRun:
+        return self
+
+    async def __anext__(self) -> str:
+        if self._pending:
+            return self._pending.pop()
+        raise StopAsyncIteration
+
+    async def finish(self, outcome: Outcome, error: str | None = None) -> Finished:
+        return self._finished
+
+
+class Run(Protocol):
+    """What the sender of a stream sees: a live generation or a replayed one."""
+
+    id: UUID
+    model: str
+    created: datetime
+    replayed: bool
+    tokens: int
+    prompt_tokens: int | None
+    finish_reason: str | None
+    deadline: float  # time.monotonic() after which the stream must end
+
+    def __aiter__(self) -> Run: ...
+    async def __anext__(self) -> str: ...
+    async def finish(self, outcome: Outcome, error: str | None = None) -> Finished: ...
+
+
+class GenerationService:
+    def __init__(
+        self,
+        db: Database,
+        provider: Provider,
+        *,
+        model: str,
+        limits: StreamLimits | None = None,
+        lifecycle: Lifecycle | None = None,
+        observer: GenerationObserver | None = None,
+    ) -> None:
+        self._db = db
+        self.provider = provider
+        self.default_model = model
+        self.limits = limits or StreamLimits()
+        self._lifecycle = lifecycle
+        self._observer = observer
+        self._active = 0
+
+    @property
+    def active_streams(self) -> int:
+        return self._active
+
+    # --- starting -------------------------------------------------------------------------
+
+    async def start_chat(
+        self,
+        messages: tuple[Message, ...],
+        *,
+        model: str | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> GenerationRun:
+        request = self._request(messages, model, max_tokens, temperature, headers)
+        return await self._start(request, kind="chat", item_id=None, idempotency_key=None)
+
+    async def start_for_item(
+        self,
+        item_id: UUID,
+        *,
+        instructions: str | None = None,
+        max_tokens: int | None = None,
+        idempotency_key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Run:
+        """Stream a text about the item; on completion it is stored on the item, once. With a
+        key, a repeated request replays the completed generation (409 while it runs)."""
+        async with self._db.read() as session:
+            item = await ItemRepository(session).get(item_id)
+            existing = None
+            if item is not None and idempotency_key is not None:
+                existing = await GenerationRepository(session).find_live_by_key(
+                    item_id, idempotency_key
+                )
+        if item is None:
+            raise NotFound(f"item {item_id} not found")
+        if existing is not None:
+            if existing.status == "completed":
+                return ReplayedRun(existing, self.limits.max_seconds)
+            raise Conflict(f"generation {existing.id} for this Idempotency-Key is still running")
+        request = self._request(_item_prompt(item, instructions), None, max_tokens, None, headers)
+        return await self._start(
+            request, kind="item", item_id=item_id, idempotency_key=idempotency_key
+        )
+
+    def _request(
+        self,
+        messages: tuple[Message, ...],
+        model: str | None,
+        max_tokens: int | None,
+        temperature: float | None,
+        headers: Mapping[str, str] | None,
+    ) -> CompletionRequest:
+        limit = self.limits.max_tokens
+        if max_tokens is not None and max_tokens > limit:
+            raise InvalidInput(f"max_tokens must be at most {limit}", "max_tokens")
+        request = CompletionRequest(
+            model=model or self.default_model,
+            messages=messages,
+            max_tokens=max_tokens or limit,
+            temperature=temperature,
+            headers=dict(headers or {}),
+        )
+        if request.prompt_chars > self.limits.max_prompt_chars:
+            raise InvalidInput(
+                f"the prompt has {request.prompt_chars} characters; the limit is "
+                f"{self.limits.max_prompt_chars}",
+                "messages",
+            )
+        return request
+
+    async def _start(
+        self,
+        request: CompletionRequest,
+        *,
+        kind: str,
+        item_id: UUID | None,
+        idempotency_key: str | None,
+    ) -> GenerationRun:
+        if self._lifecycle is not None and self._lifecycle.shutting_down:
+            raise Overloaded("this instance is shutting down; retry on another", retry_after=1)
+        if self._active >= self.limits.max_concurrent:
+            raise Overloaded(
+                f"this instance is serving its maximum of {self.limits.max_concurrent} streams",
+                retry_after=1,
+            )
+        self._active += 1  # before the first await: admission is atomic within the worker
+        try:
+            generation_id = uuid7()
+            now = _now()
+            values = {
+                "id": generation_id,
+                "kind": kind,
+                "item_id": item_id,
+                "idempotency_key": idempotency_key,
+                "provider": self.provider.name,
+                "model": request.model,
+                "status": "streaming",
+                "created_at": now,
+            }
+            async with self._db.transaction() as session:
+                await GenerationRepository(session).insert(values)
+        except BaseException as error:
+            self._active -= 1
+            if _is_unique_violation(error):
+                raise Conflict("a generation for this Idempotency-Key is already running") from None
+            raise
+        if self._observer is not None:
+            self._observer.stream_started(self.provider.name)
+        return GenerationRun(
+            self,
+            generation_id,
+            request,
+            kind=kind,
+            item_id=item_id,
+            idempotency_key=idempotency_key,
+            created_at=now,
+        )
+
+    # --- called by runs -------------------------------------------------------------------
+
+    async def record(
+        self, run: GenerationRun, outcome: Outcome, error: str | None, duration: float
+    ) -> Finished:
+        now = _now()
+        values = {
+            "status": outcome,
+            "error": error,
+            "finish_reason": run.finish_reason if outcome == "completed" else None,
+            "prompt_tokens": run.prompt_tokens,
+            "completion_tokens": run.tokens,
+            "time_to_first_token_seconds": run.time_to_first_token,
+            "duration_seconds": duration,
+            "output": run.text,
+            "finished_at": now,
+        }
+        item_version = None
+        async with self._db.transaction() as session:
+            repo = GenerationRepository(session)
+            moved = await repo.finish(run.id, values)
+            if moved and outcome == "completed" and run.item_id is not None:
+                item_version = await repo.store_on_item(run.item_id, run.text, run.id, now)
+            generation = await repo.get(run.id)
+        assert generation is not None
+        return Finished(generation, item_version)
+
+    def release(self, run: GenerationRun, outcome: Outcome) -> None:
+        self._active -= 1
+        if self._observer is not None:
+            self._observer.stream_finished(self.provider.name, outcome, run.tokens)
+
+    def observe_first_token(self, seconds: float) -> None:
+        if self._observer is not None:
+            self._observer.first_token(self.provider.name, seconds)
+
+    def observe_upstream_error(self, error: ProviderError) -> None:
+        if self._observer is not None:
+            self._observer.upstream_error(self.provider.name, error.kind)
+
+    async def collect(self, run: GenerationRun) -> str:
+        """Run a generation to its end without streaming (non-streaming chat completions)."""
+        outcome: Outcome = "cancelled"
+        error: str | None = "the request was cancelled"
+        try:
+            async with asyncio.timeout(max(0.0, run.deadline - time.monotonic())):
+                async for _ in run:
+                    pass
+            outcome, error = "completed", None
+        except TimeoutError:
+            outcome, error = "failed", "the generation reached its maximum duration"
+            raise StreamLimitExceeded(error) from None
+        except ProviderError as failure:
+            outcome, error = "failed", failure.detail
+            raise
+        finally:
+            await run.finish(outcome, error)
+        return run.text
+
+    # --- reading and housekeeping ---------------------------------------------------------
+
+    async def get(self, generation_id: UUID) -> Generation:
+        async with self._db.read() as session:
+            generation = await GenerationRepository(session).get(generation_id)
+        if generation is None:
+            raise NotFound(f"generation {generation_id} not found")
+        return generation
+
+    async def sweep_abandoned(self) -> int:
+        """Mark streams failed whose process died: older than the longest possible stream."""
+        now = _now()
+        cutoff = now - timedelta(seconds=self.limits.max_seconds + 60)
+        async with self._db.transaction() as session:
+            return await GenerationRepository(session).abandon_stale(cutoff, now)
+
+
+def _item_prompt(item: Item, instructions: str | None) -> tuple[Message, ...]:
+    facts = [f"Name: {item.name}", f"Price: {item.price}"]
+    if item.description:
+        facts.append(f"Current description: {item.description}")
+    task = instructions or "Write a short, factual product description for this item."
+    return (
+        Message("system", "You write concise product copy. Use only the facts given."),
+        Message("user", task + "\n\n" + "\n".join(facts)),
+    )
+
+
+def _is_unique_violation(error: BaseException) -> bool:
+    seen: object = error
+    for _ in range(4):  # the driver error, SQLAlchemy's wrapper, and their causes
+        if not isinstance(seen, BaseException):
+            return False
+        sqlstate = getattr(seen, "sqlstate", None) or getattr(seen, "pgcode", None)
+        if sqlstate == "23505" or "UNIQUE constraint failed" in str(seen):
+            return True
+        seen = getattr(seen, "orig", None) or seen.__cause__
+    return False
