@@ -24,18 +24,28 @@ COPY alembic ./alembic
 COPY app ./app
 RUN uv sync --frozen --no-dev
 
-# --- runtime: the venv and the code, nothing else -------------------------------------------
-FROM ${PYTHON_IMAGE} AS runtime
+# --- base: the venv and the code, nothing else ----------------------------------------------
+FROM ${PYTHON_IMAGE} AS base
 ENV PATH=/app/.venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HOME=/tmp \
     HOST=0.0.0.0 \
-    PORT=8000 \
-    ENVIRONMENT=production
+    PORT=8000
 WORKDIR /app
 COPY --from=builder --chown=0:0 /app /app
-USER 10001:10001
 EXPOSE 8000
 ENTRYPOINT ["itemstream"]
+
+# --- dev: the skaffold loop. Synced *.py files land in /app/app and uvicorn reloads ---------
+FROM base AS dev
+RUN chown -R 10001:10001 /app/app
+USER 10001:10001
+ENV ENVIRONMENT=development
+CMD ["serve", "--reload"]
+
+# --- runtime (the default target): read-only code, production settings ----------------------
+FROM base AS runtime
+ENV ENVIRONMENT=production
+USER 10001:10001
 CMD ["serve"]

@@ -57,6 +57,24 @@ def cmd_wait(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_metrics_beside_reloader(settings: Settings) -> None:
+    """`serve --reload` (the dev loop) has no gunicorn master: serve METRICS_PORT from the
+    reloader process instead, reading the app process's multiprocess files."""
+    if not (settings.metrics_enabled and settings.metrics_port):
+        return
+    import tempfile
+
+    from prometheus_client import start_http_server
+
+    from app.telemetry.metrics import prepare_multiprocess_dir, scrape_registry
+
+    directory = os.environ.setdefault(
+        "PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="itemstream-metrics-")
+    )
+    prepare_multiprocess_dir(directory)
+    start_http_server(settings.metrics_port, settings.host, registry=scrape_registry())
+
+
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     migrate_first = settings.is_sqlite if args.migrate is None else args.migrate
     if migrate_first and cmd_migrate(settings, argparse.Namespace(revision="head")) != 0:
@@ -69,6 +87,8 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         os.environ["WEB_CONCURRENCY"] = str(args.workers)
     if args.reload:
         import uvicorn
+
+        _serve_metrics_beside_reloader(settings)
 
         uvicorn.run(
             "app.main:create_app",

@@ -64,3 +64,20 @@ if [ -z "${HELM:-}" ]; then
     say "could not install helm; the chart tests will say so"
   fi
 fi
+
+# The alert rules are checked with promtool. Debian's prometheus package ships it; only the
+# binary is unpacked (installing the package would also start a Prometheus server).
+if ! command -v promtool >/dev/null 2>&1; then
+  cache="${XDG_CACHE_HOME:-$HOME/.cache}/itemstream/promtool"
+  if [ ! -x "$cache/usr/bin/promtool" ] && command -v apt-get >/dev/null 2>&1; then
+    say "unpacking promtool from Debian's prometheus package"
+    work=$(mktemp -d)
+    if (cd "$work" && apt-get download prometheus >/dev/null 2>&1); then
+      mkdir -p "$cache" && dpkg-deb -x "$work"/prometheus_*.deb "$cache"
+    else
+      say "could not download the prometheus package; the promtool test will say so"
+    fi
+    rm -rf "$work"
+  fi
+  if [ -x "$cache/usr/bin/promtool" ]; then export PATH="$cache/usr/bin:$PATH"; fi
+fi

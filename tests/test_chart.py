@@ -242,6 +242,15 @@ def test_every_value_is_documented_in_the_chart_readme() -> None:
 
     import yaml
 
+    for script in ("scripts/chart_readme.py", "scripts/chart_schema.py"):
+        fresh = subprocess.run(
+            [sys.executable, script, "--check"],
+            cwd=CHART.parent,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert fresh.returncode == 0, fresh.stderr
     check = subprocess.run(
         [sys.executable, "scripts/chart_readme.py", "--check"],
         cwd=CHART.parent,

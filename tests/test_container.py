@@ -149,3 +149,41 @@ def test_image_refuses_to_start_without_a_real_database(image: tuple[str, str]) 
     )
     assert done.returncode == 2
     assert "SQLite database is for development only" in done.stderr
+
+
+def test_dev_target_for_the_skaffold_loop(image: tuple[str, str]) -> None:
+    """The `dev` target runs `serve --reload` as the same non-root user, with /app/app
+    writable for skaffold's file sync; the default target stays the runtime image."""
+    tool, _ = image
+    dev = f"{IMAGE}-dev"
+    build = subprocess.run(
+        [tool, "build", "--network", "host", "--target", "dev", "-t", dev, str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    try:
+        config = json.loads(
+            subprocess.run(
+                [tool, "image", "inspect", dev], capture_output=True, text=True, check=True
+            ).stdout
+        )[0]["Config"]
+        assert config["User"] == "10001:10001"
+        assert config["Cmd"] == ["serve", "--reload"]
+        owner = subprocess.run(
+            [tool, "run", "--rm", "--entrypoint", "stat", dev, "-c", "%u", "/app/app"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        assert owner == "10001"
+        runtime = json.loads(
+            subprocess.run(
+                [tool, "image", "inspect", IMAGE], capture_output=True, text=True, check=True
+            ).stdout
+        )[0]["Config"]
+        assert runtime["Cmd"] == ["serve"]
+        assert "ENVIRONMENT=production" in runtime["Env"]
+    finally:
+        subprocess.run([tool, "rmi", "-f", dev], capture_output=True, check=False)

@@ -120,12 +120,17 @@ def test_metrics_are_exact_across_workers_and_survive_a_dead_worker(
         assert asyncio.run(hammer(server.base, [path] * second)) == [200] * second
         text = scrape()
         assert metric_sum(text, "http_requests_total", **labels) == first + second
-        # The gauge drops just after the response went out: give the worker a moment.
-        assert wait_until(
-            lambda: metric_sum(scrape(), "itemstream_http_requests_in_flight") == 0, 5
-        )
         assert metric_sum(text, "itemstream_db_pool_acquire_seconds_count") >= first + second
-        assert metric_sum(text, "itemstream_db_pool_checked_out_connections") == 0  # at rest
+
+        # At rest both gauges return to 0 (they drop just after the last responses went out).
+        def at_rest() -> bool:
+            now = scrape()
+            return (
+                metric_sum(now, "itemstream_http_requests_in_flight") == 0
+                and metric_sum(now, "itemstream_db_pool_checked_out_connections") == 0
+            )
+
+        assert wait_until(at_rest, 5), scrape()
         # No stale per-pid gauge of the dead worker.
         assert f'pid="{victim}"' not in text
 

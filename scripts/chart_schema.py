@@ -1,0 +1,168 @@
+"""Generate chart/values.schema.json from values.yaml: types inferred from the defaults, then
+the constraints a type cannot say (enums, ranges, patterns, cross-field rules).
+
+    uv run python scripts/chart_schema.py          # rewrite the schema
+    uv run python scripts/chart_schema.py --check  # exit 1 when it is out of date
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CHART = Path(__file__).resolve().parents[1] / "chart"
+# Passed through to Kubernetes objects as they are: any keys allowed.
+OPEN = {
+    "commonLabels", "podAnnotations", "podLabels", "nodeSelector", "affinity", "annotations",
+    "labels", "extraSettings", "customStartupProbe", "customLivenessProbe",
+    "customReadinessProbe", "behavior", "resources", "podSecurityContext",
+    "containerSecurityContext", "securityContext",
+}  # fmt: skip
+
+
+def infer(value: Any, key: str = "") -> dict[str, Any]:
+    if key in OPEN:
+        return {"type": "object"}
+    if isinstance(value, bool):
+        return {"type": "boolean"}
+    if isinstance(value, int):
+        return {"type": "integer"}
+    if isinstance(value, float):
+        return {"type": "number"}
+    if isinstance(value, str):
+        return {"type": "string"}
+    if value is None:
+        return {"type": ["integer", "null"]}
+    if isinstance(value, list):
+        return {"type": "array"}
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {k: infer(v, k) for k, v in value.items()},
+    }
+
+
+def port(node: dict[str, Any]) -> None:
+    node.update(minimum=1, maximum=65535)
+
+
+def schema() -> dict[str, Any]:
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    out = infer(values)
+    p = out["properties"]
+    p["global"]["additionalProperties"] = True  # parent charts pass their own globals
+    p["environment"]["enum"] = ["development", "test", "production"]
+    p["logLevel"]["enum"] = ["DEBUG", "INFO", "WARNING", "ERROR"]
+    p["replicaCount"]["minimum"] = 1
+    p["args"]["items"] = {"type": "string"}
+    p["gunicorn"]["properties"]["workers"] = {
+        "type": ["integer", "null"],
+        "minimum": 1,
+        "maximum": 64,
+    }
+    p["gunicorn"]["properties"]["gracefulTimeout"]["minimum"] = 6
+    p["terminationGracePeriodSeconds"]["minimum"] = 1
+    p["llm"]["properties"]["provider"]["enum"] = ["mock", "openai"]
+    p["tracing"]["properties"]["protocol"]["enum"] = ["http/protobuf"]
+    p["tracing"]["properties"]["samplerArg"] = {"type": ["string", "number"]}
+    p["migrations"]["properties"]["mode"]["enum"] = ["hook", "job", "initContainer", "none"]
+    p["pgbouncer"]["properties"]["appMode"]["enum"] = ["pgbouncer", "pgbouncer-legacy"]
+    p["externalDatabase"]["properties"]["sslmode"]["enum"] = [
+        "disable", "prefer", "require", "verify-ca", "verify-full",
+    ]  # fmt: skip
+    p["service"]["properties"]["nodePort"] = {
+        "type": ["integer", "null"],
+        "minimum": 30000,
+        "maximum": 32767,
+    }
+    p["service"]["properties"]["type"]["enum"] = ["ClusterIP", "NodePort", "LoadBalancer"]
+    p["image"]["properties"]["pullPolicy"]["enum"] = ["Always", "IfNotPresent", "Never"]
+    p["image"]["properties"]["digest"]["pattern"] = "^(sha256:[a-f0-9]{64})?$"
+    for node in (
+        p["containerPort"],
+        p["metrics"]["properties"]["port"],
+        p["service"]["properties"]["port"],
+        p["pgbouncer"]["properties"]["port"],
+        p["externalDatabase"]["properties"]["port"],
+        p["pgbouncer"]["properties"]["external"]["properties"]["port"],
+    ):
+        port(node)
+    a = p["autoscaling"]["properties"]
+    a["minReplicas"]["minimum"] = 1
+    a["maxReplicas"]["minimum"] = 1
+    a["targetCPUUtilizationPercentage"].update(minimum=1, maximum=100)
+    a["targetMemoryUtilizationPercentage"] = {
+        "type": ["integer", "null"],
+        "minimum": 1,
+        "maximum": 100,
+    }
+    a["inFlightRequests"]["properties"]["averageValue"] = {"type": ["string", "integer"]}
+    p["config"]["properties"]["dbPoolSize"]["minimum"] = 1
+    p["config"]["properties"]["dbMaxOverflow"]["minimum"] = 0
+    p["config"]["properties"]["corsAllowOrigins"]["items"] = {"type": "string"}
+    p["postgresql"]["properties"]["persistence"]["properties"]["size"] = {"type": "string"}
+    p["pgbouncer"]["properties"]["maxPreparedStatements"]["minimum"] = 0
+    for image in (
+        p["image"],
+        p["pgbouncer"]["properties"]["image"],
+        p["pgbouncer"]["properties"]["metrics"]["properties"]["image"],
+        p["postgresql"]["properties"]["image"],
+        p["tests"]["properties"]["image"],
+    ):
+        image["properties"]["tag"] = {"type": ["string", "number"]}
+    p["streams"]["properties"]["drainSeconds"]["minimum"] = 0
+    rule = p["prometheusRule"]["properties"]
+    rule["availabilitySLO"].update(exclusiveMinimum=0, exclusiveMaximum=1)
+    rule["latencySLO"].update(exclusiveMinimum=0, exclusiveMaximum=1)
+    rule["latencyThresholdSeconds"]["enum"] = [
+        "0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1.0", "2.5", "5.0", "10.0",
+    ]  # fmt: skip
+    out["allOf"] = [
+        {  # an external database needs its host
+            "if": {"properties": {"postgresql": {"properties": {"enabled": {"const": False}}}}},
+            "then": {
+                "properties": {
+                    "externalDatabase": {
+                        "required": ["host"],
+                        "properties": {"host": {"minLength": 1}},
+                    }
+                }
+            },
+        },
+        {  # a real upstream needs its URL
+            "if": {"properties": {"llm": {"properties": {"provider": {"const": "openai"}}}}},
+            "then": {
+                "properties": {
+                    "llm": {"properties": {"baseUrl": {"minLength": 1, "pattern": "^https?://"}}}
+                }
+            },
+        },
+    ]
+    return {
+        "$schema": "http://json-schema.org/draft-07/schema#",
+        "title": "itemstream chart values",
+        **out,
+    }
+
+
+def main() -> int:
+    target = CHART / "values.schema.json"
+    text = json.dumps(schema(), indent=2) + "\n"
+    if "--check" in sys.argv:
+        if target.read_text() != text:
+            print(
+                "chart/values.schema.json is out of date: run scripts/chart_schema.py",
+                file=sys.stderr,
+            )
+            return 1
+        return 0
+    target.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
