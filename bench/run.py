@@ -7,7 +7,8 @@ with an exporter pointed at a local sink). wrk drives each route in turn, bounde
 servers take turns in every round and the table reports the median of the rounds.
 
 Environment: BENCH_DURATION (seconds per run, 5), BENCH_ROUNDS (3), BENCH_CONNECTIONS (64),
-BENCH_ROWS (20000), BENCH_WORKERS (2)."""
+BENCH_ROWS (20000), BENCH_WORKERS (2), BENCH_STREAMS (10000 concurrent SSE streams held by one
+worker), BENCH_STREAM_RAMP (500 new streams per second), BENCH_EXPORT_ROWS (1000000), BENCH_SECTIONS (routes,scaling,cold,streams,export)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from app.db.migrations import migrate  # noqa: E402
+from bench.streams import export, hold_streams, worker_pids  # noqa: E402
 from tests.support.pgbouncer import LEGACY, MODERN, PgBouncer, find_binary  # noqa: E402
 from tests.support.postgres import PostgresServer, throwaway_cluster  # noqa: E402
 from tests.support.processes import free_port, run_coroutine, wait_until  # noqa: E402
@@ -47,7 +49,10 @@ ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "64"))
 ROWS = int(os.environ.get("BENCH_ROWS", "20000"))
 WORKERS = int(os.environ.get("BENCH_WORKERS", "2"))
-SECTIONS = set(os.environ.get("BENCH_SECTIONS", "routes,scaling,cold").split(","))
+SECTIONS = set(os.environ.get("BENCH_SECTIONS", "routes,scaling,cold,streams,export").split(","))
+STREAMS = int(os.environ.get("BENCH_STREAMS", "10000"))
+STREAM_RAMP = int(os.environ.get("BENCH_STREAM_RAMP", "500"))  # new streams per second
+EXPORT_ROWS = int(os.environ.get("BENCH_EXPORT_ROWS", "1000000"))
 WRK_DIR = Path(__file__).parent / "wrk"
 RESULTS = Path(__file__).parent / "results"
 WORDS = ["amber", "birch", "cobalt", "dune", "ember", "fjord", "garnet", "harbor", "ivory", "jade"]
@@ -434,6 +439,14 @@ def main() -> int:
                 "runs": [round(c, 2) for c in cold],
             }
 
+        # 4. Streams: many concurrent SSE streams held by one worker (mock provider).
+        if "streams" in SECTIONS:
+            results["streams"] = measure_streams(service_env)
+
+        # 5. Export: a large table as NDJSON and CSV, through both PgBouncer generations.
+        if "export" in SECTIONS:
+            results["export"] = measure_export(pg, modern, legacy, service_env)
+
     results["finished"] = datetime.now(UTC).isoformat()
     out = RESULTS / f"bench-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
     out.write_text(json.dumps(results, indent=2))
@@ -441,6 +454,100 @@ def main() -> int:
     print(f"\nJSON: {out}")
     shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def measure_streams(service_env: dict[str, str]) -> dict[str, Any]:
+    import asyncio
+
+    out: dict[str, Any] = {}
+    # Long streams (a token every 2 s for 60 s): all `STREAMS` are open at the same time.
+    held_env = {
+        **service_env,
+        "MOCK_TOKENS": "30",
+        "MOCK_TOKEN_DELAY": "2",
+        "STREAM_MAX_CONCURRENT": str(STREAMS + 1000),
+        "DB_POOL_SIZE": "20",
+        "DB_MAX_OVERFLOW": "10",
+        "DB_POOL_TIMEOUT": "30",
+        "LOG_LEVEL": "WARNING",
+    }
+    for label, count, env in (
+        (
+            "ttft at 100 concurrent",
+            100,
+            {**held_env, "MOCK_TOKENS": "3", "MOCK_TOKEN_DELAY": "0.05"},
+        ),
+        (f"{STREAMS} held by one worker", STREAMS, held_env),
+    ):
+        with running("itemstream-streams", itemstream(1), env) as server:
+            (worker,) = worker_pids(server.proc.pid)
+            result = asyncio.run(hold_streams(server.port, worker, count, ramp_per_s=STREAM_RAMP))
+        out[label] = {**result.__dict__, "kib_per_stream": round(result.kib_per_stream, 1)}
+        print(
+            f"  streams, {label}: {result.established}/{count} established, "
+            f"{result.failed} failed {result.failures or ''}, RSS {result.rss_idle_mib} -> {result.rss_peak_mib} MiB "
+            f"({result.kib_per_stream:.1f} KiB/stream), TTFT p50 {result.ttft_p50_ms} ms "
+            f"p99 {result.ttft_p99_ms} ms",
+            flush=True,
+        )
+    return out
+
+
+def measure_export(
+    pg: PostgresServer, modern: PgBouncer, legacy: PgBouncer, service_env: dict[str, str]
+) -> dict[str, Any]:
+    database = pg.create_database("bench_export")
+    run_coroutine(lambda: migrate(pg.url(database)))
+    dsn = f"postgresql://postgres@127.0.0.1:{pg.port}/{database}"
+
+    async def seed_export() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute(
+                """INSERT INTO items (id, name, description, price, is_active, version,
+                                      created_at, updated_at)
+                   SELECT gen_random_uuid(), 'item ' || n, 'a description of item ' || n,
+                          (n % 100000) / 100.0, n % 3 <> 0, 1,
+                          now() - n * interval '1 second', now()
+                   FROM generate_series(1, $1) AS n""",
+                EXPORT_ROWS,
+            )
+            await conn.execute("VACUUM ANALYZE items")
+        finally:
+            await conn.close()
+
+    run_coroutine(seed_export)
+    out: dict[str, Any] = {}
+    for bouncer, pooler in ((modern, "pgbouncer"), (legacy, "pgbouncer-legacy")):
+        env = {
+            **service_env,
+            "DATABASE_URL": f"postgresql://postgres@127.0.0.1:{bouncer.port}/{database}",
+            "MIGRATION_DATABASE_URL": dsn,
+            "DB_POOLER": pooler,
+        }
+        with running(f"itemstream-export-{pooler}", itemstream(1), env) as server:
+            (worker,) = worker_pids(server.proc.pid)
+            for fmt in ("ndjson", "csv"):
+                runs = [export(server.url, worker, fmt) for _ in range(ROUNDS)]
+                assert all(r.rows == EXPORT_ROWS for r in runs), [r.rows for r in runs]
+                label = (
+                    f"{fmt} via {'PgBouncer 1.24' if pooler == 'pgbouncer' else 'PgBouncer 1.18'}"
+                )
+                rates = sorted(r.rows_per_s for r in runs)
+                out[label] = {
+                    "rows": EXPORT_ROWS,
+                    "rows_per_s_median": round(statistics.median(rates)),
+                    "seconds": [r.seconds for r in runs],
+                    "rss_before_mib": runs[0].rss_before_mib,
+                    "rss_peak_mib": max(r.rss_peak_mib for r in runs),
+                }
+                print(
+                    f"  export {label}: {statistics.median(rates):,.0f} rows/s, worker RSS "
+                    f"{runs[0].rss_before_mib} -> peak {out[label]['rss_peak_mib']} MiB",
+                    flush=True,
+                )
+    pg.drop_database(database)
+    return out
 
 
 def print_table(results: dict[str, Any]) -> None:
@@ -473,6 +580,21 @@ def print_table(results: dict[str, Any]) -> None:
     if "cold_start_s" in results:
         cold = results["cold_start_s"]
         print(f"\ncold start to ready: median {cold['median']} s ({cold['runs']})")
+    if "streams" in results:
+        print("\nSSE streams (mock provider, one worker):")
+        for label, r in results["streams"].items():
+            print(
+                f"  {label}: {r['established']}/{r['requested']} open at once, {r['failed']} failed {r['failures'] or ''}, "
+                f"worker RSS {r['rss_idle_mib']} -> {r['rss_peak_mib']} MiB ({r['kib_per_stream']} KiB/stream), "
+                f"time to first token p50 {r['ttft_p50_ms']} ms, p99 {r['ttft_p99_ms']} ms"
+            )
+    if "export" in results:
+        print("\nexport (one worker):")
+        for label, r in results["export"].items():
+            print(
+                f"  {label}: {r['rows']:,} rows, {r['rows_per_s_median']:,} rows/s (median), "
+                f"worker RSS {r['rss_before_mib']} -> peak {r['rss_peak_mib']} MiB"
+            )
 
 
 if __name__ == "__main__":
