@@ -17,6 +17,7 @@ Environment = Literal["development", "test", "production"]
 # How the app reaches Postgres. `pgbouncer` needs PgBouncer >= 1.21 with
 # max_prepared_statements > 0; `pgbouncer-legacy` is for older PgBouncer (e.g. 1.18).
 Pooler = Literal["none", "pgbouncer", "pgbouncer-legacy"]
+Algorithm = Literal["RS256", "ES256"]
 
 DEFAULT_SQLITE_URL = "sqlite+aiosqlite:///./itemstream.db"
 
@@ -129,20 +130,56 @@ class Settings(BaseSettings):
     # An export holds one database connection (and a PgBouncer server connection) throughout.
     export_max_seconds: float = Field(3600.0, gt=0)
 
-    @field_validator("database_url", "migration_database_url", mode="before")
-    @classmethod
-    def _normalize_url(cls, value: object) -> object:
-        return normalize_database_url(value) if isinstance(value, str) else value
+    # --- access control -----------------------------------------------------------------
+    # `none`: no authentication (development; loud warning). `jwt`: bearer tokens from
+    # AUTH_ISSUER (OIDC discovery) or AUTH_JWKS_URL. `hs256`: a shared secret, development
+    # only (refused in production).
+    auth_mode: Literal["none", "jwt", "hs256"] = "none"
+    auth_issuer: str | None = None
+    auth_audience: str | None = None
+    auth_jwks_url: str | None = None
+    auth_algorithms: Annotated[list[Algorithm], NoDecode] = Field(
+        default_factory=lambda: list[Algorithm](["RS256", "ES256"])
+    )
+    auth_hs256_secret: SecretStr | None = None
+    auth_leeway_seconds: float = Field(30.0, ge=0, le=300)
+    auth_anonymous_read: bool = False
+    auth_jwks_cache_seconds: float = Field(300.0, gt=0)
+    # An unknown key id re-fetches the JWKS (rotation), at most this often.
+    auth_jwks_min_refresh_seconds: float = Field(10.0, ge=0)
+    # Requests in front of the app: only these hosts (empty: any).
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    security_headers: bool = True
+    hsts_seconds: int = Field(0, ge=0, description="Strict-Transport-Security max-age; 0: off")
 
-    @field_validator("cors_allow_origins", mode="before")
+    # --- rate limits -----------------------------------------------------------------------
+    # Per caller (token subject, or client address when anonymous; forwarded addresses are
+    # believed only from FORWARDED_ALLOW_IPS). Shared through Redis when REDIS_URL is set,
+    # else per worker process.
+    rate_limit_enabled: bool = False
+    redis_url: str | None = None
+    rate_limit_requests: int = Field(600, ge=1)
+    rate_limit_window_seconds: int = Field(60, ge=1)
+    rate_limit_tokens: int = Field(200_000, ge=1, description="generated tokens per window")
+    rate_limit_tokens_window_seconds: int = Field(3600, ge=1)
+    rate_limit_streams: int = Field(20, ge=1, description="concurrent streams per caller")
+    rate_limit_fail_mode: Literal["open", "closed"] = "open"
+
+    @field_validator("cors_allow_origins", "auth_algorithms", "allowed_hosts", mode="before")
     @classmethod
-    def _split_origins(cls, value: object) -> object:
+    def _split_list(cls, value: object) -> object:
+        """Lists from the environment: comma-separated, or a JSON array."""
         if isinstance(value, str):
             text = value.strip()
             if text.startswith("["):
                 return json.loads(text)
             return [item.strip() for item in text.split(",") if item.strip()]
         return value
+
+    @field_validator("database_url", "migration_database_url", mode="before")
+    @classmethod
+    def _normalize_url(cls, value: object) -> object:
+        return normalize_database_url(value) if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:
@@ -163,6 +200,7 @@ class Settings(BaseSettings):
                 f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r} is not supported: use http/protobuf "
                 "(port 4318); the gRPC exporter is not fork-safe under gunicorn"
             )
+        problems += self._auth_problems()
         if self.llm_provider == "openai" and not self.llm_base_url:
             problems.append("LLM_BASE_URL is required when LLM_PROVIDER is 'openai'")
         if self.metrics_port is not None and self.metrics_port == self.port:
@@ -192,6 +230,18 @@ class Settings(BaseSettings):
                     f"{name.upper()} must use postgresql+asyncpg or sqlite+aiosqlite, "
                     f"got {url.drivername!r}"
                 )
+        return problems
+
+    def _auth_problems(self) -> list[str]:
+        problems = []
+        if self.auth_mode == "jwt" and not (self.auth_issuer or self.auth_jwks_url):
+            problems.append("AUTH_MODE=jwt needs AUTH_ISSUER (OIDC discovery) or AUTH_JWKS_URL")
+        if self.auth_mode == "hs256":
+            if self.environment == "production":
+                problems.append("AUTH_MODE=hs256 (a shared secret) is refused in production")
+            secret = self.auth_hs256_secret.get_secret_value() if self.auth_hs256_secret else ""
+            if len(secret) < 32:
+                problems.append("AUTH_HS256_SECRET must be at least 32 characters")
         return problems
 
     def _pooler_problems(self) -> list[str]:

@@ -12,17 +12,22 @@ from datetime import timedelta
 
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
+from app.api import docs as api_docs
 from app.api import problems
 from app.api.deps import Services
-from app.api.middleware import BodySizeLimit
+from app.api.middleware import BodySizeLimit, SecurityHeaders
 from app.api.routes import chat, health, items
 from app.api.routes import generations as generations_routes
+from app.api.security import AccessControl
 from app.config import Settings
 from app.db.engine import Database, create_engine
 from app.db.migrations import head_revision
 from app.lifecycle import Lifecycle, process_lifecycle
 from app.providers.factory import create_provider
+from app.security.ratelimit import Bucket, LimiterQuota, RateLimiter
+from app.security.tokens import TokenVerifier
 from app.services.generations import GenerationService, StreamLimits
 from app.services.health import HealthService
 from app.services.items import ItemPolicy, ItemService
@@ -61,6 +66,61 @@ database is unreachable right now; retry after the given seconds.
 """
 
 
+def _access(
+    settings: Settings, metrics: AppMetrics | None
+) -> tuple[TokenVerifier | None, RateLimiter | None]:
+    verifier = None
+    if settings.auth_mode == "jwt":
+        verifier = TokenVerifier(
+            issuer=settings.auth_issuer,
+            audience=settings.auth_audience,
+            jwks_url=settings.auth_jwks_url,
+            algorithms=tuple(settings.auth_algorithms),
+            leeway_seconds=settings.auth_leeway_seconds,
+            jwks_cache_seconds=settings.auth_jwks_cache_seconds,
+            jwks_min_refresh_seconds=settings.auth_jwks_min_refresh_seconds,
+        )
+    elif settings.auth_mode == "hs256":
+        assert settings.auth_hs256_secret is not None
+        log.warning("AUTH_MODE=hs256: shared-secret tokens, for development only")
+        verifier = TokenVerifier(
+            issuer=settings.auth_issuer,
+            audience=settings.auth_audience,
+            hs256_secret=settings.auth_hs256_secret.get_secret_value(),
+            leeway_seconds=settings.auth_leeway_seconds,
+        )
+    else:
+        log.warning(
+            "AUTH_MODE=none: every caller is anonymous with every scope. Set AUTH_MODE=jwt "
+            "(and AUTH_ISSUER) for anything but local development"
+        )
+    limiter = None
+    if settings.rate_limit_enabled:
+        redis_client = None
+        if settings.redis_url:
+            from redis.asyncio import Redis
+
+            redis_client = Redis.from_url(
+                settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5
+            )
+        else:
+            log.warning("rate limits without REDIS_URL are counted per worker process")
+        limiter = RateLimiter(
+            redis_client,
+            requests=Bucket(
+                "requests", settings.rate_limit_requests, settings.rate_limit_window_seconds
+            ),
+            tokens=Bucket(
+                "tokens", settings.rate_limit_tokens, settings.rate_limit_tokens_window_seconds
+            ),
+            max_streams=settings.rate_limit_streams,
+            stream_ttl_seconds=int(settings.stream_max_seconds) + 60,
+            fail_mode=settings.rate_limit_fail_mode,
+            observer=metrics,
+        )
+    return verifier, limiter
+
+
 def create_app(settings: Settings | None = None, lifecycle: Lifecycle | None = None) -> FastAPI:
     settings = settings or Settings()
     lifecycle = lifecycle or process_lifecycle
@@ -78,6 +138,7 @@ def create_app(settings: Settings | None = None, lifecycle: Lifecycle | None = N
             export_max_seconds=settings.export_max_seconds,
         )
         provider = create_provider(settings)
+        verifier, limiter = _access(settings, metrics)
         generations = GenerationService(
             database,
             provider,
@@ -90,6 +151,7 @@ def create_app(settings: Settings | None = None, lifecycle: Lifecycle | None = N
             ),
             lifecycle=lifecycle,
             observer=metrics,
+            quota=LimiterQuota(limiter) if limiter is not None else None,
         )
         services = app.state.services = Services(
             settings=settings,
@@ -97,6 +159,7 @@ def create_app(settings: Settings | None = None, lifecycle: Lifecycle | None = N
             health=HealthService(database, head_revision(), lifecycle),
             generations=generations,
             lifecycle=lifecycle,
+            access=AccessControl(settings, verifier, limiter),
         )
         jobs = [
             asyncio.create_task(
@@ -121,6 +184,10 @@ def create_app(settings: Settings | None = None, lifecycle: Lifecycle | None = N
                 job.cancel()
             await asyncio.gather(*jobs, return_exceptions=True)
             await provider.aclose()
+            if verifier is not None:
+                await verifier.aclose()
+            if limiter is not None:
+                await limiter.aclose()
             await database.dispose()
             tracing.flush()
 
@@ -130,10 +197,12 @@ def create_app(settings: Settings | None = None, lifecycle: Lifecycle | None = N
         version="0.1.0",
         description=DESCRIPTION,
         lifespan=lifespan,
-        docs_url="/docs" if docs else None,
-        redoc_url="/redoc" if docs else None,
+        docs_url=None,  # self-hosted below: no CDN
+        redoc_url=None,
         openapi_url="/openapi.json" if docs else None,
     )
+    if docs:
+        api_docs.install(app, "itemstream")
     problems.install(app, retry_after_seconds=settings.db_retry_after_seconds)
     app.include_router(health.router)
     app.include_router(items.router)
@@ -149,9 +218,27 @@ def create_app(settings: Settings | None = None, lifecycle: Lifecycle | None = N
             allow_origins=settings.cors_allow_origins,
             allow_credentials=settings.cors_allow_credentials,
             allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
-            allow_headers=["Content-Type", "If-Match", "If-None-Match", "Idempotency-Key"],
-            expose_headers=["ETag", "Location", "Link", "Retry-After", "Idempotent-Replayed"],
+            allow_headers=[
+                "Authorization",
+                "Content-Type",
+                "If-Match",
+                "If-None-Match",
+                "Idempotency-Key",
+            ],
+            expose_headers=[
+                "ETag",
+                "Location",
+                "Link",
+                "Retry-After",
+                "Idempotent-Replayed",
+                "RateLimit",
+                "RateLimit-Policy",
+            ],
         )
+    if settings.allowed_hosts:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.allowed_hosts)
+    if settings.security_headers:
+        app.add_middleware(SecurityHeaders, hsts_seconds=settings.hsts_seconds)
     app.add_middleware(AccessLog)
     metrics: AppMetrics | None = None
     if settings.metrics_enabled:

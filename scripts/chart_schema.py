@@ -115,6 +115,12 @@ def schema() -> dict[str, Any]:
     ):
         image["properties"]["tag"] = {"type": ["string", "number"]}
     p["streams"]["properties"]["drainSeconds"]["minimum"] = 0
+    p["auth"]["properties"]["mode"]["enum"] = ["none", "jwt", "hs256"]
+    p["rateLimit"]["properties"]["failMode"]["enum"] = ["open", "closed"]
+    for name in ("requests", "windowSeconds", "tokens", "tokensWindowSeconds", "streams"):
+        p["rateLimit"]["properties"][name]["minimum"] = 1
+    p["security"]["properties"]["allowedHosts"]["items"] = {"type": "string"}
+    p["redis"]["properties"]["image"]["properties"]["tag"] = {"type": ["string", "number"]}
     rule = p["prometheusRule"]["properties"]
     rule["availabilitySLO"].update(exclusiveMinimum=0, exclusiveMaximum=1)
     rule["latencySLO"].update(exclusiveMinimum=0, exclusiveMaximum=1)

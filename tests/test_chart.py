@@ -129,6 +129,12 @@ def test_production_values() -> None:
     assert config["OTEL_EXPORTER_OTLP_PROTOCOL"] == "http/protobuf"
     assert config["OTEL_EXPORTER_OTLP_ENDPOINT"].endswith(":4318")
     assert "ssl=require" in config["MIGRATION_DATABASE_URL"]
+    assert config["AUTH_MODE"] == "jwt"
+    assert config["AUTH_ISSUER"] == "https://login.example.com/realms/apps"
+    assert config["RATE_LIMIT_ENABLED"] == "true"
+    assert "REDIS_URL" not in config, "the Redis URL (with its password) comes from a Secret"
+    assert env["REDIS_URL"]["valueFrom"]["secretKeyRef"]["name"] == "itemstream-redis"
+    assert config["ALLOWED_HOSTS"] == "api.example.com"
     assert not rendered.of_kind("StatefulSet"), "no bundled database in production"
     assert not [s for s in rendered.of_kind("Secret") if "database-password" in s.get("data", {})]
     # Hook mode: the Job is a hook without TTL; the existingSecret needs no hook copy.
@@ -229,6 +235,11 @@ def test_schema_rejects_bad_values(sets: list[str], message: str) -> None:
             "terminationGracePeriodSeconds (20) must be at least",
         ),
         (["streams.drainSeconds=28"], "streams.drainSeconds"),
+        (
+            ["auth.mode=hs256", "auth.hs256.existingSecret=s"],
+            "auth.mode=hs256 (a shared secret) is for development only",
+        ),
+        (["auth.mode=jwt"], "auth.mode=jwt needs auth.issuer"),
     ],
 )
 def test_render_time_guards(sets: list[str], message: str) -> None:

@@ -8,6 +8,7 @@ from typing import Annotated
 
 from fastapi import Depends, Header, HTTPException, Request
 
+from app.api.security import AccessControl
 from app.config import Settings
 from app.lifecycle import Lifecycle
 from app.services.generations import GenerationService
@@ -22,6 +23,7 @@ class Services:
     health: HealthService
     generations: GenerationService
     lifecycle: Lifecycle
+    access: AccessControl
 
 
 async def _services(request: Request) -> Services:

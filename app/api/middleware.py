@@ -44,3 +44,44 @@ class BodySizeLimit:
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+class SecurityHeaders:
+    """Pure ASGI: hardening headers on every response (the API serves JSON and event
+    streams; only the self-hosted docs pages need scripts and styles)."""
+
+    def __init__(self, app: ASGIApp, hsts_seconds: int = 0) -> None:
+        self.app = app
+        common = [
+            (b"x-content-type-options", b"nosniff"),
+            (b"x-frame-options", b"DENY"),
+            (b"referrer-policy", b"no-referrer"),
+            (b"cross-origin-opener-policy", b"same-origin"),
+        ]
+        if hsts_seconds:
+            common.append((b"strict-transport-security", f"max-age={hsts_seconds}".encode()))
+        strict = b"default-src 'none'; frame-ancestors 'none'"
+        self.api = [*common, (b"content-security-policy", strict)]
+        self.docs = [
+            *common,
+            (
+                b"content-security-policy",
+                b"default-src 'none'; script-src 'self' 'unsafe-inline'; style-src 'self' "
+                b"'unsafe-inline'; img-src 'self' data:; connect-src 'self'; worker-src blob:; "
+                b"frame-ancestors 'none'",
+            ),
+        ]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        extra = self.docs if path.startswith(("/docs", "/redoc", "/static/docs")) else self.api
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *extra]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)

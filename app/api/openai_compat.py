@@ -5,10 +5,10 @@ the official client libraries work against this service unmodified."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, Literal
 
-from fastapi import Request
+from fastapi import HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
@@ -142,6 +142,8 @@ class ChunkFormat:
 
 _TYPES = {
     400: ("invalid_request_error", None),
+    401: ("invalid_request_error", "invalid_api_key"),
+    403: ("invalid_request_error", "insufficient_scope"),
     404: ("invalid_request_error", "not_found"),
     409: ("invalid_request_error", "conflict"),
     413: ("invalid_request_error", "request_too_large"),
@@ -159,9 +161,15 @@ def error_body(status: int, message: str, param: str | None = None) -> dict[str,
 
 
 def openai_error(
-    status: int, message: str, *, param: str | None = None, headers: dict[str, str] | None = None
+    status: int,
+    message: str,
+    *,
+    param: str | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> Response:
-    return JSONResponse(error_body(status, message, param), status_code=status, headers=headers)
+    return JSONResponse(
+        error_body(status, message, param), status_code=status, headers=dict(headers or {})
+    )
 
 
 class OpenAIRoute(APIRoute):
@@ -177,6 +185,10 @@ class OpenAIRoute(APIRoute):
                 detail, items = validation_errors(exc)
                 field = items[0]["field"] if items else None
                 return openai_error(400, detail, param=field or None)
+            except HTTPException as exc:
+                return openai_error(exc.status_code, str(exc.detail), headers=exc.headers)
+            except errors.RateLimited as exc:
+                return openai_error(429, exc.detail, headers=exc.headers)
             except errors.InvalidInput as exc:
                 return openai_error(400, exc.detail, param=exc.field)
             except errors.Overloaded as exc:

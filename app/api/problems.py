@@ -125,6 +125,8 @@ def install(app: FastAPI, *, retry_after_seconds: int) -> None:
             case errors.Overloaded():
                 headers = {"Retry-After": str(exc.retry_after)}
                 return problem_response(503, exc.detail, instance=path, headers=headers)
+            case errors.RateLimited():
+                return problem_response(429, exc.detail, instance=path, headers=exc.headers)
             case errors.StreamLimitExceeded():
                 return problem_response(504, exc.detail, instance=path)
         return problem_response(400, exc.detail, instance=path)

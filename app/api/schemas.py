@@ -86,6 +86,7 @@ class ItemOut(BaseModel):
         None, description="text of the last completed `POST /v1/items/{id}/generate`"
     )
     generation_id: UUID | None = Field(None, description="the generation that wrote it")
+    created_by: str | None = Field(None, description="subject of the token that created it")
 
     @classmethod
     def of(cls, item: Item) -> ItemOut:

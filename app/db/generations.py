@@ -31,8 +31,18 @@ _COLUMNS = (
     generations.c.output,
     generations.c.created_at,
     generations.c.finished_at,
+    generations.c.principal,
 )
-_INSERTED = ("id", "kind", "item_id", "idempotency_key", "provider", "model", "status")
+_INSERTED = (
+    "id",
+    "kind",
+    "item_id",
+    "idempotency_key",
+    "provider",
+    "model",
+    "status",
+    "principal",
+)
 _FINISHED = (
     "status",
     "error",

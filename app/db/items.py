@@ -51,6 +51,7 @@ _ITEM_COLUMNS = (
     items.c.deleted_at,
     items.c.generated_text,
     items.c.generation_id,
+    items.c.created_by,
 )
 _SORT_COLUMNS = {"created_at": items.c.created_at, "name": items.c.name, "price": items.c.price}
 _KEY_COLUMNS = (

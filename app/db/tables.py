@@ -75,6 +75,7 @@ items = Table(
     # The last completed item-grounded generation (see generations).
     Column("generated_text", Text(), nullable=True),
     Column("generation_id", Uuid(), nullable=True),
+    Column("created_by", String(255), nullable=True),  # the token's subject
     CheckConstraint("price >= 0", name="price_non_negative"),
     CheckConstraint("version >= 1", name="version_positive"),
     # Partial: lists hide soft-deleted rows unless asked, so the hot path skips them.
@@ -123,6 +124,7 @@ generations = Table(
     Column("output", Text(), nullable=True),
     Column("created_at", UTCDateTime(), nullable=False),
     Column("finished_at", UTCDateTime(), nullable=True),
+    Column("principal", String(255), nullable=True),
     CheckConstraint(
         "status IN ('streaming', 'completed', 'cancelled', 'failed')", name="status_known"
     ),

@@ -63,3 +63,14 @@ class Overloaded(ServiceError):
 
 class StreamLimitExceeded(ServiceError):
     """A running stream hit the maximum duration."""
+
+
+class RateLimited(ServiceError):
+    """A caller's budget is used up. `headers` carry RateLimit / RateLimit-Policy."""
+
+    def __init__(
+        self, detail: str, retry_after: int, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
+        self.headers = {"Retry-After": str(retry_after), **(headers or {})}

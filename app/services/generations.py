@@ -25,6 +25,7 @@ from app.db.generations import GenerationRepository
 from app.db.items import ItemRepository
 from app.lifecycle import Lifecycle
 from app.providers.base import Chunk, CompletionRequest, Message, Provider, ProviderError
+from app.security.principals import Principal
 from app.services.errors import (
     Conflict,
     InvalidInput,
@@ -47,6 +48,16 @@ class StreamLimits:
     max_seconds: float = 300.0
     max_tokens: int = 4096
     max_prompt_chars: int = 32_000
+
+
+class StreamQuota(Protocol):
+    """Per-caller limits shared across workers (implemented by app.security.ratelimit)."""
+
+    async def admit(self, key: str) -> None:
+        """Raise RateLimited when the caller may not start another stream."""
+        ...
+
+    async def release(self, key: str, tokens: int) -> None: ...
 
 
 class GenerationObserver(Protocol):
@@ -100,6 +111,7 @@ class GenerationRun:
         self.prompt_tokens: int | None = None
         self.finish_reason: str | None = None
         self._finishing: asyncio.Future[Finished] | None = None
+        self.quota_key: str | None = None  # whose stream slot and token budget this uses
         self._span: Span | None = None
         if trace.get_current_span().is_recording():
             self._span = _tracer.start_span(
@@ -175,7 +187,7 @@ class GenerationRun:
         finally:
             if self._span is not None:
                 self._end_span(outcome, error)
-            self._service.release(self, outcome)
+            await self._service.release(self, outcome)
 
     def _end_span(self, outcome: Outcome, error: str | None) -> None:
         assert self._span is not None
@@ -246,8 +258,10 @@ class GenerationService:
         limits: StreamLimits | None = None,
         lifecycle: Lifecycle | None = None,
         observer: GenerationObserver | None = None,
+        quota: StreamQuota | None = None,
     ) -> None:
         self._db = db
+        self._quota = quota
         self.provider = provider
         self.default_model = model
         self.limits = limits or StreamLimits()
@@ -269,9 +283,12 @@ class GenerationService:
         max_tokens: int | None = None,
         temperature: float | None = None,
         headers: Mapping[str, str] | None = None,
+        principal: Principal | None = None,
     ) -> GenerationRun:
         request = self._request(messages, model, max_tokens, temperature, headers)
-        return await self._start(request, kind="chat", item_id=None, idempotency_key=None)
+        return await self._start(
+            request, kind="chat", item_id=None, idempotency_key=None, principal=principal
+        )
 
     async def start_for_item(
         self,
@@ -281,6 +298,7 @@ class GenerationService:
         max_tokens: int | None = None,
         idempotency_key: str | None = None,
         headers: Mapping[str, str] | None = None,
+        principal: Principal | None = None,
     ) -> Run:
         """Stream a text about the item; on completion it is stored on the item, once. With a
         key, a repeated request replays the completed generation (409 while it runs)."""
@@ -299,7 +317,11 @@ class GenerationService:
             raise Conflict(f"generation {existing.id} for this Idempotency-Key is still running")
         request = self._request(_item_prompt(item, instructions), None, max_tokens, None, headers)
         return await self._start(
-            request, kind="item", item_id=item_id, idempotency_key=idempotency_key
+            request,
+            kind="item",
+            item_id=item_id,
+            idempotency_key=idempotency_key,
+            principal=principal,
         )
 
     def _request(
@@ -335,6 +357,7 @@ class GenerationService:
         kind: str,
         item_id: UUID | None,
         idempotency_key: str | None,
+        principal: Principal | None,
     ) -> GenerationRun:
         if self._lifecycle is not None and self._lifecycle.shutting_down:
             raise Overloaded("this instance is shutting down; retry on another", retry_after=1)
@@ -344,6 +367,14 @@ class GenerationService:
                 retry_after=1,
             )
         self._active += 1  # before the first await: admission is atomic within the worker
+        quota_key = principal.rate_key if principal is not None and self._quota else None
+        try:
+            if quota_key is not None:
+                assert self._quota is not None
+                await self._quota.admit(quota_key)
+        except BaseException:
+            self._active -= 1
+            raise
         try:
             generation_id = uuid7()
             now = _now()
@@ -356,17 +387,23 @@ class GenerationService:
                 "model": request.model,
                 "status": "streaming",
                 "created_at": now,
+                "principal": None
+                if principal is None or principal.anonymous
+                else principal.subject,
             }
             async with self._db.transaction() as session:
                 await GenerationRepository(session).insert(values)
         except BaseException as error:
             self._active -= 1
+            if quota_key is not None:
+                assert self._quota is not None
+                await self._quota.release(quota_key, 0)
             if _is_unique_violation(error):
                 raise Conflict("a generation for this Idempotency-Key is already running") from None
             raise
         if self._observer is not None:
             self._observer.stream_started(self.provider.name)
-        return GenerationRun(
+        run = GenerationRun(
             self,
             generation_id,
             request,
@@ -375,6 +412,8 @@ class GenerationService:
             idempotency_key=idempotency_key,
             created_at=now,
         )
+        run.quota_key = quota_key
+        return run
 
     # --- called by runs -------------------------------------------------------------------
 
@@ -403,10 +442,15 @@ class GenerationService:
         assert generation is not None
         return Finished(generation, item_version)
 
-    def release(self, run: GenerationRun, outcome: Outcome) -> None:
+    async def release(self, run: GenerationRun, outcome: Outcome) -> None:
         self._active -= 1
         if self._observer is not None:
             self._observer.stream_finished(self.provider.name, outcome, run.tokens)
+        if run.quota_key is not None and self._quota is not None:
+            try:
+                await self._quota.release(run.quota_key, run.tokens)
+            except Exception as error:  # the limiter's slot expires by itself
+                log.warning("could not release the caller's stream slot: %s", error)
 
     def observe_first_token(self, seconds: float) -> None:
         if self._observer is not None:

@@ -55,11 +55,18 @@ class ItemService:
 
     # --- create ---------------------------------------------------------------------------
 
-    async def create(self, fields: ItemFields, idempotency_key: str | None = None) -> Created:
+    async def create(
+        self,
+        fields: ItemFields,
+        idempotency_key: str | None = None,
+        created_by: str | None = None,
+    ) -> Created:
         """Create an item. With a key, a retry returns the first result and stores nothing new;
         the same key with a different body is refused."""
         now = _now()
         values = {**asdict(fields), "id": uuid7(), "created_at": now, "updated_at": now}
+        if created_by is not None:
+            values["created_by"] = created_by
         async with self._db.transaction() as session:
             repo = ItemRepository(session)
             if idempotency_key is None:
@@ -72,7 +79,7 @@ class ItemService:
                 return Created(item)
             stored = await repo.get_key(idempotency_key)
         if stored is None:  # expired and purged between the two statements: a fresh attempt
-            return await self.create(fields, idempotency_key)
+            return await self.create(fields, idempotency_key, created_by)
         if stored.request_hash != fingerprint:
             raise IdempotencyKeyReused(
                 "this Idempotency-Key was already used with a different request body"
@@ -281,6 +288,7 @@ def _from_snapshot(text: str) -> Item:
         created_at=datetime.fromisoformat(raw["created_at"]),
         updated_at=datetime.fromisoformat(raw["updated_at"]),
         deleted_at=when(raw["deleted_at"]),
+        created_by=raw.get("created_by"),
     )
 
 

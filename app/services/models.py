@@ -24,6 +24,7 @@ class Item:
     deleted_at: datetime | None
     generated_text: str | None = None
     generation_id: UUID | None = None
+    created_by: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,3 +90,4 @@ class Generation:
     output: str | None
     created_at: datetime
     finished_at: datetime | None
+    principal: str | None = None

@@ -40,19 +40,21 @@ class AccessLog:
             if log.isEnabledFor(level):
                 duration_ms = round((time.perf_counter() - started) * 1000, 2)
                 method = scope["method"]
+                principal = scope.get("state", {}).get("principal")
+                fields = {
+                    "method": method,
+                    "route": template,
+                    "path": path,
+                    "status": status,
+                    "duration_ms": duration_ms,
+                }
+                if principal is not None:  # the subject only, never the token
+                    fields["principal"] = principal.subject
                 log.log(
                     level,
                     "%s %s %s",
                     method,
                     template,
                     status,
-                    extra={
-                        "http": {
-                            "method": method,
-                            "route": template,
-                            "path": path,
-                            "status": status,
-                            "duration_ms": duration_ms,
-                        }
-                    },
+                    extra={"http": fields},
                 )

@@ -84,6 +84,15 @@ class AppMetrics:
             registry=registry,
         )
 
+        self.ratelimit_backend_errors = Counter(
+            "itemstream_ratelimit_backend_errors",
+            "Rate limit checks that could not reach Redis (served or refused per the fail mode)",
+            registry=registry,
+        )
+
+    def ratelimit_backend_error(self) -> None:
+        self.ratelimit_backend_errors.inc()
+
     # GenerationObserver protocol (app.services.generations)
     def stream_started(self, provider: str) -> None:
         self.streams_active.inc()

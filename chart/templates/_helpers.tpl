@@ -217,6 +217,15 @@ imagePullSecrets:
 {{- if gt (int .Values.streams.drainSeconds) (sub (int .Values.gunicorn.gracefulTimeout) 5 | int) -}}
 {{- fail (printf "streams.drainSeconds (%v) must be at most gunicorn.gracefulTimeout - 5 (%d)" .Values.streams.drainSeconds (sub (int .Values.gunicorn.gracefulTimeout) 5)) -}}
 {{- end -}}
+{{- if and (eq .Values.auth.mode "hs256") (eq .Values.environment "production") -}}
+{{- fail "auth.mode=hs256 (a shared secret) is for development only; the app refuses it with environment=production" -}}
+{{- end -}}
+{{- if and (eq .Values.auth.mode "hs256") (not .Values.auth.hs256.existingSecret) -}}
+{{- fail "auth.mode=hs256 needs auth.hs256.existingSecret" -}}
+{{- end -}}
+{{- if and (eq .Values.auth.mode "jwt") (not (or .Values.auth.issuer .Values.auth.jwksUrl)) -}}
+{{- fail "auth.mode=jwt needs auth.issuer (or auth.jwksUrl)" -}}
+{{- end -}}
 {{- if and (eq .Values.llm.provider "openai") (not .Values.llm.baseUrl) -}}
 {{- fail "llm.baseUrl is required when llm.provider is openai" -}}
 {{- end -}}
@@ -297,6 +306,33 @@ STREAM_MAX_CONCURRENT: {{ .Values.streams.maxConcurrent | quote }}
 STREAM_MAX_SECONDS: {{ .Values.streams.maxSeconds | quote }}
 STREAM_HEARTBEAT_SECONDS: {{ .Values.streams.heartbeatSeconds | quote }}
 STREAM_DRAIN_SECONDS: {{ .Values.streams.drainSeconds | quote }}
+AUTH_MODE: {{ .Values.auth.mode | quote }}
+{{- with .Values.auth.issuer }}
+AUTH_ISSUER: {{ . | quote }}
+{{- end }}
+{{- with .Values.auth.audience }}
+AUTH_AUDIENCE: {{ . | quote }}
+{{- end }}
+{{- with .Values.auth.jwksUrl }}
+AUTH_JWKS_URL: {{ . | quote }}
+{{- end }}
+AUTH_ANONYMOUS_READ: {{ .Values.auth.anonymousRead | quote }}
+RATE_LIMIT_ENABLED: {{ .Values.rateLimit.enabled | quote }}
+RATE_LIMIT_REQUESTS: {{ .Values.rateLimit.requests | int64 | quote }}
+RATE_LIMIT_WINDOW_SECONDS: {{ .Values.rateLimit.windowSeconds | int64 | quote }}
+RATE_LIMIT_TOKENS: {{ .Values.rateLimit.tokens | int64 | quote }}
+RATE_LIMIT_TOKENS_WINDOW_SECONDS: {{ .Values.rateLimit.tokensWindowSeconds | int64 | quote }}
+RATE_LIMIT_STREAMS: {{ .Values.rateLimit.streams | int64 | quote }}
+RATE_LIMIT_FAIL_MODE: {{ .Values.rateLimit.failMode | quote }}
+{{- if .Values.redis.enabled }}
+REDIS_URL: {{ printf "redis://%s:6379/0" (include "itemstream.componentName" (dict "root" . "component" "redis")) | quote }}
+{{- else if and .Values.redis.url (not .Values.redis.existingSecret) }}
+REDIS_URL: {{ .Values.redis.url | quote }}
+{{- end }}
+{{- with .Values.security.allowedHosts }}
+ALLOWED_HOSTS: {{ join "," . | quote }}
+{{- end }}
+HSTS_SECONDS: {{ .Values.security.hstsSeconds | int64 | quote }}
 OTEL_SERVICE_NAME: {{ include "itemstream.fullname" . | quote }}
 {{- if .Values.tracing.otlpEndpoint }}
 OTEL_EXPORTER_OTLP_ENDPOINT: {{ .Values.tracing.otlpEndpoint | quote }}

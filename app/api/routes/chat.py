@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
 from app.api.deps import ServicesDep
 from app.api.openai_compat import ChatCompletionRequest, ChunkFormat, OpenAIRoute, completion_body
+from app.api.security import require
 from app.api.streaming import EventStreamResponse
+from app.security.principals import GENERATE, Principal
 from app.telemetry import tracing
 
 router = APIRouter(prefix="/v1", tags=["chat"], route_class=OpenAIRoute)
@@ -25,7 +29,10 @@ router = APIRouter(prefix="/v1", tags=["chat"], route_class=OpenAIRoute)
     response_model=None,
 )
 async def create_chat_completion(
-    body: ChatCompletionRequest, request: Request, services: ServicesDep
+    body: ChatCompletionRequest,
+    request: Request,
+    services: ServicesDep,
+    caller: Annotated[Principal, require(GENERATE)],
 ) -> Response:
     run = await services.generations.start_chat(
         tuple(message.to_message() for message in body.messages),
@@ -33,6 +40,7 @@ async def create_chat_completion(
         max_tokens=body.token_limit,
         temperature=body.temperature,
         headers=tracing.outgoing_headers(request.headers),
+        principal=caller,
     )
     if body.stream:
         return EventStreamResponse(

@@ -15,7 +15,9 @@ from app.api.deps import ServicesDep
 from app.api.problems import PROBLEM_JSON
 from app.api.routes.items import PROBLEMS, IdempotencyKey
 from app.api.schemas import Problem
+from app.api.security import require
 from app.api.streaming import EventStreamResponse, error_detail, error_status, sse_event
+from app.security.principals import GENERATE, READ, Principal
 from app.services.generations import Finished, Run
 from app.services.models import Generation
 from app.telemetry import tracing
@@ -50,6 +52,7 @@ class GenerationOut(BaseModel):
     output: str | None
     created_at: datetime
     finished_at: datetime | None
+    principal: str | None = Field(None, description="subject of the caller's token")
 
     @classmethod
     def of(cls, generation: Generation) -> GenerationOut:
@@ -121,6 +124,7 @@ async def generate_for_item(
     item_id: UUID,
     request: Request,
     services: ServicesDep,
+    caller: Annotated[Principal, require(GENERATE)],
     body: Annotated[GenerateIn | None, Body()] = None,
     idempotency_key: IdempotencyKey = None,
 ) -> EventStreamResponse:
@@ -131,6 +135,7 @@ async def generate_for_item(
         max_tokens=body.max_tokens,
         idempotency_key=idempotency_key,
         headers=tracing.outgoing_headers(request.headers),
+        principal=caller,
     )
     return EventStreamResponse(
         run,
@@ -146,6 +151,7 @@ async def generate_for_item(
     "/generations/{generation_id}",
     summary="A recorded generation: outcome, tokens, timings and text",
     responses={404: PROBLEMS[404], 503: PROBLEMS[503]},
+    dependencies=[require(READ)],
 )
 async def get_generation(generation_id: UUID, services: ServicesDep) -> GenerationOut:
     return GenerationOut.of(await services.generations.get(generation_id))

@@ -10,8 +10,10 @@ from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response, 
 
 from app.api.deps import IfMatch, ItemServiceDep, ServicesDep, etag
 from app.api.schemas import ItemIn, ItemOut, ItemPageOut, ItemPatch, Problem
+from app.api.security import require
 from app.api.streaming import ExportResponse
 from app.db.session import Writer
+from app.security.principals import READ, WRITE, Principal
 from app.services.errors import InvalidQuery
 from app.services.items import ExportFormat
 from app.services.models import ItemFilter, Sort
@@ -81,9 +83,11 @@ async def create_item(
     request: Request,
     response: Response,
     items: ItemServiceDep,
+    caller: Annotated[Principal, require(WRITE)],
     idempotency_key: IdempotencyKey = None,
 ) -> ItemOut:
-    created = await items.create(body.to_fields(), idempotency_key)
+    created_by = None if caller.anonymous else caller.subject
+    created = await items.create(body.to_fields(), idempotency_key, created_by)
     response.headers["Location"] = str(request.url_for("get_item", item_id=created.item.id).path)
     if created.replayed:
         response.headers["Idempotent-Replayed"] = "true"
@@ -101,6 +105,7 @@ async def create_item(
         "are hidden unless `include_deleted=true`."
     ),
     responses={422: PROBLEMS[422], 503: PROBLEMS[503]},
+    dependencies=[require(READ)],
 )
 async def list_items(
     request: Request,
@@ -149,6 +154,7 @@ EXPORT_TYPES = {"ndjson": "application/x-ndjson", "csv": "text/csv; charset=utf-
         422: PROBLEMS[422],
         503: PROBLEMS[503],
     },
+    dependencies=[require(READ)],
 )
 async def export_items(
     request: Request,
@@ -174,6 +180,7 @@ async def export_items(
     summary="Get an item",
     description="Soft-deleted items are 404 unless `include_deleted=true`.",
     responses={304: {"description": "If-None-Match matched"}, 404: PROBLEMS[404]},
+    dependencies=[require(READ)],
 )
 async def get_item(
     item_id: UUID,
@@ -201,6 +208,7 @@ def _tags(header: str) -> set[str]:
         "you read to avoid overwriting someone else's change (412 on mismatch)."
     ),
     responses={404: PROBLEMS[404], 412: PROBLEMS[412], 428: PROBLEMS[428]},
+    dependencies=[require(WRITE)],
 )
 async def replace_item(
     item_id: UUID, body: ItemIn, response: Response, items: ItemServiceDep, if_match: IfMatch
@@ -217,6 +225,7 @@ async def replace_item(
         "the fields present change; `description: null` clears it. `If-Match` as for PUT."
     ),
     responses={404: PROBLEMS[404], 412: PROBLEMS[412], 428: PROBLEMS[428]},
+    dependencies=[require(WRITE)],
 )
 async def patch_item(
     item_id: UUID,
@@ -239,6 +248,7 @@ async def patch_item(
         "good (also for a soft-deleted item) and cannot be undone."
     ),
     responses={404: PROBLEMS[404], 412: PROBLEMS[412], 428: PROBLEMS[428]},
+    dependencies=[require(WRITE)],
 )
 async def delete_item(
     item_id: UUID, items: ItemServiceDep, if_match: IfMatch, permanent: bool = False
@@ -255,6 +265,7 @@ async def delete_item(
     summary="Restore a soft-deleted item",
     description="Idempotent: restoring a live item returns it unchanged.",
     responses={404: PROBLEMS[404], 412: PROBLEMS[412], 428: PROBLEMS[428]},
+    dependencies=[require(WRITE)],
 )
 async def restore_item(
     item_id: UUID, response: Response, items: ItemServiceDep, if_match: IfMatch

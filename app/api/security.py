@@ -1,0 +1,97 @@
+"""Authentication, scopes and request rate limits as FastAPI dependencies.
+
+Every protected route declares the scope it needs (`Depends(require(READ))`). The principal
+is kept on the request (`request.state.principal`) for the access log, and its subject is set
+on the request span. No token is ever logged."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import Depends, HTTPException, Request
+from opentelemetry import trace
+
+from app.config import Settings
+from app.security.principals import ALL_SCOPES, READ, Principal
+from app.security.ratelimit import RateLimitBackendDown, RateLimiter, headers_for
+from app.security.tokens import InvalidToken, KeySourceUnavailable, TokenVerifier
+from app.services.errors import Overloaded, RateLimited
+
+log = logging.getLogger(__name__)
+REALM = 'Bearer realm="itemstream"'
+
+
+class AccessControl:
+    """Turns a request into a principal, or refuses it."""
+
+    def __init__(
+        self, settings: Settings, verifier: TokenVerifier | None, limiter: RateLimiter | None
+    ) -> None:
+        self._mode = settings.auth_mode
+        self._anonymous_read = settings.auth_anonymous_read
+        self.verifier = verifier
+        self.limiter = limiter
+
+    async def principal(self, request: Request, scope: str) -> Principal:
+        client = request.client.host if request.client else ""
+        if self._mode == "none":
+            return Principal("anonymous", ALL_SCOPES, anonymous=True, client=client)
+        token = _bearer(request)
+        if token is None:
+            if self._anonymous_read and scope == READ:
+                return Principal("anonymous", frozenset({READ}), anonymous=True, client=client)
+            raise HTTPException(401, "a bearer token is required", {"WWW-Authenticate": REALM})
+        assert self.verifier is not None
+        try:
+            verified = await self.verifier.verify(token)
+        except InvalidToken as error:
+            challenge = f'{REALM}, error="{error.error}", error_description="{error.detail}"'
+            raise HTTPException(401, error.detail, {"WWW-Authenticate": challenge}) from None
+        except KeySourceUnavailable as error:
+            log.warning("cannot verify tokens: %s", error)
+            raise Overloaded("the identity provider's keys are unavailable", 5) from None
+        return Principal(verified.subject, verified.scopes, client=client)
+
+    async def check_rate(self, principal: Principal) -> dict[str, str]:
+        if self.limiter is None:
+            return {}
+        try:
+            decision = await self.limiter.hit(principal.rate_key)
+        except RateLimitBackendDown:
+            raise Overloaded("rate limiting is unavailable; retry shortly", 2) from None
+        headers = headers_for(decision)
+        if not decision.allowed:
+            raise RateLimited("too many requests from this caller", decision.retry_after, headers)
+        return headers
+
+
+def _bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization")
+    if not header:
+        return None
+    kind, _, token = header.partition(" ")
+    if kind.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def require(scope: str) -> Any:
+    """A dependency: the caller's principal, who must hold `scope`."""
+
+    async def dependency(request: Request) -> Principal:
+        access: AccessControl = request.app.state.services.access
+        principal = await access.principal(request, scope)
+        request.state.principal = principal
+        span = trace.get_current_span()
+        if span.is_recording():
+            span.set_attribute("enduser.id", principal.subject)
+        if scope not in principal.scopes:
+            challenge = f'{REALM}, error="insufficient_scope", scope="{scope}"'
+            raise HTTPException(
+                403, f"the token lacks the {scope!r} scope", {"WWW-Authenticate": challenge}
+            )
+        request.state.rate_headers = await access.check_rate(principal)
+        return principal
+
+    return Depends(dependency)

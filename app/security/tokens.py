@@ -1,0 +1,183 @@
+"""Bearer JWT verification: RS256/ES256 against an issuer's JWKS (found through OIDC
+discovery, cached, re-fetched when a token names an unknown key, so keys rotate without a
+restart), or HS256 with a shared secret for development.
+
+Refused: `alg: none`, algorithms outside the allowlist, an algorithm that does not match the
+key type (the HS/RS confusion attack), and tokens without `exp` or `sub`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import jwt
+
+log = logging.getLogger(__name__)
+
+ASYMMETRIC = {"RS256": "RSA", "ES256": "EC"}
+
+
+class InvalidToken(Exception):
+    """The token is missing, malformed, expired, not for us, or not signed by the issuer.
+    `detail` is safe to show; `error` is the RFC 6750 error code."""
+
+    def __init__(self, detail: str, error: str = "invalid_token") -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.error = error
+
+
+class KeySourceUnavailable(Exception):
+    """The issuer's discovery document or JWKS could not be fetched."""
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedClaims:
+    subject: str
+    scopes: frozenset[str]
+    claims: Mapping[str, Any]
+
+
+def scopes_of(claims: Mapping[str, Any]) -> frozenset[str]:
+    """OAuth `scope` (space-separated) or `scp` (a list, as Entra ID and Okta send)."""
+    scope = claims.get("scope")
+    if isinstance(scope, str):
+        return frozenset(scope.split())
+    scp = claims.get("scp")
+    if isinstance(scp, list):
+        return frozenset(str(item) for item in scp)
+    if isinstance(scp, str):
+        return frozenset(scp.split())
+    return frozenset()
+
+
+class TokenVerifier:
+    def __init__(
+        self,
+        *,
+        issuer: str | None,
+        audience: str | None,
+        jwks_url: str | None = None,
+        algorithms: tuple[str, ...] = ("RS256", "ES256"),
+        hs256_secret: str | None = None,
+        leeway_seconds: float = 30.0,
+        jwks_cache_seconds: float = 300.0,
+        jwks_min_refresh_seconds: float = 10.0,
+        client: httpx.AsyncClient | None = None,
+    ) -> None:
+        self._issuer = issuer
+        self._audience = audience
+        self._jwks_url = jwks_url
+        self._algorithms = tuple(a for a in algorithms if a in ASYMMETRIC)
+        self._secret = hs256_secret
+        self._leeway = leeway_seconds
+        self._cache_seconds = jwks_cache_seconds
+        self._min_refresh = jwks_min_refresh_seconds
+        self._client = client or httpx.AsyncClient(timeout=httpx.Timeout(5.0))
+        self._keys: dict[str, jwt.PyJWK] = {}
+        self._fetched_at = 0.0
+        self._lock = asyncio.Lock()
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def verify(self, token: str) -> VerifiedClaims:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.DecodeError as error:
+            raise InvalidToken("the token is not a well-formed JWT") from error
+        alg = header.get("alg")
+        if self._secret is not None:
+            if alg != "HS256":
+                raise InvalidToken(f"algorithm {alg!r} is not accepted")
+            key: Any = self._secret
+        else:
+            if alg not in self._algorithms:
+                raise InvalidToken(f"algorithm {alg!r} is not accepted")
+            jwk = await self._key(header.get("kid"))
+            # The key decides the algorithm family: an HS256 token "signed" with a public RSA
+            # key, or an ES256 header on an RSA key, never verifies.
+            if jwk.key_type != ASYMMETRIC[alg]:
+                raise InvalidToken("the token's algorithm does not match its key")
+            key = jwk.key
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                key,
+                algorithms=[alg],
+                audience=self._audience,
+                issuer=self._issuer,
+                leeway=self._leeway,
+                options={"require": ["exp", "sub"], "verify_aud": self._audience is not None},
+            )
+        except jwt.ExpiredSignatureError as error:
+            raise InvalidToken("the token has expired") from error
+        except jwt.ImmatureSignatureError as error:
+            raise InvalidToken("the token is not valid yet") from error
+        except jwt.InvalidAudienceError as error:
+            raise InvalidToken("the token is not for this audience") from error
+        except jwt.InvalidIssuerError as error:
+            raise InvalidToken("the token is from another issuer") from error
+        except jwt.MissingRequiredClaimError as error:
+            raise InvalidToken(f"the token has no {error.claim!r} claim") from error
+        except jwt.InvalidTokenError as error:
+            raise InvalidToken("the token's signature does not verify") from error
+        return VerifiedClaims(str(claims["sub"]), scopes_of(claims), claims)
+
+    async def _key(self, kid: object) -> jwt.PyJWK:
+        if not isinstance(kid, str):
+            raise InvalidToken("the token names no signing key (kid)")
+        stale = time.monotonic() - self._fetched_at > self._cache_seconds
+        if kid not in self._keys or stale:
+            await self._refresh(force=kid not in self._keys)
+        found = self._keys.get(kid)
+        if found is None:
+            raise InvalidToken("the token is signed with an unknown key")
+        return found
+
+    async def _refresh(self, *, force: bool) -> None:
+        async with self._lock:
+            since = time.monotonic() - self._fetched_at
+            # An unknown kid re-fetches the JWKS (key rotation), but at most every
+            # min_refresh seconds: forged kids must not turn into a flood of fetches.
+            if since < self._min_refresh or (not force and since < self._cache_seconds):
+                return
+            try:
+                url = self._jwks_url or await self._discover()
+                response = await self._client.get(url)
+                response.raise_for_status()
+                document = response.json()
+            except (httpx.HTTPError, ValueError) as error:
+                self._fetched_at = time.monotonic()  # back off before the next attempt
+                if self._keys:
+                    log.warning("JWKS refresh failed, keeping the cached keys: %s", error)
+                    return
+                raise KeySourceUnavailable(f"cannot fetch the issuer's keys: {error}") from error
+            keys: dict[str, jwt.PyJWK] = {}
+            for entry in document.get("keys", []):
+                if entry.get("use", "sig") != "sig" or "kid" not in entry:
+                    continue
+                try:
+                    keys[entry["kid"]] = jwt.PyJWK(entry)
+                except jwt.PyJWKError:
+                    continue  # a key type this service does not use
+            self._keys = keys
+            self._fetched_at = time.monotonic()
+            log.info("loaded %d signing keys from the issuer", len(keys))
+
+    async def _discover(self) -> str:
+        if not self._issuer:
+            raise KeySourceUnavailable("no AUTH_ISSUER or AUTH_JWKS_URL configured")
+        url = self._issuer.rstrip("/") + "/.well-known/openid-configuration"
+        response = await self._client.get(url)
+        response.raise_for_status()
+        jwks_uri = response.json().get("jwks_uri")
+        if not isinstance(jwks_uri, str):
+            raise KeySourceUnavailable("the issuer's discovery document has no jwks_uri")
+        self._jwks_url = jwks_uri
+        return jwks_uri
