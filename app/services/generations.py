@@ -145,7 +145,11 @@ class GenerationRun:
             if self.tokens >= self._request.max_tokens:
                 self.finish_reason = self.finish_reason or "length"
                 raise StopAsyncIteration
-            with trace.use_span(self._span) if self._span else nullcontext():
+            with (
+                trace.use_span(self._span, record_exception=False, set_status_on_exception=False)
+                if self._span
+                else nullcontext()
+            ):
                 try:
                     chunk = await self._chunks.__anext__()
                 except ProviderError as error:
