@@ -270,6 +270,8 @@ def test_shared_budget_holds_exactly_across_two_gunicorn_workers(
         }
         # Both workers answered, yet only 30 got through: one budget, not one per worker.
         assert len(served_by) == 2, "both workers should have served"
+        output = server.output()
+        assert token not in output and token.split(".")[2] not in output, "a token was logged"
         assert all(
             line["http"].get("principal") == sub
             for line in server.json_lines()
