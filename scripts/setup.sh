@@ -81,3 +81,10 @@ if ! command -v promtool >/dev/null 2>&1; then
   fi
   if [ -x "$cache/usr/bin/promtool" ]; then export PATH="$cache/usr/bin:$PATH"; fi
 fi
+
+# The rate-limit tests stop a Redis of their own mid-test, so they need the redis-server binary.
+if ! command -v redis-server >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  say "installing redis-server"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null 2>&1 \
+    || say "could not install redis-server; the Redis tests will say so"
+fi
