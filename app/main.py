@@ -53,6 +53,12 @@ async def _every(interval: float, what: str, job: Callable[[], Awaitable[int]]) 
             log.warning("%s failed: %s", what, error)
 
 
+async def _refresh_pool_gauge(database: Database, interval: float = 1.0) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        database.report_pool_usage()
+
+
 DESCRIPTION = """
 Items on PostgreSQL, with idempotent creates, optimistic concurrency (ETag / If-Match),
 offset and keyset pagination, literal case-insensitive search, soft and hard deletes.
@@ -176,6 +182,7 @@ def create_app(settings: Settings | None = None, lifecycle: Lifecycle | None = N
                     generations.sweep_abandoned,
                 )
             ),
+            asyncio.create_task(_refresh_pool_gauge(database)),
         ]
         try:
             yield

@@ -213,6 +213,12 @@ class Database:
                 raise DatabaseUnavailable(_one_line(error)) from error
             raise
 
+    def report_pool_usage(self) -> None:
+        """Re-read the pool's checked-out count. The checkout/checkin events keep the gauge
+        current under load; this periodic read corrects any event-ordering drift at rest."""
+        if self._observer is not None:
+            self._observer.pool_checked_out(self.engine.sync_engine.pool.checkedout())  # type: ignore[attr-defined]
+
     async def dispose(self) -> None:
         await self.engine.dispose()
 
