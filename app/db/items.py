@@ -7,7 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -20,7 +20,6 @@ from sqlalchemy import (
     Integer,
     and_,
     bindparam,
-    case,
     delete,
     func,
     insert,
@@ -35,7 +34,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql import Executable
 from sqlalchemy.sql.elements import ColumnElement
 
-from app.db.session import Session, Writer
+from app.db.session import ExportTarget, Row, Session, Writer
 from app.db.tables import idempotency_keys, items
 from app.services.models import Item, ItemFilter, Position, Sort
 
@@ -195,22 +194,10 @@ EXPORT_COLUMNS = (
     "generated_text",
     "generation_id",
 )
-_TIMESTAMPS = frozenset({"created_at", "updated_at", "deleted_at"})
-_UTC_FORMAT: ColumnElement[str] = literal_column("""'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'""")
 # NDJSON through COPY's CSV mode: a JSON document never contains these control characters
 # raw (JSON escapes them) nor a raw newline, so COPY writes each document verbatim.
 NDJSON_COPY_OPTIONS = {"format": "csv", "delimiter": "\x1e", "quote": "\x1f"}
 CSV_COPY_OPTIONS = {"format": "csv", "header": True}
-
-
-def _export_value(name: str, fmt: str) -> ColumnElement[Any]:
-    column = items.c[name]
-    if name in _TIMESTAMPS:
-        return func.to_char(func.timezone("UTC", column), _UTC_FORMAT)
-    if name == "is_active" and fmt == "csv":  # COPY would write t/f
-        return case((column, literal_column("'true'")), else_=literal_column("'false'"))
-    return column
-
 
 _UTC_TEXT = """to_char(timezone('UTC', {c}), 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')"""
 # How each column becomes JSON text. Concatenation is about twice as fast in PostgreSQL as
@@ -227,6 +214,13 @@ _JSON_TEXT = {
     "deleted_at": """coalesce('"' || """ + _UTC_TEXT + """ || '"', 'null')""",
     "generated_text": "coalesce(to_json({c})::text, 'null')",
     "generation_id": """coalesce('"' || {c} || '"', 'null')""",
+}
+# CSV cells: timestamps as in JSON, booleans as true/false (COPY would write t/f).
+_CSV_TEXT = {
+    "is_active": "{c}::text",
+    "created_at": _UTC_TEXT,
+    "updated_at": _UTC_TEXT,
+    "deleted_at": _UTC_TEXT,
 }
 
 
@@ -249,7 +243,10 @@ def _export(filter_shape: tuple[bool, ...], sort: Sort, fmt: str) -> Any:
         elif fmt == "ndjson":
             selected = (_ndjson_line(),)
         else:
-            selected = tuple(_export_value(name, fmt).label(name) for name in EXPORT_COLUMNS)
+            selected = tuple(
+                literal_column(_CSV_TEXT.get(name, "{c}").format(c=f"items.{name}")).label(name)
+                for name in EXPORT_COLUMNS
+            )
         conditions = _filter_conditions(filter_shape)
         query = select(*selected).select_from(items)
         return query.where(and_(true(), *conditions)).order_by(*order)
@@ -266,6 +263,14 @@ def _json_value(item: Item, name: str) -> Any:
     if isinstance(value, datetime):
         return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     return str(value)
+
+
+def _encode_ndjson_rows(rows: Sequence[Row], first: bool) -> bytes:
+    return encode_ndjson([Item(*row) for row in rows])
+
+
+def _encode_csv_rows(rows: Sequence[Row], first: bool) -> bytes:
+    return encode_csv([Item(*row) for row in rows], header=first)
 
 
 def encode_ndjson(batch: list[Item]) -> bytes:
@@ -407,27 +412,17 @@ class ItemRepository:
         write: Writer,
         *,
         max_seconds: float,
-        batch_size: int = 1000,
     ) -> int:
         """Every matching item to `write` as NDJSON or CSV, in constant memory."""
         filter_shape, params = _filter_params(filters)
+        target = ExportTarget(
+            write=write,
+            copy_options=NDJSON_COPY_OPTIONS if fmt == "ndjson" else CSV_COPY_OPTIONS,
+            encode=_encode_ndjson_rows if fmt == "ndjson" else _encode_csv_rows,
+            max_seconds=max_seconds,
+        )
         shape = ("export", filter_shape, sort, fmt)
-        build = _export(filter_shape, sort, fmt)
-        if self._s.dialect == "postgresql":
-            options = NDJSON_COPY_OPTIONS if fmt == "ndjson" else CSV_COPY_OPTIONS
-            return await self._s.copy_out(
-                shape, build, params, write, options=options, max_seconds=max_seconds
-            )
-        count = 0
-        if fmt == "csv":
-            await write(encode_csv([], header=True))
-        async for rows in self._s.fetch_batches(shape, build, params, batch_size):
-            batch = [Item(*row) for row in rows]
-            await write(
-                encode_ndjson(batch) if fmt == "ndjson" else encode_csv(batch, header=False)
-            )
-            count += len(batch)
-        return count
+        return await self._s.export(shape, _export(filter_shape, sort, fmt), params, target)
 
     # --- idempotency keys ---------------------------------------------------------------
 

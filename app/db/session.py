@@ -9,7 +9,7 @@ embedded development database, runs the same statements through SQLAlchemy."""
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -22,6 +22,19 @@ from sqlalchemy.sql import ClauseElement, Executable
 Builder = Callable[[str], Executable]  # dialect name -> statement with bind parameters
 Row = Sequence[Any]
 Writer = Callable[[bytes], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class ExportTarget:
+    """Where an export goes and in which form. PostgreSQL renders the rows itself (COPY with
+    `copy_options`); other databases fetch batches that `encode(rows, first)` turns into
+    bytes (`first` with no rows: whatever precedes them, e.g. a CSV header)."""
+
+    write: Writer
+    copy_options: Mapping[str, Any]
+    encode: Callable[[Sequence[Row], bool], bytes]
+    max_seconds: float
+    batch_size: int = 1000
 
 _PG_DIALECT: Any = postgresql.asyncpg.dialect()  # type: ignore[no-untyped-call]
 
@@ -92,19 +105,9 @@ class Session(Protocol):
     ) -> list[Row]: ...
     async def scalar(self, shape: Any, build: Builder, params: Mapping[str, Any]) -> Any: ...
     async def execute(self, shape: Any, build: Builder, params: Mapping[str, Any]) -> int: ...
-    async def copy_out(
-        self,
-        shape: Any,
-        build: Builder,
-        params: Mapping[str, Any],
-        write: Writer,
-        *,
-        options: Mapping[str, Any],
-        max_seconds: float,
+    async def export(
+        self, shape: Any, build: Builder, params: Mapping[str, Any], target: ExportTarget
     ) -> int: ...
-    def fetch_batches(
-        self, shape: Any, build: Builder, params: Mapping[str, Any], size: int
-    ) -> AsyncIterator[list[Row]]: ...
 
 
 class PostgresSession:
@@ -142,32 +145,24 @@ class PostgresSession:
         status: str = await self._run("execute", shape, build, params)  # e.g. "DELETE 3"
         return _count(status)
 
-    async def copy_out(
-        self,
-        shape: Any,
-        build: Builder,
-        params: Mapping[str, Any],
-        write: Writer,
-        *,
-        options: Mapping[str, Any],
-        max_seconds: float,
+    async def export(
+        self, shape: Any, build: Builder, params: Mapping[str, Any], target: ExportTarget
     ) -> int:
-        """COPY (query) TO STDOUT straight into `write`: rows stream as the server produces
-        them, and a slow `write` slows the server down (no buffering in between). Must run in
-        a transaction (SET LOCAL lifts the statement timeout for this statement only)."""
+        """COPY (query) TO STDOUT straight into `target.write`: rows stream as the server
+        produces them, and a slow writer slows the server down (no buffering in between).
+        Must run in a transaction (SET LOCAL lifts the statement timeout for this one)."""
         compiled = compiled_for_postgres(shape, build)
         args = [params[n] if n in params else compiled.fixed[n] for n in compiled.params]
-        await self._conn.execute(f"SET LOCAL statement_timeout = {int(max_seconds * 1000)}")
+        limit_ms = int(target.max_seconds * 1000)
+        await self._conn.execute(f"SET LOCAL statement_timeout = {limit_ms}")
         status: str = await self._conn.copy_from_query(
-            compiled.sql, *args, output=write, timeout=max_seconds, **options
+            compiled.sql,
+            *args,
+            output=target.write,
+            timeout=target.max_seconds,
+            **target.copy_options,
         )
         return _count(status)
-
-    async def fetch_batches(
-        self, shape: Any, build: Builder, params: Mapping[str, Any], size: int
-    ) -> AsyncIterator[list[Row]]:
-        raise NotImplementedError("PostgreSQL exports use copy_out")
-        yield []  # pragma: no cover - makes this an async generator
 
 
 def _count(status: str) -> int:
@@ -196,22 +191,17 @@ class SqlAlchemySession:
         result = await self._conn.execute(self._stmt(shape, build), dict(params))
         return int(getattr(result, "rowcount", 0) or 0)
 
-    async def copy_out(
-        self,
-        shape: Any,
-        build: Builder,
-        params: Mapping[str, Any],
-        write: Writer,
-        *,
-        options: Mapping[str, Any],
-        max_seconds: float,
+    async def export(
+        self, shape: Any, build: Builder, params: Mapping[str, Any], target: ExportTarget
     ) -> int:
-        raise NotImplementedError("COPY is PostgreSQL only; use fetch_batches")
-
-    async def fetch_batches(
-        self, shape: Any, build: Builder, params: Mapping[str, Any], size: int
-    ) -> AsyncIterator[list[Row]]:
-        """Rows in batches from one server-side cursor (constant memory)."""
+        """Rows in batches from one server-side cursor (constant memory), encoded here."""
+        head = target.encode([], True)  # e.g. the CSV header, even for no rows
+        if head:
+            await target.write(head)
+        count = 0
         result = await self._conn.stream(self._stmt(shape, build), dict(params))
-        async for partition in result.partitions(size):
-            yield list(partition)
+        async for partition in result.partitions(target.batch_size):
+            rows = list(partition)
+            await target.write(target.encode(rows, False))
+            count += len(rows)
+        return count
