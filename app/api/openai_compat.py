@@ -14,8 +14,8 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse, Response
 
-from app.api.problems import validation_errors
-from app.api.streaming import error_detail, error_status, sse_event
+from app.api.problems import detail_for, status_for, validation_errors
+from app.api.streaming import sse_event
 from app.db.engine import DatabaseUnavailable
 from app.providers.base import Message, ProviderError
 from app.services import errors
@@ -131,12 +131,12 @@ class ChunkFormat:
         return out + sse_event("[DONE]")
 
     def failure(self, run: Run, error: Exception) -> bytes:
-        status, _ = error_status(error)
-        return sse_event({"error": error_body(status, error_detail(error))["error"]})
+        status, _ = status_for(error)
+        return sse_event({"error": error_body(status, detail_for(error))["error"]})
 
     def error_response(self, error: Exception) -> tuple[int, dict[str, str], bytes, str]:
-        status, headers = error_status(error)
-        body = json.dumps(error_body(status, error_detail(error))).encode()
+        status, headers = status_for(error)
+        body = json.dumps(error_body(status, detail_for(error))).encode()
         return status, headers, body, "application/json"
 
 
@@ -185,24 +185,14 @@ class OpenAIRoute(APIRoute):
                 detail, items = validation_errors(exc)
                 field = items[0]["field"] if items else None
                 return openai_error(400, detail, param=field or None)
-            except HTTPException as exc:
-                return openai_error(exc.status_code, str(exc.detail), headers=exc.headers)
-            except errors.RateLimited as exc:
-                return openai_error(429, exc.detail, headers=exc.headers)
-            except errors.InvalidInput as exc:
-                return openai_error(400, exc.detail, param=exc.field)
-            except errors.Overloaded as exc:
-                return openai_error(503, exc.detail, headers={"Retry-After": str(exc.retry_after)})
-            except errors.NotFound as exc:
-                return openai_error(404, exc.detail)
-            except errors.StreamLimitExceeded as exc:
-                return openai_error(504, exc.detail)
-            except ProviderError as exc:
-                status, headers = error_status(exc)
-                return openai_error(status, exc.detail, headers=headers)
-            except DatabaseUnavailable:
+            except (HTTPException, errors.ServiceError, ProviderError, DatabaseUnavailable) as exc:
+                status, headers = status_for(exc)
+                # OpenAI answers invalid requests with 400, where problem+json says 422.
                 return openai_error(
-                    503, "the database is unavailable; retry later", headers={"Retry-After": "2"}
+                    400 if status == 422 else status,
+                    detail_for(exc),
+                    param=getattr(exc, "field", None),
+                    headers=headers,
                 )
 
         return handle

@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
 from app.db.engine import DatabaseUnavailable
+from app.providers.base import ProviderError
 from app.services import errors
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,74 @@ class BodyTooLarge(HTTPException):
         super().__init__(413, f"request body exceeds the limit of {limit} bytes")
 
 
+def status_for(error: BaseException, retry_after: int = 2) -> tuple[int, dict[str, str]]:
+    """The HTTP status and headers for an error, wherever it is rendered: problem+json, an
+    OpenAI error object, or an SSE error event (the one mapping in the app)."""
+    match error:
+        case HTTPException():
+            return error.status_code, dict(error.headers or {})
+        case errors.NotFound():
+            return 404, {}
+        case errors.PreconditionFailed():
+            version = error.current_version
+            return 412, ({"ETag": f'"{version}"'} if version else {})
+        case errors.PreconditionRequired():
+            return 428, {}
+        case errors.IdempotencyKeyReused() | errors.InvalidInput():
+            return 422, {}
+        case errors.IdempotencyKeyInProgress():
+            return 409, {"Retry-After": str(retry_after)}
+        case errors.Overloaded():
+            return 503, {"Retry-After": str(error.retry_after)}
+        case errors.RateLimited():
+            return 429, dict(error.headers)
+        case errors.StreamLimitExceeded():
+            return 504, {}
+        case errors.ServiceError():
+            return 400, {}
+        case ProviderError():
+            return _upstream_status(error)
+        case DatabaseUnavailable():
+            return 503, {"Retry-After": str(retry_after)}
+    return 500, {}
+
+
+def _upstream_status(error: ProviderError) -> tuple[int, dict[str, str]]:
+    if error.kind == "rate_limited":
+        if error.retry_after is None:
+            return 429, {}
+        return 429, {"Retry-After": str(max(1, round(error.retry_after)))}
+    if error.kind == "timeout":
+        return 504, {}
+    if error.kind == "rejected" and error.status in (400, 404, 413, 422):
+        return error.status or 400, {}
+    return 502, {}
+
+
+def detail_for(error: BaseException) -> str:
+    """What the client may read about an error (never internals)."""
+    match error:
+        case errors.ServiceError() | ProviderError():
+            return error.detail
+        case HTTPException():
+            return str(error.detail)
+        case DatabaseUnavailable():
+            return "the database is unavailable; retry later"
+    return "internal error"
+
+
+def problem_body(status: int, detail: str | None = None, **extra: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "type": "about:blank",
+        "title": HTTPStatus(status).phrase,
+        "status": status,
+    }
+    if detail:
+        body["detail"] = detail
+    body.update({key: value for key, value in extra.items() if value is not None})
+    return body
+
+
 def problem_response(
     status: int,
     detail: str | None = None,
@@ -34,16 +103,7 @@ def problem_response(
     headers: Mapping[str, str] | None = None,
     **extra: Any,
 ) -> Response:
-    body: dict[str, Any] = {
-        "type": "about:blank",
-        "title": HTTPStatus(status).phrase,
-        "status": status,
-    }
-    if detail:
-        body["detail"] = detail
-    if instance:
-        body["instance"] = instance
-    body.update({key: value for key, value in extra.items() if value is not None})
+    body = problem_body(status, detail, instance=instance, **extra)
     return Response(
         json.dumps(body, separators=(",", ":"), default=str),
         status_code=status,
@@ -83,15 +143,17 @@ def validation_errors(exc: RequestValidationError) -> tuple[str, list[dict[str, 
 
 
 def install(app: FastAPI, *, retry_after_seconds: int) -> None:
-    retry_after = {"Retry-After": str(retry_after_seconds)}
-
-    async def on_http(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, HTTPException)
+    async def on_error(request: Request, exc: Exception) -> Response:
+        status, headers = status_for(exc, retry_after_seconds)
+        details = None
+        if isinstance(exc, errors.InvalidInput):
+            details = [{"location": exc.location, "field": exc.field, "message": exc.detail}]
         return problem_response(
-            exc.status_code,
-            str(exc.detail) if exc.detail else None,
+            status,
+            detail_for(exc) or None,
             instance=request.url.path,
-            headers=exc.headers,
+            headers=headers,
+            errors=details,
         )
 
     async def on_validation(request: Request, exc: Exception) -> Response:
@@ -99,52 +161,12 @@ def install(app: FastAPI, *, retry_after_seconds: int) -> None:
         detail, items = validation_errors(exc)
         return problem_response(422, detail, instance=request.url.path, errors=items)
 
-    async def on_service(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, errors.ServiceError)
-        path = request.url.path
-        match exc:
-            case errors.NotFound():
-                return problem_response(404, exc.detail, instance=path)
-            case errors.PreconditionFailed():
-                headers = {"ETag": f'"{exc.current_version}"'} if exc.current_version else None
-                return problem_response(412, exc.detail, instance=path, headers=headers)
-            case errors.PreconditionRequired():
-                return problem_response(428, exc.detail, instance=path)
-            case errors.IdempotencyKeyReused():
-                return problem_response(422, exc.detail, instance=path)
-            case errors.IdempotencyKeyInProgress():
-                return problem_response(409, exc.detail, instance=path, headers=retry_after)
-            case errors.InvalidQuery():
-                error = {"location": "query", "field": exc.parameter, "message": exc.detail}
-                return problem_response(422, exc.detail, instance=path, errors=[error])
-            case errors.InvalidInput():
-                error = {"location": "body", "field": exc.field, "message": exc.detail}
-                return problem_response(422, exc.detail, instance=path, errors=[error])
-            case errors.Conflict():
-                return problem_response(409, exc.detail, instance=path)
-            case errors.Overloaded():
-                headers = {"Retry-After": str(exc.retry_after)}
-                return problem_response(503, exc.detail, instance=path, headers=headers)
-            case errors.RateLimited():
-                return problem_response(429, exc.detail, instance=path, headers=exc.headers)
-            case errors.StreamLimitExceeded():
-                return problem_response(504, exc.detail, instance=path)
-        return problem_response(400, exc.detail, instance=path)
-
-    async def on_unavailable(request: Request, exc: Exception) -> Response:
-        return problem_response(
-            503,
-            "the database is unavailable; retry later",
-            instance=request.url.path,
-            headers=retry_after,
-        )
-
     async def on_unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         return problem_response(500, "internal error", instance=request.url.path)
 
-    app.add_exception_handler(HTTPException, on_http)
+    app.add_exception_handler(HTTPException, on_error)
     app.add_exception_handler(RequestValidationError, on_validation)
-    app.add_exception_handler(errors.ServiceError, on_service)
-    app.add_exception_handler(DatabaseUnavailable, on_unavailable)
+    app.add_exception_handler(errors.ServiceError, on_error)
+    app.add_exception_handler(DatabaseUnavailable, on_error)
     app.add_exception_handler(Exception, on_unexpected)

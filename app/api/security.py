@@ -53,17 +53,17 @@ class AccessControl:
             raise Overloaded("the identity provider's keys are unavailable", 5) from None
         return Principal(verified.subject, verified.scopes, client=client)
 
-    async def check_rate(self, principal: Principal) -> dict[str, str]:
+    async def check_rate(self, principal: Principal) -> None:
         if self.limiter is None:
-            return {}
+            return
         try:
             decision = await self.limiter.hit(principal.rate_key)
         except RateLimitBackendDown:
             raise Overloaded("rate limiting is unavailable; retry shortly", 2) from None
-        headers = headers_for(decision)
         if not decision.allowed:
-            raise RateLimited("too many requests from this caller", decision.retry_after, headers)
-        return headers
+            raise RateLimited(
+                "too many requests from this caller", decision.retry_after, headers_for(decision)
+            )
 
 
 def _bearer(request: Request) -> str | None:
@@ -91,7 +91,7 @@ def require(scope: str) -> Any:
             raise HTTPException(
                 403, f"the token lacks the {scope!r} scope", {"WWW-Authenticate": challenge}
             )
-        request.state.rate_headers = await access.check_rate(principal)
+        await access.check_rate(principal)
         return principal
 
     return Depends(dependency)

@@ -25,9 +25,10 @@ from typing import Any, Protocol
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
+from app.api.problems import detail_for
 from app.lifecycle import Lifecycle
 from app.providers.base import ProviderError
-from app.services.errors import ServiceError, StreamLimitExceeded
+from app.services.errors import Overloaded, ServiceError, StreamLimitExceeded
 from app.services.generations import Finished, Outcome, Run
 
 log = logging.getLogger(__name__)
@@ -40,36 +41,6 @@ SSE_HEADERS = [
 ]
 
 _cleanups: set[asyncio.Task[Any]] = set()  # keeps shielded cleanups alive until they end
-
-
-class ShuttingDown(ServiceError):
-    """The process stopped before the stream ended."""
-
-
-def error_status(error: Exception) -> tuple[int, dict[str, str]]:
-    """The HTTP status (and headers) for an error that happens before the first token."""
-    if isinstance(error, ProviderError):
-        if error.kind == "rate_limited":
-            headers = {}
-            if error.retry_after is not None:
-                headers["Retry-After"] = str(max(1, round(error.retry_after)))
-            return 429, headers
-        if error.kind == "timeout":
-            return 504, {}
-        if error.kind == "rejected" and error.status in (400, 404, 413, 422):
-            return error.status or 400, {}
-        return 502, {}
-    if isinstance(error, StreamLimitExceeded):
-        return 504, {}
-    if isinstance(error, ShuttingDown):
-        return 503, {"Retry-After": "1"}
-    return 500, {}
-
-
-def error_detail(error: Exception) -> str:
-    if isinstance(error, ProviderError | ServiceError):
-        return error.detail
-    return "internal error"
 
 
 class StreamFormat(Protocol):
@@ -134,7 +105,7 @@ class EventStreamResponse(Response):
             else:
                 outcome, error = "failed", "the server shut down before the stream ended"
                 await _cancel(producer)
-                await self._fail(send, ShuttingDown(error))
+                await self._fail(send, Overloaded(error, retry_after=1))
         finally:
             for task in (producer, disconnect, shutdown):
                 task.cancel()
@@ -183,7 +154,7 @@ class EventStreamResponse(Response):
             if pending is not None:
                 await _cancel(pending)
             await self._fail(send, failure)
-            return "failed", error_detail(failure)
+            return "failed", detail_for(failure)
         finally:
             if pending is not None:
                 await _cancel(pending)

@@ -36,6 +36,7 @@ class ExportTarget:
     max_seconds: float
     batch_size: int = 1000
 
+
 _PG_DIALECT: Any = postgresql.asyncpg.dialect()  # type: ignore[no-untyped-call]
 
 

@@ -35,22 +35,19 @@ class IdempotencyKeyInProgress(ServiceError):
     """Another request with this key has not finished."""
 
 
-class InvalidQuery(ServiceError):
-    def __init__(self, detail: str, parameter: str) -> None:
-        super().__init__(detail)
-        self.parameter = parameter
-
-
-class Conflict(ServiceError):
-    """The request conflicts with work in progress (e.g. the same generation is running)."""
-
-
 class InvalidInput(ServiceError):
-    """The body passed schema validation but breaks a deployment limit (e.g. prompt size)."""
+    """The request passed schema validation but breaks a rule or a deployment limit (e.g.
+    prompt size). `field` and `location` say where."""
 
-    def __init__(self, detail: str, field: str) -> None:
+    def __init__(self, detail: str, field: str, location: str = "body") -> None:
         super().__init__(detail)
         self.field = field
+        self.location = location
+
+
+class InvalidQuery(InvalidInput):
+    def __init__(self, detail: str, parameter: str) -> None:
+        super().__init__(detail, parameter, "query")
 
 
 class Overloaded(ServiceError):

@@ -27,7 +27,7 @@ from app.lifecycle import Lifecycle
 from app.providers.base import Chunk, CompletionRequest, Message, Provider, ProviderError
 from app.security.principals import Principal
 from app.services.errors import (
-    Conflict,
+    IdempotencyKeyInProgress,
     InvalidInput,
     NotFound,
     Overloaded,
@@ -318,7 +318,9 @@ class GenerationService:
         if existing is not None:
             if existing.status == "completed":
                 return ReplayedRun(existing, self.limits.max_seconds)
-            raise Conflict(f"generation {existing.id} for this Idempotency-Key is still running")
+            raise IdempotencyKeyInProgress(
+                f"generation {existing.id} for this Idempotency-Key is still running"
+            )
         request = self._request(_item_prompt(item, instructions), None, max_tokens, None, headers)
         return await self._start(
             request,
@@ -403,7 +405,9 @@ class GenerationService:
                 assert self._quota is not None
                 await self._quota.release(quota_key, 0)
             if _is_unique_violation(error):
-                raise Conflict("a generation for this Idempotency-Key is already running") from None
+                raise IdempotencyKeyInProgress(
+                    "a generation for this Idempotency-Key is already running"
+                ) from None
             raise
         if self._observer is not None:
             self._observer.stream_started(self.provider.name)

@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from http import HTTPStatus
-from typing import Annotated, Any
+from typing import Annotated
 from uuid import UUID
 
 from fastapi import APIRouter, Body, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.api.deps import ServicesDep
-from app.api.problems import PROBLEM_JSON
+from app.api.problems import PROBLEM_JSON, detail_for, problem_body, status_for
 from app.api.routes.items import PROBLEMS, IdempotencyKey
 from app.api.schemas import Problem
 from app.api.security import require
-from app.api.streaming import EventStreamResponse, error_detail, error_status, sse_event
+from app.api.streaming import EventStreamResponse, sse_event
 from app.security.principals import GENERATE, READ, Principal
 from app.services.generations import Finished, Run
 from app.services.models import Generation
@@ -86,21 +85,13 @@ class ItemEventFormat:
         )
 
     def failure(self, run: Run, error: Exception) -> bytes:
-        status, _ = error_status(error)
-        return sse_event(_problem(status, error), event="error")
+        status, _ = status_for(error)
+        return sse_event(problem_body(status, detail_for(error)), event="error")
 
     def error_response(self, error: Exception) -> tuple[int, dict[str, str], bytes, str]:
-        status, headers = error_status(error)
-        return status, headers, json.dumps(_problem(status, error)).encode(), PROBLEM_JSON
-
-
-def _problem(status: int, error: Exception) -> dict[str, Any]:
-    return {
-        "type": "about:blank",
-        "title": HTTPStatus(status).phrase,
-        "status": status,
-        "detail": error_detail(error),
-    }
+        status, headers = status_for(error)
+        body = json.dumps(problem_body(status, detail_for(error))).encode()
+        return status, headers, body, PROBLEM_JSON
 
 
 @router.post(
