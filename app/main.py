@@ -182,8 +182,9 @@ def create_app(settings: Settings | None = None, lifecycle: Lifecycle | None = N
                     generations.sweep_abandoned,
                 )
             ),
-            asyncio.create_task(_refresh_pool_gauge(database)),
         ]
+        if metrics is not None:
+            jobs.append(asyncio.create_task(_refresh_pool_gauge(database)))
         try:
             yield
         finally:

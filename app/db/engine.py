@@ -137,19 +137,6 @@ class Database:
         self.engine = engine
         self._observer = observer
         self._pooler = pooler
-        if observer is not None:
-            pool = engine.sync_engine.pool
-
-            # Absolute values from the pool itself, so a missed event cannot drift them. The
-            # checkin event fires before the connection is back in the pool: not counted then.
-            def on_checkout(*_: object) -> None:
-                observer.pool_checked_out(pool.checkedout())  # type: ignore[attr-defined]
-
-            def on_checkin(*_: object) -> None:
-                observer.pool_checked_out(max(0, pool.checkedout() - 1))  # type: ignore[attr-defined]
-
-            event.listen(engine.sync_engine, "checkout", on_checkout)
-            event.listen(engine.sync_engine, "checkin", on_checkin)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Session]:
@@ -214,8 +201,9 @@ class Database:
             raise
 
     def report_pool_usage(self) -> None:
-        """Re-read the pool's checked-out count. The checkout/checkin events keep the gauge
-        current under load; this periodic read corrects any event-ordering drift at rest."""
+        """Report the pool's checked-out count (the app samples it every second). Read from
+        the pool rather than counted from checkout/checkin events: those drifted (a gauge
+        left at 2 at rest) and cost a metrics write on every checkout."""
         if self._observer is not None:
             self._observer.pool_checked_out(self.engine.sync_engine.pool.checkedout())  # type: ignore[attr-defined]
 
