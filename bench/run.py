@@ -38,10 +38,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from app.db.migrations import migrate  # noqa: E402
-from bench.streams import export, hold_streams, worker_pids  # noqa: E402
+from bench.streams import export, hold_streams  # noqa: E402
 from tests.support.pgbouncer import LEGACY, MODERN, PgBouncer, find_binary  # noqa: E402
 from tests.support.postgres import PostgresServer, throwaway_cluster  # noqa: E402
-from tests.support.processes import free_port, run_coroutine, wait_until  # noqa: E402
+from tests.support.processes import free_port, run_coroutine, wait_until, worker_pids  # noqa: E402
 from tests.support.servers import clean_env  # noqa: E402
 
 DURATION = int(os.environ.get("BENCH_DURATION", "5"))

@@ -9,20 +9,10 @@ import json
 import statistics
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 
-
-def worker_pids(master: int) -> list[int]:
-    return [int(p) for p in Path(f"/proc/{master}/task/{master}/children").read_text().split()]
-
-
-def memory_kib(pid: int, field: str = "VmRSS") -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
+from tests.support.processes import memory_kib
 
 
 @dataclass

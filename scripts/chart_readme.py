@@ -14,6 +14,9 @@ from typing import Any
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from anywhere
+from scripts.generated import write_or_check
+
 CHART = Path(__file__).resolve().parents[1] / "chart"
 BEGIN, END = "<!-- parameters:begin -->", "<!-- parameters:end -->"
 _KEY = re.compile(r"^(\s*)([A-Za-z_][\w-]*):(.*)$")
@@ -70,13 +73,7 @@ def main() -> int:
     head, rest = current.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
     updated = f"{head}{BEGIN}\n{table()}\n{END}{tail}"
-    if "--check" in sys.argv:
-        if updated != current:
-            print("chart/README.md is out of date: run scripts/chart_readme.py", file=sys.stderr)
-            return 1
-        return 0
-    readme.write_text(updated)
-    return 0
+    return write_or_check(readme, updated, "scripts/chart_readme.py")
 
 
 if __name__ == "__main__":

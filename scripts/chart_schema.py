@@ -14,6 +14,9 @@ from typing import Any
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from anywhere
+from scripts.generated import write_or_check
+
 CHART = Path(__file__).resolve().parents[1] / "chart"
 # Passed through to Kubernetes objects as they are: any keys allowed.
 OPEN = {
@@ -156,18 +159,8 @@ def schema() -> dict[str, Any]:
 
 
 def main() -> int:
-    target = CHART / "values.schema.json"
     text = json.dumps(schema(), indent=2) + "\n"
-    if "--check" in sys.argv:
-        if target.read_text() != text:
-            print(
-                "chart/values.schema.json is out of date: run scripts/chart_schema.py",
-                file=sys.stderr,
-            )
-            return 1
-        return 0
-    target.write_text(text)
-    return 0
+    return write_or_check(CHART / "values.schema.json", text, "scripts/chart_schema.py")
 
 
 if __name__ == "__main__":

@@ -3,14 +3,19 @@
 Kept as code so panels stay consistent (one datasource variable, one namespace/job filter)
 and the metric names are easy to check against a real scrape (tests/test_observability.py).
 
-    uv run python scripts/grafana_dashboard.py
+    uv run python scripts/grafana_dashboard.py          # rewrite the file
+    uv run python scripts/grafana_dashboard.py --check  # exit 1 when it is out of date
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from anywhere
+from scripts.generated import write_or_check
 
 OUT = Path(__file__).resolve().parents[1] / "chart" / "files" / "dashboard.json"
 SEL = 'namespace="$namespace", job="$job"'
@@ -214,4 +219,5 @@ def dashboard() -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    OUT.write_text(json.dumps(dashboard(), indent=2) + "\n")
+    text = json.dumps(dashboard(), indent=2) + "\n"
+    raise SystemExit(write_or_check(OUT, text, "scripts/grafana_dashboard.py"))

@@ -21,7 +21,7 @@ from tests.conftest import make_settings, start_bouncer, through
 from tests.support.http_servers import running_app
 from tests.support.pgbouncer import LEGACY, MODERN
 from tests.support.postgres import PostgresServer
-from tests.support.processes import run_coroutine
+from tests.support.processes import memory_kib, run_coroutine, worker_pids
 from tests.support.servers import clean_env, serve
 
 BIG = 100_000
@@ -137,18 +137,6 @@ async def _seed_sql(pg: PostgresServer, database: str, count: int) -> None:
         await conn.close()
 
 
-def _worker_pids(master: int) -> list[int]:
-    children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
-    return [int(pid) for pid in children]
-
-
-def _memory_kib(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise AssertionError(f"no {field} for {pid}")
-
-
 @pytest.mark.postgres
 @pytest.mark.slow
 def test_big_export_streams_in_flat_memory_and_stops_on_disconnect(
@@ -163,9 +151,9 @@ def test_big_export_streams_in_flat_memory_and_stops_on_disconnect(
             WEB_CONCURRENCY="1",
         )
         with serve(env) as server:
-            (worker,) = _worker_pids(server.proc.pid)
+            (worker,) = worker_pids(server.proc.pid)
             httpx.get(f"{server.base}/v1/items", params={"per_page": 100}).raise_for_status()
-            before = _memory_kib(worker, "VmRSS")
+            before = memory_kib(worker, "VmRSS")
             rows = 0
             started = time.monotonic()
             with httpx.stream("GET", f"{server.base}/v1/items/export", timeout=120) as response:
@@ -174,7 +162,7 @@ def test_big_export_streams_in_flat_memory_and_stops_on_disconnect(
                     if line:
                         rows += 1
             elapsed = time.monotonic() - started
-            peak = _memory_kib(worker, "VmHWM")
+            peak = memory_kib(worker, "VmHWM")
             assert rows == BIG
             growth_mib = (peak - before) / 1024
             print(f"export: {rows} rows in {elapsed:.2f}s, worker peak RSS +{growth_mib:.1f} MiB")

@@ -244,15 +244,6 @@ def test_alert_rules_pass_promtool(tmp_path: Path) -> None:
     assert "SUCCESS: 9 rules found" in result.stdout
 
 
-def test_dashboard_file_is_generated() -> None:
-    from scripts import grafana_dashboard
-
-    expected = json.dumps(grafana_dashboard.dashboard(), indent=2) + "\n"
-    assert expected == (CHART / "files" / "dashboard.json").read_text(), (
-        "chart/files/dashboard.json is stale: run scripts/grafana_dashboard.py"
-    )
-
-
 @pytest.mark.slow
 def test_reload_mode_serves_metrics_on_the_metrics_port(tmp_path: Path) -> None:
     """`serve --reload` (the dev loop) has no gunicorn master; METRICS_PORT still works."""

@@ -92,6 +92,7 @@ class GenerationRun:
         item_id: UUID | None,
         idempotency_key: str | None,
         created_at: datetime,
+        quota_key: str | None = None,
     ) -> None:
         self.id = generation_id
         self.model = request.model
@@ -111,7 +112,7 @@ class GenerationRun:
         self.prompt_tokens: int | None = None
         self.finish_reason: str | None = None
         self._finishing: asyncio.Future[Finished] | None = None
-        self.quota_key: str | None = None  # whose stream slot and token budget this uses
+        self.quota_key = quota_key  # whose stream slot and token budget this uses
         self._span: Span | None = None
         if trace.get_current_span().is_recording():
             self._span = _tracer.start_span(
@@ -373,17 +374,15 @@ class GenerationService:
                 retry_after=1,
             )
         self._active += 1  # before the first await: admission is atomic within the worker
-        quota_key = principal.rate_key if principal is not None and self._quota else None
+        quota = self._quota if principal is not None else None
+        quota_key = principal.rate_key if principal is not None else ""
+        admitted = False
+        generation_id = uuid7()
+        now = _now()
         try:
-            if quota_key is not None:
-                assert self._quota is not None
-                await self._quota.admit(quota_key)
-        except BaseException:
-            self._active -= 1
-            raise
-        try:
-            generation_id = uuid7()
-            now = _now()
+            if quota is not None:
+                await quota.admit(quota_key)
+                admitted = True
             values = {
                 "id": generation_id,
                 "kind": kind,
@@ -401,9 +400,9 @@ class GenerationService:
                 await GenerationRepository(session).insert(values)
         except BaseException as error:
             self._active -= 1
-            if quota_key is not None:
-                assert self._quota is not None
-                await self._quota.release(quota_key, 0)
+            if admitted:
+                assert quota is not None
+                await quota.release(quota_key, 0)
             if _is_unique_violation(error):
                 raise IdempotencyKeyInProgress(
                     "a generation for this Idempotency-Key is already running"
@@ -411,7 +410,7 @@ class GenerationService:
             raise
         if self._observer is not None:
             self._observer.stream_started(self.provider.name)
-        run = GenerationRun(
+        return GenerationRun(
             self,
             generation_id,
             request,
@@ -419,9 +418,8 @@ class GenerationService:
             item_id=item_id,
             idempotency_key=idempotency_key,
             created_at=now,
+            quota_key=quota_key if quota is not None else None,
         )
-        run.quota_key = quota_key
-        return run
 
     # --- called by runs -------------------------------------------------------------------
 

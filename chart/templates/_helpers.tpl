@@ -110,22 +110,24 @@ imagePullSecrets:
 {{- if .Values.postgresql.enabled -}}disable{{- else -}}{{- .Values.externalDatabase.sslmode -}}{{- end -}}
 {{- end -}}
 
+{{/* The user's existing Secret for the database password, if any (bundled or external). */}}
+{{- define "itemstream.db.existingSecret" -}}
+{{- ternary .Values.postgresql.auth.existingSecret .Values.externalDatabase.existingSecret .Values.postgresql.enabled -}}
+{{- end -}}
+
 {{/* The Secret and key that hold the database password. */}}
 {{- define "itemstream.db.secretName" -}}
-{{- $existing := ternary .Values.postgresql.auth.existingSecret .Values.externalDatabase.existingSecret .Values.postgresql.enabled -}}
-{{- default (include "itemstream.fullname" .) $existing -}}
+{{- default (include "itemstream.fullname" .) (include "itemstream.db.existingSecret" .) -}}
 {{- end -}}
 
 {{- define "itemstream.db.secretKey" -}}
-{{- $existing := ternary .Values.postgresql.auth.existingSecret .Values.externalDatabase.existingSecret .Values.postgresql.enabled -}}
-{{- if $existing -}}
+{{- if include "itemstream.db.existingSecret" . -}}
 {{- ternary .Values.postgresql.auth.existingSecretPasswordKey .Values.externalDatabase.existingSecretPasswordKey .Values.postgresql.enabled -}}
 {{- else -}}database-password{{- end -}}
 {{- end -}}
 
 {{- define "itemstream.db.ownSecret" -}}
-{{- $existing := ternary .Values.postgresql.auth.existingSecret .Values.externalDatabase.existingSecret .Values.postgresql.enabled -}}
-{{- if not $existing -}}true{{- end -}}
+{{- if not (include "itemstream.db.existingSecret" .) -}}true{{- end -}}
 {{- end -}}
 
 {{/* The password the chart's own Secret stores: the value, the one already in the cluster

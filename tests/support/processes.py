@@ -103,3 +103,16 @@ def run_coroutine(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
     (session fixtures are set up lazily from async tests)."""
     with ThreadPoolExecutor(1) as pool:
         return pool.submit(lambda: asyncio.run(factory())).result()
+
+
+def worker_pids(master: int) -> list[int]:
+    """The direct children of a process (gunicorn's workers)."""
+    return [int(p) for p in Path(f"/proc/{master}/task/{master}/children").read_text().split()]
+
+
+def memory_kib(pid: int, field: str = "VmRSS") -> int:
+    """A memory figure of a process from /proc (VmRSS now, VmHWM the peak)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise LookupError(f"no {field} for process {pid}")
