@@ -64,15 +64,13 @@ def _serve_metrics_beside_reloader(settings: Settings) -> None:
         return
     import tempfile
 
-    from prometheus_client import start_http_server
-
-    from app.telemetry.metrics import prepare_multiprocess_dir, scrape_registry
+    from app.telemetry.metrics import prepare_multiprocess_dir, start_metrics_server
 
     directory = os.environ.setdefault(
         "PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="itemstream-metrics-")
     )
     prepare_multiprocess_dir(directory)
-    start_http_server(settings.metrics_port, settings.host, registry=scrape_registry())
+    start_metrics_server(settings.metrics_port, settings.host)
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:

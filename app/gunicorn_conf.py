@@ -56,11 +56,9 @@ def on_starting(server: Any) -> None:
 
 def when_ready(server: Any) -> None:
     if _settings.metrics_enabled and _settings.metrics_port is not None:
-        from prometheus_client import start_http_server
+        from app.telemetry.metrics import start_metrics_server
 
-        from app.telemetry.metrics import scrape_registry
-
-        start_http_server(_settings.metrics_port, _settings.host, registry=scrape_registry())
+        start_metrics_server(_settings.metrics_port, _settings.host)
         server.log.info("metrics on %s:%s/metrics", _settings.host, _settings.metrics_port)
 
 

@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+from app.services.errors import RateLimited
+
 log = logging.getLogger(__name__)
 
 FailMode = Literal["open", "closed"]
@@ -229,8 +231,6 @@ class LimiterQuota:
         self._limiter = limiter
 
     async def admit(self, key: str) -> None:
-        from app.services.errors import RateLimited
-
         budget = await self._limiter.tokens_left(key)
         if not budget.allowed:
             raise RateLimited(

@@ -182,5 +182,13 @@ def prepare_multiprocess_dir(path: str) -> None:
     directory.mkdir(parents=True, exist_ok=True)
 
 
+def start_metrics_server(port: int, host: str) -> None:
+    """Serve the merged per-worker files on their own port, from a process that serves no
+    requests (gunicorn's master, or the reloader in `serve --reload`)."""
+    from prometheus_client import start_http_server
+
+    start_http_server(port, host, registry=scrape_registry())
+
+
 def mark_worker_dead(pid: int) -> None:
     multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
