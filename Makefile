@@ -6,7 +6,7 @@ run:  ## run the service on the embedded SQLite database at http://127.0.0.1:800
 test:  ## the whole test suite (installs uv, Python deps and PgBouncer where missing)
 	./scripts/test.sh
 
-bench:  ## benchmark: the service vs the raw-ASGI limit and the common FastAPI pattern (~10 min)
+bench:  ## benchmark: the service vs the raw-ASGI limit and the common FastAPI pattern (~12 min)
 	./scripts/bench.sh
 
 lint:
