@@ -37,6 +37,7 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
                 settings.migration_database,
                 revision=args.revision,
                 lock_timeout=settings.migration_lock_timeout,
+                wait_seconds=settings.migration_wait_seconds,
             )
         )
     except migrations.MigrationLockTimeout as error:

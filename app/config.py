@@ -20,6 +20,9 @@ Pooler = Literal["none", "pgbouncer", "pgbouncer-legacy"]
 Algorithm = Literal["RS256", "ES256"]
 
 DEFAULT_SQLITE_URL = "sqlite+aiosqlite:///./itemstream.db"
+# Of gunicorn's graceful timeout, what the app keeps for its own shutdown (closing pools,
+# flushing spans) after connections have drained and before gunicorn's SIGKILL.
+SHUTDOWN_RESERVE_SECONDS = 5
 
 
 def normalize_database_url(raw: str) -> str:
@@ -54,6 +57,17 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     web_concurrency: int | None = Field(None, ge=1, le=64)
+    # gunicorn (`itemstream serve`). With async workers `timeout` is an event-loop heartbeat,
+    # not a request timeout. Keep-alive outlasts the idle timeout of the proxies in front
+    # (ALB/nginx/Envoy: 60 s), so the proxy closes idle connections first and never reuses one
+    # we just closed (502s). max_requests is off: every recycle drops open streams.
+    gunicorn_timeout: int = Field(60, ge=1)
+    gunicorn_graceful_timeout: int = Field(30, ge=1)
+    gunicorn_keepalive: int = Field(75, ge=0)
+    gunicorn_max_requests: int = Field(0, ge=0)
+    gunicorn_max_requests_jitter: int | None = Field(None, ge=0)
+    # Proxies whose X-Forwarded-* headers are believed (gunicorn, uvicorn, rate limits).
+    forwarded_allow_ips: str = "127.0.0.1"
     max_body_bytes: int = Field(1_048_576, ge=1024, description="request bodies above get 413")
     cors_allow_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     cors_allow_credentials: bool = False
@@ -87,14 +101,26 @@ class Settings(BaseSettings):
     migration_database_url: str | None = None
     migration_database_password: SecretStr | None = None
     migration_lock_timeout: float = Field(300.0, gt=0)
+    # How long `migrate` waits for the database to accept connections (a cold volume, an
+    # image pull, initdb), retrying with a log line, before it fails.
+    migration_wait_seconds: float = Field(180.0, ge=0)
     db_pooler: Pooler = "none"
     db_pool_size: int = Field(10, ge=1, le=500)
     db_max_overflow: int = Field(5, ge=0, le=500)
     db_pool_timeout: float = Field(5.0, gt=0, description="seconds to wait for a pooled conn")
-    db_pool_recycle: int = Field(1800, ge=-1)
+    # Pooled connections are replaced after this many seconds. Keep it below the grace
+    # period of the pooler in front: PgBouncer >= 1.23 stops on SIGTERM only once its clients
+    # have left, so a rolling restart of the pooler completes without a failed request.
+    db_pool_recycle: int = Field(60, ge=-1)
     db_pool_pre_ping: bool = False
     db_connect_timeout: float = Field(5.0, gt=0)
-    db_statement_timeout: float = Field(30.0, gt=0)
+    # The whole database wait of one unit of work (checkout, connect, the wait in PgBouncer's
+    # queue for a server, every statement, commit); past it the request gets 503. Exports
+    # have their own limit (EXPORT_MAX_SECONDS). Set PgBouncer's query_wait_timeout to it.
+    db_request_timeout: float = Field(5.0, gt=0)
+    db_statement_timeout: float = Field(5.0, gt=0)
+    # /readyz answers within this, on a connection of its own (below the probe's timeout).
+    readiness_timeout: float = Field(2.0, gt=0)
     db_retry_after_seconds: int = Field(2, ge=1, description="Retry-After sent with a 503")
 
     # --- items API --------------------------------------------------------------------
@@ -123,8 +149,8 @@ class Settings(BaseSettings):
     stream_max_seconds: float = Field(300.0, gt=0)
     stream_max_tokens: int = Field(4096, ge=1)
     stream_max_concurrent: int = Field(1000, ge=1, description="per worker; beyond it 503")
-    # On SIGTERM open streams may finish for this long, then end with an error event. Keep it
-    # below GUNICORN_GRACEFUL_TIMEOUT - 5.
+    # On SIGTERM open streams may finish for this long, then end with an error event
+    # (at most GUNICORN_GRACEFUL_TIMEOUT - 5).
     stream_drain_seconds: float = Field(10.0, ge=0)
     max_prompt_chars: int = Field(32_000, ge=1)
     # An export holds one database connection (and a PgBouncer server connection) throughout.
@@ -184,6 +210,18 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:
         problems = self._url_problems()
+        if self.db_statement_timeout > self.db_request_timeout:
+            problems.append(
+                f"DB_STATEMENT_TIMEOUT ({self.db_statement_timeout:g}) must not exceed "
+                f"DB_REQUEST_TIMEOUT ({self.db_request_timeout:g})"
+            )
+        drain_window = self.gunicorn_graceful_timeout - SHUTDOWN_RESERVE_SECONDS
+        if self.stream_drain_seconds > drain_window:
+            problems.append(
+                f"STREAM_DRAIN_SECONDS ({self.stream_drain_seconds:g}) must be at most "
+                f"GUNICORN_GRACEFUL_TIMEOUT - {SHUTDOWN_RESERVE_SECONDS} ({drain_window}): "
+                "longer, and the server cuts open streams without their final event"
+            )
         if self.default_page_size > self.max_page_size:
             problems.append("DEFAULT_PAGE_SIZE must not exceed MAX_PAGE_SIZE")
         if "*" in self.cors_allow_origins and self.cors_allow_credentials:
@@ -207,7 +245,10 @@ class Settings(BaseSettings):
             problems.append("METRICS_PORT must differ from PORT")
         if self.environment == "production":
             if self.is_sqlite:
-                problems.append("the embedded SQLite database is for development only")
+                problems.append(
+                    "DATABASE_URL must name a PostgreSQL database in production (the "
+                    "embedded SQLite database is for development only)"
+                )
             if "*" in self.cors_allow_origins:
                 problems.append("CORS_ALLOW_ORIGINS='*' is refused in production")
         if problems:

@@ -17,21 +17,19 @@ bind = [f"{_settings.host}:{_settings.port}"]
 worker_class = "app.gunicorn_worker.Worker"
 # The embedded SQLite database takes one writer; Postgres deployments size by CPU.
 workers = 1 if _settings.is_sqlite else worker_count()
-# With async workers `timeout` is an event-loop heartbeat, not a request timeout.
-timeout = int(os.environ.get("GUNICORN_TIMEOUT", "60"))
-graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "30"))
-# Longer than the idle timeout of the proxies in front (ALB/nginx/Envoy default 60 s), so the
-# proxy closes idle connections first and never reuses one we just closed (502s).
-keepalive = int(os.environ.get("GUNICORN_KEEPALIVE", "75"))
-# Off by default: every recycle drops open streams, rebuilds the pool and adds metric files.
-max_requests = int(os.environ.get("GUNICORN_MAX_REQUESTS", "0"))
-max_requests_jitter = int(os.environ.get("GUNICORN_MAX_REQUESTS_JITTER", "0")) or (
-    max_requests // 10
+timeout = _settings.gunicorn_timeout
+graceful_timeout = _settings.gunicorn_graceful_timeout
+keepalive = _settings.gunicorn_keepalive
+max_requests = _settings.gunicorn_max_requests
+max_requests_jitter = (
+    _settings.gunicorn_max_requests_jitter
+    if _settings.gunicorn_max_requests_jitter is not None
+    else max_requests // 10
 )
 # Heartbeat file on tmpfs: fchmod on a disk-backed /tmp can block the worker.
 worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None  # noqa: S108
 preload_app = False  # engines and telemetry must be created after the fork
-forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
+forwarded_allow_ips = _settings.forwarded_allow_ips
 accesslog = None  # the app writes its own access log (route template, trace id)
 logconfig_dict = logging_config(_settings.log_level)
 proc_name = "itemstream"

@@ -12,11 +12,8 @@ from gunicorn.arbiter import Arbiter
 from uvicorn import Server
 from uvicorn_worker import UvicornWorker
 
+from app.config import SHUTDOWN_RESERVE_SECONDS
 from app.lifecycle import process_lifecycle
-
-# Leave the app this much of gunicorn's graceful_timeout for its lifespan shutdown (closing
-# pools, flushing spans) after connections are drained, before gunicorn's SIGKILL.
-SHUTDOWN_RESERVE_SECONDS = 5
 
 
 class _Server(Server):

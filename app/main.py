@@ -12,18 +12,16 @@ from datetime import timedelta
 
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from app.api import docs as api_docs
 from app.api import problems
 from app.api.deps import Services
-from app.api.middleware import BodySizeLimit, SecurityHeaders
+from app.api.middleware import BodySizeLimit, HostAllowlist, SecurityHeaders
 from app.api.routes import chat, health, items
 from app.api.routes import generations as generations_routes
 from app.api.security import AccessControl
 from app.config import Settings
 from app.db.engine import Database, create_engine
-from app.db.migrations import head_revision
 from app.lifecycle import Lifecycle, process_lifecycle
 from app.providers.factory import create_provider
 from app.security.ratelimit import Bucket, LimiterQuota, RateLimiter
@@ -127,6 +125,39 @@ def _access(
     return verifier, limiter
 
 
+def _add_middleware(app: FastAPI, settings: Settings) -> None:
+    # Middleware: added last runs first. Order from the outside in: tracing (server span),
+    # HTTP metrics, access log (inside the span, so it has the trace id), CORS, body limit.
+    app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
+    if settings.cors_allow_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_allow_origins,
+            allow_credentials=settings.cors_allow_credentials,
+            allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+            allow_headers=[
+                "Authorization",
+                "Content-Type",
+                "If-Match",
+                "If-None-Match",
+                "Idempotency-Key",
+            ],
+            expose_headers=[
+                "ETag",
+                "Location",
+                "Link",
+                "Retry-After",
+                "Idempotent-Replayed",
+                "RateLimit",
+                "RateLimit-Policy",
+            ],
+        )
+    if settings.allowed_hosts:
+        app.add_middleware(HostAllowlist, allowed=settings.allowed_hosts)
+    if settings.security_headers:
+        app.add_middleware(SecurityHeaders, hsts_seconds=settings.hsts_seconds)
+
+
 def create_app(settings: Settings | None = None, lifecycle: Lifecycle | None = None) -> FastAPI:
     settings = settings or Settings()
     lifecycle = lifecycle or process_lifecycle
@@ -135,9 +166,19 @@ def create_app(settings: Settings | None = None, lifecycle: Lifecycle | None = N
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         lifecycle.bind(asyncio.get_running_loop())
-        engine = create_engine(settings)
-        tracing.instrument_engine(engine)
-        database = Database(engine, observer=metrics, pooler=settings.db_pooler)
+        database = Database(
+            create_engine(settings),
+            observer=metrics,
+            pooler=settings.db_pooler,
+            request_timeout=settings.db_request_timeout,
+        )
+        # Readiness gets a connection of its own: it must answer within the probe's timeout
+        # whatever the request pool is doing.
+        probe_db = Database(
+            create_engine(settings, pool_size=1),
+            pooler=settings.db_pooler,
+            request_timeout=settings.readiness_timeout,
+        )
         policy = ItemPolicy(
             idempotency_ttl=timedelta(seconds=settings.idempotency_ttl_seconds),
             require_if_match=settings.require_if_match,
@@ -162,7 +203,7 @@ def create_app(settings: Settings | None = None, lifecycle: Lifecycle | None = N
         services = app.state.services = Services(
             settings=settings,
             items=ItemService(database, policy),
-            health=HealthService(database, head_revision(), lifecycle),
+            health=HealthService(probe_db, lifecycle),
             generations=generations,
             lifecycle=lifecycle,
             access=AccessControl(settings, verifier, limiter),
@@ -197,6 +238,7 @@ def create_app(settings: Settings | None = None, lifecycle: Lifecycle | None = N
             if limiter is not None:
                 await limiter.aclose()
             await database.dispose()
+            await probe_db.dispose()
             tracing.flush()
 
     docs = settings.docs_enabled
@@ -217,36 +259,7 @@ def create_app(settings: Settings | None = None, lifecycle: Lifecycle | None = N
     app.include_router(generations_routes.router)
     app.include_router(chat.router)
 
-    # Middleware: added last runs first. Order from the outside in: tracing (server span),
-    # HTTP metrics, access log (inside the span, so it has the trace id), CORS, body limit.
-    app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
-    if settings.cors_allow_origins:
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=settings.cors_allow_origins,
-            allow_credentials=settings.cors_allow_credentials,
-            allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
-            allow_headers=[
-                "Authorization",
-                "Content-Type",
-                "If-Match",
-                "If-None-Match",
-                "Idempotency-Key",
-            ],
-            expose_headers=[
-                "ETag",
-                "Location",
-                "Link",
-                "Retry-After",
-                "Idempotent-Replayed",
-                "RateLimit",
-                "RateLimit-Policy",
-            ],
-        )
-    if settings.allowed_hosts:
-        app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.allowed_hosts)
-    if settings.security_headers:
-        app.add_middleware(SecurityHeaders, hsts_seconds=settings.hsts_seconds)
+    _add_middleware(app, settings)
     app.add_middleware(AccessLog)
     metrics: AppMetrics | None = None
     if settings.metrics_enabled:

@@ -58,6 +58,12 @@ def schema() -> dict[str, Any]:
     out = infer(values)
     p = out["properties"]
     p["global"]["additionalProperties"] = True  # parent charts pass their own globals
+    # A parent chart's `condition: itemstream.enabled` passes `enabled` down.
+    p["enabled"] = {"type": "boolean", "description": "set by a parent chart's condition"}
+    m = p["migrations"]["properties"]
+    m["ttlSecondsAfterFinished"] = {"type": ["integer", "null"], "minimum": 0}
+    m["databaseWaitSeconds"]["minimum"] = 0
+    m["tolerations"]["items"] = {"type": "object"}
     p["environment"]["enum"] = ["development", "test", "production"]
     p["logLevel"]["enum"] = ["DEBUG", "INFO", "WARNING", "ERROR"]
     p["replicaCount"]["minimum"] = 1

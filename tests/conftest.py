@@ -25,6 +25,7 @@ def make_settings(url: URL | str, **overrides: Any) -> Settings:
         "db_pool_timeout": 3.0,
         "db_connect_timeout": 3.0,
         "db_statement_timeout": 10.0,
+        "db_request_timeout": 10.0,
         "db_retry_after_seconds": 1,
         **overrides,
     }

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -38,7 +40,7 @@ def test_password_from_its_own_variable() -> None:
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"environment": "production"}, "SQLite database is for development only"),
+        ({"environment": "production"}, "DATABASE_URL must name a PostgreSQL database"),
         ({"cors_allow_origins": "*", "cors_allow_credentials": True}, "cannot be combined"),
         ({"database_url": "mysql://x@y/z"}, "postgresql+asyncpg or sqlite+aiosqlite"),
         (
@@ -52,6 +54,11 @@ def test_password_from_its_own_variable() -> None:
         ({"db_pooler": "pgbouncer"}, "applies to PostgreSQL only"),
         ({"db_pooler": "pgbouncer-1.18"}, "db_pooler"),
         ({"default_page_size": 500}, "DEFAULT_PAGE_SIZE"),
+        ({"db_statement_timeout": 10}, "DB_STATEMENT_TIMEOUT (10) must not exceed"),
+        (
+            {"stream_drain_seconds": 30, "gunicorn_graceful_timeout": 30},
+            "STREAM_DRAIN_SECONDS (30) must be at most GUNICORN_GRACEFUL_TIMEOUT - 5 (25)",
+        ),
     ],
 )
 def test_unsafe_configuration_is_refused(values: dict[str, object], message: str) -> None:
@@ -83,3 +90,37 @@ def test_cli_check_config_hides_secrets() -> None:
     assert done.returncode == 0, done.stderr
     assert "hunter2" not in done.stdout and "other-secret" not in done.stdout
     assert "database_url=postgresql+asyncpg://app:***@db/app" in done.stdout
+
+
+def test_serve_refuses_settings_that_could_only_fail_at_runtime() -> None:
+    """A drain longer than gunicorn's graceful window would cut every open stream silently
+    and leave its generation `streaming`: `serve` refuses to start, naming both settings."""
+    env = clean_env(STREAM_DRAIN_SECONDS="40", GUNICORN_GRACEFUL_TIMEOUT="30")
+    done = run_cli("serve", env=env, timeout=30)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "STREAM_DRAIN_SECONDS" in done.stderr and "GUNICORN_GRACEFUL_TIMEOUT" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_production_start_without_a_database_names_database_url() -> None:
+    done = run_cli("serve", env=clean_env(ENVIRONMENT="production"), timeout=30)
+    assert done.returncode == 2
+    assert "DATABASE_URL" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_gunicorn_reads_its_settings_from_the_settings_tree() -> None:
+    code = (
+        "import app.gunicorn_conf as c; "
+        "print(c.graceful_timeout, c.keepalive, c.forwarded_allow_ips, c.max_requests_jitter)"
+    )
+    env = clean_env(
+        GUNICORN_GRACEFUL_TIMEOUT="41",
+        GUNICORN_KEEPALIVE="7",
+        FORWARDED_ALLOW_IPS="10.0.0.1",
+        GUNICORN_MAX_REQUESTS="100",
+        METRICS_ENABLED="false",
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    assert done.stdout.split() == ["41", "7", "10.0.0.1", "10"], done.stderr

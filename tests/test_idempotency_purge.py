@@ -5,6 +5,7 @@ from decimal import Decimal
 
 import pytest
 from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from app.config import Settings
 from app.db.engine import Database, create_engine
@@ -15,19 +16,20 @@ from app.services.models import ItemFields
 
 async def test_expired_keys_are_purged_and_live_ones_kept(settings: Settings) -> None:
     db = Database(create_engine(settings))
+    direct = create_async_engine(settings.database)
     service = ItemService(db, ItemPolicy(idempotency_ttl=timedelta(hours=1)))
     fields = ItemFields(name="x", description=None, price=Decimal(1), is_active=True)
     try:
         await service.create(fields, "old")
         await service.create(fields, "fresh")
-        async with db.engine.begin() as conn:
+        async with direct.begin() as conn:
             await conn.execute(
                 update(idempotency_keys)
                 .where(idempotency_keys.c.key == "old")
                 .values(created_at=datetime.now(UTC) - timedelta(hours=2))
             )
         assert await service.purge_expired_idempotency_keys() == 1
-        async with db.engine.begin() as conn:
+        async with direct.begin() as conn:
             keys = set((await conn.execute(select(idempotency_keys.c.key))).scalars())
         assert keys == {"fresh"}
         # An expired key may be used again for a new request.
@@ -35,15 +37,17 @@ async def test_expired_keys_are_purged_and_live_ones_kept(settings: Settings) ->
         assert not again.replayed
     finally:
         await db.dispose()
+        await direct.dispose()
 
 
 @pytest.mark.parametrize("backend", ["sqlite"])
 async def test_expired_key_is_taken_over_without_purge(settings: Settings) -> None:
     db = Database(create_engine(settings))
+    direct = create_async_engine(settings.database)
     service = ItemService(db, ItemPolicy(idempotency_ttl=timedelta(hours=1)))
     try:
         first = await service.create(ItemFields("a", None, Decimal(1), True), "k")
-        async with db.engine.begin() as conn:
+        async with direct.begin() as conn:
             await conn.execute(
                 update(idempotency_keys).values(created_at=datetime.now(UTC) - timedelta(hours=2))
             )
@@ -52,3 +56,4 @@ async def test_expired_key_is_taken_over_without_purge(settings: Settings) -> No
         assert second.item.id != first.item.id
     finally:
         await db.dispose()
+        await direct.dispose()

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import asyncpg
@@ -14,10 +15,21 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from alembic import command
 from app.db.migrations import alembic_config, head_revision, migrate
 from app.db.tables import metadata
-from tests.support.postgres import PostgresServer
+from tests.support.postgres import PostgresServer, throwaway_cluster
 from tests.support.servers import clean_env, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _migrate_process(env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "app", "migrate"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 @pytest.mark.postgres
@@ -25,17 +37,7 @@ def test_concurrent_migrate_runs_apply_exactly_once(pg: PostgresServer) -> None:
     database = pg.create_database("itemstream_migrate")
     url = pg.url(database).render_as_string(hide_password=False)
     env = clean_env(MIGRATION_DATABASE_URL=url, DATABASE_URL=url, LOG_LEVEL="INFO")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "app", "migrate"],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for _ in range(5)
-    ]
+    procs = [_migrate_process(env) for _ in range(5)]
     outputs = [proc.communicate(timeout=120)[0] for proc in procs]
     assert [proc.returncode for proc in procs] == [0] * 5, outputs
     assert sum("Running upgrade" in out for out in outputs) == 1, outputs
@@ -149,3 +151,38 @@ async def test_readyz_is_503_before_migrations(pg: PostgresServer) -> None:
     assert response.status_code == 503
     assert response.json()["status"] == "unavailable"
     pg.drop_database(empty)
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_migrate_waits_for_a_database_that_starts_late() -> None:
+    """A fresh install starts the migration Job and the database together: a cold volume, an
+    image pull and initdb outlast a Job's retries. `migrate` waits (bounded, logged) instead."""
+    late = throwaway_cluster(start=False)
+    try:
+        url = late.url("postgres").render_as_string(hide_password=False)
+        env = clean_env(DATABASE_URL=url, LOG_LEVEL="INFO", MIGRATION_WAIT_SECONDS="60")
+        proc = _migrate_process(env)
+        time.sleep(20)
+        assert proc.poll() is None, proc.communicate()[0]  # still waiting, not failed
+        late.restart()
+        output = proc.communicate(timeout=60)[0]
+        assert proc.returncode == 0, output
+        assert "database not reachable yet" in output
+        assert "upgrading schema from empty" in output
+    finally:
+        late.close()
+
+
+@pytest.mark.postgres
+def test_migrate_gives_up_after_its_wait() -> None:
+    never = throwaway_cluster(start=False)
+    try:
+        url = never.url("postgres").render_as_string(hide_password=False)
+        env = clean_env(DATABASE_URL=url, MIGRATION_WAIT_SECONDS="3")
+        started = time.monotonic()
+        done = run_cli("migrate", env=env, timeout=30)
+        assert done.returncode != 0
+        assert time.monotonic() - started < 15
+    finally:
+        never.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.problems import BodyTooLarge, problem_response
+from app.probes import PROBE_PATHS
 
 
 class BodySizeLimit:
@@ -85,3 +86,31 @@ class SecurityHeaders:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+
+class HostAllowlist:
+    """Pure ASGI: requests whose Host is not in `allowed` get 400, except the probe paths,
+    which answer whatever the Host (kubelet probes send the pod IP, `helm test` the Service
+    name, Prometheus the target address). Entries: exact hosts or `*.domain`; `*` is any."""
+
+    def __init__(self, app: ASGIApp, allowed: list[str]) -> None:
+        self.app = app
+        self.any = "*" in allowed
+        self.exact = frozenset(host.lower() for host in allowed if not host.startswith("*."))
+        self.suffixes = tuple(host[1:].lower() for host in allowed if host.startswith("*."))
+
+    def _allowed(self, host: str) -> bool:
+        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        name = name.lower()
+        return self.any or name in self.exact or name.endswith(self.suffixes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in PROBE_PATHS:
+            await self.app(scope, receive, send)
+            return
+        host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), "")
+        if self._allowed(host):
+            await self.app(scope, receive, send)
+            return
+        response = problem_response(400, "invalid Host header")
+        await response(scope, receive, send)

@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, Response
 
 from app.api.problems import detail_for, status_for, validation_errors
 from app.api.streaming import sse_event
-from app.db.engine import DatabaseUnavailable
+from app.db.errors import DatabaseUnavailable
 from app.providers.base import Message, ProviderError
 from app.services import errors
 from app.services.generations import Finished, Run

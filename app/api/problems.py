@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
-from app.db.engine import DatabaseUnavailable
+from app.db.errors import DatabaseUnavailable
 from app.providers.base import ProviderError
 from app.services import errors
 
@@ -148,12 +148,16 @@ def install(app: FastAPI, *, retry_after_seconds: int) -> None:
         details = None
         if isinstance(exc, errors.InvalidInput):
             details = [{"location": exc.location, "field": exc.field, "message": exc.detail}]
+        # Whether a write that failed this way may have been stored: "not-applied" (safe to
+        # retry) or "unknown" (the commit was sent; retry only with an Idempotency-Key).
+        outcome = exc.outcome if isinstance(exc, DatabaseUnavailable) else None
         return problem_response(
             status,
             detail_for(exc) or None,
             instance=request.url.path,
             headers=headers,
             errors=details,
+            outcome=outcome,
         )
 
     async def on_validation(request: Request, exc: Exception) -> Response:

@@ -1,41 +1,33 @@
-"""Engine construction for each way of reaching the database, and the one transaction scope
+"""The connection pool for each way of reaching the database, and the one transaction scope
 the rest of the app uses."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from typing import Any, Protocol
-from uuid import uuid4
 
-import asyncpg
-from sqlalchemy import event, exc
+from sqlalchemy import event
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from app.config import Settings
+from app.db.errors import (
+    DatabaseUnavailable,
+    Outcome,
+    is_retryable_first_round_trip,
+    is_unavailable_error,
+    one_line,
+)
+from app.db.pool import PostgresPool
 from app.db.session import PostgresSession, Session, SqlAlchemySession
 
 log = logging.getLogger(__name__)
-
-# SQLSTATE classes that mean "the database is not there right now", not "your query is wrong":
-# 08 connection exception, 53 insufficient resources, 57P0x shutdown/starting, 57014 cancelled
-# (statement timeout), and PgBouncer's own 08P01 for "no server connection available".
-_UNAVAILABLE_SQLSTATE_PREFIXES = ("08", "53", "57P0", "57014", "58")
-
-
-class DatabaseUnavailable(Exception):
-    """The database (or the pooler in front of it) cannot serve the request right now."""
-
-
-def _unique_statement_name() -> str:
-    # PgBouncer < 1.21 hands each transaction a different server connection; asyncpg's
-    # per-process counter names (__asyncpg_stmt_1__) would collide between clients there.
-    return f"__asyncpg_{uuid4().hex}__"
 
 
 def postgres_connect_args(settings: Settings) -> dict[str, Any]:
@@ -50,29 +42,32 @@ def postgres_connect_args(settings: Settings) -> dict[str, Any]:
         timeout_ms = int(settings.db_statement_timeout * 1000)
         args["server_settings"]["statement_timeout"] = str(timeout_ms)
     elif settings.db_pooler == "pgbouncer-legacy":
-        # No named statements: the app's queries go out unnamed. The two SQLAlchemy settings
-        # cover what SQLAlchemy itself still executes on these connections (e.g. pre-ping).
-        args["statement_cache_size"] = 0  # asyncpg's cache
-        args["prepared_statement_cache_size"] = 0  # SQLAlchemy's cache
-        args["prepared_statement_name_func"] = _unique_statement_name
+        # No named statements (asyncpg >= 0.31 sends every statement unnamed with its cache
+        # off): PgBouncer < 1.21 hands each transaction a different server connection.
+        args["statement_cache_size"] = 0
     return args
 
 
-def create_engine(settings: Settings, url: URL | None = None) -> AsyncEngine:
-    """Create the app's engine. Call once per process, after any fork."""
+Backend = AsyncEngine | PostgresPool
+
+
+def create_engine(
+    settings: Settings, url: URL | None = None, *, pool_size: int | None = None
+) -> Backend:
+    """Create the app's connection pool: SQLAlchemy's engine for SQLite, asyncpg's pool for
+    PostgreSQL. Call once per process, after any fork. `pool_size` gives a small pool of its
+    own (no overflow), e.g. for the readiness probe."""
     url = url or settings.database
     if url.get_backend_name() == "sqlite":
         engine = create_async_engine(url, connect_args={"timeout": 15})
         event.listen(engine.sync_engine, "connect", _configure_sqlite)
         return engine
-    return create_async_engine(
+    return PostgresPool(
         url,
-        pool_size=settings.db_pool_size,
-        max_overflow=settings.db_max_overflow,
-        pool_timeout=settings.db_pool_timeout,
-        pool_recycle=settings.db_pool_recycle,
-        pool_pre_ping=settings.db_pool_pre_ping,
-        connect_args=postgres_connect_args(settings),
+        postgres_connect_args(settings),
+        max_size=pool_size or settings.db_pool_size + settings.db_max_overflow,
+        acquire_timeout=settings.db_pool_timeout,
+        recycle_seconds=settings.db_pool_recycle,
     )
 
 
@@ -93,29 +88,6 @@ def _unicode_lower(value: str | None) -> str | None:
     return value.lower() if isinstance(value, str) else value
 
 
-def is_unavailable_error(error: BaseException) -> bool:
-    """True when an error means the database could not be reached, not that a query failed."""
-    if isinstance(error, exc.TimeoutError | ConnectionError | TimeoutError):
-        return True  # pool checkout timeout, refused/reset connections, command_timeout
-    if isinstance(error, asyncpg.PostgresError | asyncpg.InterfaceError):
-        sqlstate = getattr(error, "sqlstate", None)
-        if isinstance(sqlstate, str) and sqlstate.startswith(_UNAVAILABLE_SQLSTATE_PREFIXES):
-            return True
-        return isinstance(error, asyncpg.InterfaceError | asyncpg.ConnectionDoesNotExistError)
-    if isinstance(error, exc.DBAPIError):
-        if error.connection_invalidated:
-            return True
-        orig = error.orig
-        sqlstate = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
-        if isinstance(sqlstate, str) and sqlstate.startswith(_UNAVAILABLE_SQLSTATE_PREFIXES):
-            return True
-        cause = getattr(orig, "__cause__", None)
-        if cause is not None and cause is not error:
-            return is_unavailable_error(cause)
-        return isinstance(error, exc.InterfaceError)
-    return isinstance(error, OSError)
-
-
 class DatabaseObserver(Protocol):
     """What the telemetry layer wants to know about the pool (implemented by AppMetrics)."""
 
@@ -125,18 +97,31 @@ class DatabaseObserver(Protocol):
 
 
 class Database:
-    """Owns the engine; hands out one connection with one transaction per unit of work."""
+    """Owns the pool; hands out one connection with one transaction per unit of work.
+
+    Every unit of work is bounded by `request_timeout` as a whole: pool checkout, connect,
+    the wait in PgBouncer's queue for a server (which no connect timeout covers: PgBouncer
+    accepts at once), every statement and the commit. Past it the connection is discarded and
+    the caller gets DatabaseUnavailable. A connection found dead on its first round trip
+    (e.g. left behind by a PgBouncer that restarted) is replaced once: nothing reached the
+    database on it, so any unit of work may be retried."""
 
     def __init__(
         self,
-        engine: AsyncEngine,
+        backend: Backend,
         observer: DatabaseObserver | None = None,
         *,
         pooler: str = "none",
+        request_timeout: float | None = None,
     ) -> None:
-        self.engine = engine
+        self.backend = backend
         self._observer = observer
         self._pooler = pooler
+        self._request_timeout = request_timeout
+
+    @property
+    def dialect(self) -> str:
+        return "postgresql" if isinstance(self.backend, PostgresPool) else "sqlite"
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Session]:
@@ -151,66 +136,148 @@ class Database:
         where the path allows (direct, or PgBouncer >= 1.21 which keeps prepared statements
         across server connections). Older PgBouncer needs the transaction to pin one server
         connection between Parse and Execute."""
-        transactional = (
-            self.engine.dialect.name != "postgresql" or self._pooler == "pgbouncer-legacy"
-        )
+        transactional = self.dialect != "postgresql" or self._pooler == "pgbouncer-legacy"
         async with self._session(transactional=transactional) as session:
             yield session
 
     @asynccontextmanager
     async def stream(self) -> AsyncIterator[Session]:
-        """For a long read that streams to a client (exports). If it ends early (client gone,
-        error) the connection is closed instead of reused: that stops the query on the server
-        at once, and a connection in the middle of a COPY is never handed to anyone else."""
-        async with self._session(transactional=True, discard_on_error=True) as session:
+        """For a long read that streams to a client (exports; bounded by its own limit, not
+        the request timeout). If it ends early (client gone, error) the connection is closed
+        instead of reused: that stops the query on the server at once, and a connection in
+        the middle of a COPY is never handed to anyone else."""
+        async with self._session(
+            transactional=True, discard_on_error=True, bounded=False
+        ) as session:
             yield session
 
     @asynccontextmanager
     async def _session(
-        self, *, transactional: bool, discard_on_error: bool = False
+        self, *, transactional: bool, discard_on_error: bool = False, bounded: bool = True
     ) -> AsyncIterator[Session]:
-        started = time.perf_counter()
+        limit = self._request_timeout if bounded else None
+        deadline: AbstractAsyncContextManager[Any] = (
+            asyncio.timeout(limit) if limit is not None else nullcontext()
+        )
+        state = _UnitState()
         try:
-            async with self.engine.connect() as connection:
-                if self._observer is not None:
-                    self._observer.connection_acquired(time.perf_counter() - started)
-                if connection.dialect.name != "postgresql":
-                    async with connection.begin():
-                        yield SqlAlchemySession(connection)
-                    return
-                raw: Any = (await connection.get_raw_connection()).driver_connection
-                try:
-                    if transactional:
-                        async with raw.transaction():
-                            yield PostgresSession(raw)
-                    else:
-                        yield PostgresSession(raw)
-                except BaseException as error:
-                    if discard_on_error or is_unavailable_error(error):
-                        # The pool cannot see errors on the driver connection: drop this one.
-                        await connection.invalidate()
-                    raise
+            async with deadline, self._connected(state, transactional, discard_on_error) as s:
+                yield s
         except DatabaseUnavailable:
             raise
+        except TimeoutError as error:
+            self._unavailable(error)
+            raise DatabaseUnavailable(
+                f"no answer from the database within {limit}s", outcome=state.outcome
+            ) from error
         except Exception as error:
             if is_unavailable_error(error):
-                log.warning("database unavailable: %s", _one_line(error))
-                if self._observer is not None:
-                    self._observer.database_unavailable()
-                raise DatabaseUnavailable(_one_line(error)) from error
+                self._unavailable(error)
+                raise DatabaseUnavailable(one_line(error), outcome=state.outcome) from error
             raise
 
-    def report_pool_usage(self) -> None:
-        """Report the pool's checked-out count (the app samples it every second). Read from
-        the pool rather than counted from checkout/checkin events: those drifted (a gauge
-        left at 2 at rest) and cost a metrics write on every checkout."""
+    def _unavailable(self, error: BaseException) -> None:
+        log.warning("database unavailable: %s", one_line(error))
         if self._observer is not None:
-            self._observer.pool_checked_out(self.engine.sync_engine.pool.checkedout())  # type: ignore[attr-defined]
+            self._observer.database_unavailable()
+
+    @asynccontextmanager
+    async def _connected(
+        self, state: _UnitState, transactional: bool, discard_on_error: bool
+    ) -> AsyncIterator[Session]:
+        started = time.perf_counter()
+        if not isinstance(self.backend, PostgresPool):
+            async with self.backend.begin() as connection:
+                self._acquired(started)
+                yield SqlAlchemySession(connection)
+            return
+        held = _Held(self.backend, await self.backend.acquire())
+        self._acquired(started)
+        discard = False
+        try:
+            if held.raw.is_closed():  # the peer closed it while pooled (free to check)
+                await held.replace()
+            if not transactional:
+                yield PostgresSession(held.raw, replace=held.replace)
+                return
+            transaction = await _begin(held)
+            try:
+                yield PostgresSession(held.raw)
+            except BaseException as error:
+                if not _in_doubt(error):  # else the connection is closed, which rolls back
+                    await transaction.rollback()
+                raise
+            state.outcome = "unknown"  # from here an error leaves the write in doubt
+            await transaction.commit()
+        except BaseException as error:
+            # A connection in an unknown state (broken, timed out or cancelled mid-statement)
+            # is closed, never handed to the next request.
+            discard = discard_on_error or _in_doubt(error)
+            raise
+        finally:
+            await held.release(discard=discard)
+
+    def _acquired(self, started: float) -> None:
+        if self._observer is not None:
+            self._observer.connection_acquired(time.perf_counter() - started)
+
+    def report_pool_usage(self) -> None:
+        """Report the pool's checked-out count (the app samples it every second)."""
+        if self._observer is not None:
+            if isinstance(self.backend, PostgresPool):
+                count = self.backend.checked_out()
+            else:
+                count = self.backend.sync_engine.pool.checkedout()  # type: ignore[attr-defined]
+            self._observer.pool_checked_out(count)
 
     async def dispose(self) -> None:
-        await self.engine.dispose()
+        if isinstance(self.backend, PostgresPool):
+            await self.backend.close()
+        else:
+            await self.backend.dispose()
 
 
-def _one_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
+class _UnitState:
+    __slots__ = ("outcome",)
+
+    def __init__(self) -> None:
+        self.outcome: Outcome = "not-applied"
+
+
+def _in_doubt(error: BaseException) -> bool:
+    """The connection's protocol state is unknown after this error."""
+    return isinstance(error, asyncio.CancelledError) or is_unavailable_error(error)
+
+
+class _Held:
+    """The connection a unit of work runs on, and how to give it back or replace it."""
+
+    __slots__ = ("pool", "raw")
+
+    def __init__(self, pool: PostgresPool, raw: Any) -> None:
+        self.pool = pool
+        self.raw = raw
+
+    async def release(self, *, discard: bool) -> None:
+        await self.pool.release(self.raw, discard=discard)
+
+    async def replace(self) -> Any:
+        """Close this connection and take a fresh one in its place."""
+        await self.pool.release(self.raw, discard=True)
+        self.raw = await self.pool.acquire()
+        return self.raw
+
+
+async def _begin(held: _Held) -> Any:
+    """BEGIN, the first round trip of a transaction. On a dead connection nothing was done,
+    so it is retried once on a fresh one."""
+    transaction = held.raw.transaction()
+    try:
+        await transaction.start()
+    except Exception as error:
+        if not is_retryable_first_round_trip(error):
+            raise
+        log.info("pooled connection was dead (%s); retrying on a fresh one", one_line(error))
+        transaction = (await held.replace()).transaction()
+        await transaction.start()
+    return transaction

@@ -6,17 +6,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
+from typing import Literal
 
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, text
 from sqlalchemy.engine import URL
-from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
+from sqlalchemy.sql import Executable
 
 from alembic import command
+from app.db.engine import Database
+from app.db.errors import DatabaseUnavailable, is_unavailable_error, one_line
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +42,89 @@ def alembic_config() -> Config:
     return config
 
 
+@cache
 def head_revision() -> str:
     heads = ScriptDirectory.from_config(alembic_config()).get_heads()
     if len(heads) != 1:
         raise RuntimeError(f"expected one Alembic head, found {heads}")
     return heads[0]
+
+
+@cache
+def known_revisions() -> frozenset[str]:
+    script = ScriptDirectory.from_config(alembic_config())
+    return frozenset(revision.revision for revision in script.walk_revisions())
+
+
+Relation = Literal["head", "ahead", "behind", "empty"]
+
+
+@dataclass(frozen=True, slots=True)
+class SchemaStatus:
+    """Where the database's schema stands relative to this code's migrations.
+
+    Expand/contract: every migration keeps the previous release working, so a database
+    *ahead* of this code (at a revision it does not know: a newer release migrated, or this
+    is a rollback) serves this code; a database *behind* it (or empty) does not."""
+
+    current: str | None
+    head: str
+    relation: Relation
+
+    @property
+    def serves_this_code(self) -> bool:
+        return self.relation in ("head", "ahead")
+
+    def describe(self) -> str:
+        match self.relation:
+            case "head":
+                return f"schema at {self.head}"
+            case "ahead":
+                return (
+                    f"schema at {self.current}, ahead of this release's {self.head} "
+                    "(a newer release migrated; compatible by the expand/contract rule)"
+                )
+            case "behind":
+                return (
+                    f"schema at {self.current}, behind this release's {self.head}: "
+                    "migration pending, run `itemstream migrate`"
+                )
+        return f"database has no schema; migration to {self.head} pending, run `itemstream migrate`"
+
+
+def schema_status(current: str | None) -> SchemaStatus:
+    head = head_revision()
+    if current is None:
+        return SchemaStatus(None, head, "empty")
+    if current == head:
+        return SchemaStatus(current, head, "head")
+    return SchemaStatus(current, head, "behind" if current in known_revisions() else "ahead")
+
+
+def _revision_statement(dialect: str) -> Executable:
+    return text("SELECT version_num FROM alembic_version")
+
+
+async def database_revision(db: Database) -> str | None:
+    """The revision the database is at; None when it was never migrated."""
+    try:
+        async with db.read() as session:
+            revision = await session.scalar("alembic_version", _revision_statement, {})
+    except DatabaseUnavailable:
+        raise
+    except Exception as error:
+        if _is_missing_table(error):
+            return None
+        raise
+    return str(revision) if revision is not None else None
+
+
+def _is_missing_table(error: BaseException) -> bool:
+    while error is not None:
+        if getattr(error, "sqlstate", None) == "42P01" or "no such table" in str(error):
+            return True
+        error = error.__cause__  # type: ignore[assignment]
+    return False
 
 
 def _current_revision(connection: Connection) -> str | None:
@@ -77,43 +161,78 @@ async def _acquire_lock(connection: AsyncConnection, wait_seconds: float) -> Non
         await asyncio.sleep(0.25)
 
 
-async def migrate(url: URL, *, revision: str = "head", lock_timeout: float = 300.0) -> bool:
-    """Upgrade to `revision`. Returns True when this call applied something."""
+async def _connect(
+    engine: AsyncEngine, wait_seconds: float, interval: float = 2.0
+) -> AsyncConnection:
+    """The first connection, retried while the database is not there yet (a fresh install
+    starts the migration and the database together)."""
+    deadline = time.monotonic() + wait_seconds
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return await engine.connect()
+        except Exception as error:
+            if not is_unavailable_error(error) or time.monotonic() + interval > deadline:
+                raise
+            log.warning(
+                "database not reachable yet (attempt %d, %s); retrying for up to %.0fs more",
+                attempt,
+                one_line(error),
+                deadline - time.monotonic(),
+            )
+            await asyncio.sleep(interval)
+
+
+async def migrate(
+    url: URL, *, revision: str = "head", lock_timeout: float = 300.0, wait_seconds: float = 0.0
+) -> bool:
+    """Upgrade to `revision`, waiting up to `wait_seconds` for the database to accept
+    connections. Returns True when this call applied something."""
     target = head_revision() if revision == "head" else revision
     engine = create_async_engine(url, poolclass=NullPool)
     try:
-        async with engine.connect() as connection:
-            before = await current_revision(connection)
-            await connection.commit()
-            if before == target:
-                log.info("schema already at %s", target)
-                return False
-            postgres = connection.dialect.name == "postgresql"
-            if postgres:
-                await _acquire_lock(connection, lock_timeout)
-            try:
-                before = await current_revision(connection)
-                await connection.commit()
-                if before == target:
-                    log.info("schema reached %s while waiting; nothing to do", target)
-                    return False
-                log.info("upgrading schema from %s to %s", before or "empty", target)
-                await connection.run_sync(_upgrade, revision)
-                await connection.commit()
-                return True
-            finally:
-                if postgres:
-                    await connection.execute(
-                        text("SELECT pg_advisory_unlock(:key)"), {"key": ADVISORY_LOCK_KEY}
-                    )
-                    await connection.commit()
+        connection = await _connect(engine, wait_seconds)
+        try:
+            return await _migrate_on(connection, target, revision, lock_timeout)
+        finally:
+            await connection.close()
     finally:
         await engine.dispose()
 
 
+async def _migrate_on(
+    connection: AsyncConnection, target: str, revision: str, lock_timeout: float
+) -> bool:
+    before = await current_revision(connection)
+    await connection.commit()
+    if before == target:
+        log.info("schema already at %s", target)
+        return False
+    postgres = connection.dialect.name == "postgresql"
+    if postgres:
+        await _acquire_lock(connection, lock_timeout)
+    try:
+        before = await current_revision(connection)
+        await connection.commit()
+        if before == target:
+            log.info("schema reached %s while waiting; nothing to do", target)
+            return False
+        log.info("upgrading schema from %s to %s", before or "empty", target)
+        await connection.run_sync(_upgrade, revision)
+        await connection.commit()
+        return True
+    finally:
+        if postgres:
+            await connection.execute(
+                text("SELECT pg_advisory_unlock(:key)"), {"key": ADVISORY_LOCK_KEY}
+            )
+            await connection.commit()
+
+
 async def wait_for_head(url: URL, *, wait_seconds: float, interval: float = 2.0) -> None:
-    """Block until the schema is at head (used by pods that must not start before it)."""
-    target = head_revision()
+    """Block until the schema serves this code: at its head, or ahead of it (a newer release
+    migrated; see SchemaStatus). Used by pods that must not start before the migration."""
     engine = create_async_engine(url, poolclass=NullPool)
     deadline = time.monotonic() + wait_seconds
     last = "not checked"
@@ -121,11 +240,11 @@ async def wait_for_head(url: URL, *, wait_seconds: float, interval: float = 2.0)
         while True:
             try:
                 async with engine.connect() as connection:
-                    current = await current_revision(connection)
-                if current == target:
-                    log.info("schema is at head %s", target)
+                    status = schema_status(await current_revision(connection))
+                if status.serves_this_code:
+                    log.info("%s", status.describe())
                     return
-                last = f"schema at {current or 'empty'}, waiting for {target}"
+                last = status.describe()
             except Exception as error:  # the database may still be starting
                 last = f"database not reachable: {type(error).__name__}: {error}"
             if time.monotonic() > deadline:

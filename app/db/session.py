@@ -19,6 +19,8 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql import ClauseElement, Executable
 
+from app.db.errors import is_retryable_first_round_trip
+
 Builder = Callable[[str], Executable]  # dialect name -> statement with bind parameters
 Row = Sequence[Any]
 Writer = Callable[[bytes], Awaitable[None]]
@@ -111,16 +113,34 @@ class Session(Protocol):
     ) -> int: ...
 
 
+Replace = Callable[[], Awaitable[Any]]
+
+
 class PostgresSession:
     dialect = "postgresql"
 
-    def __init__(self, connection: Any) -> None:
+    def __init__(self, connection: Any, *, replace: Replace | None = None) -> None:
         self._conn = connection  # asyncpg.Connection
+        # Outside a transaction the first statement is the first round trip: if the pooled
+        # connection turns out dead there, nothing ran, and one retry on a fresh one is safe.
+        self._replace = replace
 
     async def _run(self, method: str, shape: Any, build: Builder, params: Mapping[str, Any]) -> Any:
         compiled = compiled_for_postgres(shape, build)
         fixed = compiled.fixed
         args = [params[n] if n in params else fixed[n] for n in compiled.params]
+        replace, self._replace = self._replace, None
+        if replace is None:
+            return await self._traced(method, compiled, args)
+        try:
+            return await self._traced(method, compiled, args)
+        except Exception as error:
+            if not is_retryable_first_round_trip(error):
+                raise
+            self._conn = await replace()
+            return await self._traced(method, compiled, args)
+
+    async def _traced(self, method: str, compiled: _Compiled, args: list[Any]) -> Any:
         run = getattr(self._conn, method)
         # Only as a child of a sampled span: probes, background jobs and unsampled requests
         # create no spans at all (and pay nothing for them).

@@ -1,18 +1,17 @@
-"""Readiness: the database answers through the app's own pool and the schema is at head."""
+"""Readiness: the database answers, on a connection of its own, and its schema serves this
+code (at head, or ahead of it by the expand/contract rule)."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
-from sqlalchemy import text
-from sqlalchemy.sql import Executable
-
-from app.db.engine import Database, DatabaseUnavailable
+from app.db.engine import Database
+from app.db.errors import DatabaseUnavailable
+from app.db.migrations import database_revision, schema_status
 from app.lifecycle import Lifecycle
 
-
-def _version_query(dialect: str) -> Executable:
-    return text("SELECT version_num FROM alembic_version")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,21 +21,30 @@ class Readiness:
 
 
 class HealthService:
-    def __init__(self, db: Database, expected_revision: str, lifecycle: Lifecycle) -> None:
+    """`db` must not be the request pool: a pool saturated by long exports would make the
+    probe queue behind them and take a busy pod out of service."""
+
+    def __init__(self, db: Database, lifecycle: Lifecycle) -> None:
         self._db = db
-        self._expected = expected_revision
         self._lifecycle = lifecycle
+        self._last_detail: str | None = None
 
     async def readiness(self) -> Readiness:
         if self._lifecycle.shutting_down:
             return Readiness(False, "shutting down")
         try:
-            async with self._db.read() as session:
-                current = await session.scalar("alembic_version", _version_query, {})
+            current = await database_revision(self._db)
         except DatabaseUnavailable as error:
-            return Readiness(False, f"database unavailable: {error}")
-        except Exception as error:  # e.g. alembic_version missing on an empty database
-            return Readiness(False, f"schema check failed: {type(error).__name__}")
-        if current != self._expected:
-            return Readiness(False, f"schema at {current or 'nothing'}, expected {self._expected}")
-        return Readiness(True, f"schema at {current}")
+            return self._report(Readiness(False, f"database unavailable: {error}"))
+        except Exception as error:
+            return self._report(Readiness(False, f"schema check failed: {type(error).__name__}"))
+        status = schema_status(current)
+        return self._report(Readiness(status.serves_this_code, status.describe()))
+
+    def _report(self, result: Readiness) -> Readiness:
+        # Log changes only: probes come every few seconds.
+        if result.detail != self._last_detail:
+            self._last_detail = result.detail
+            level = logging.INFO if result.ready else logging.WARNING
+            log.log(level, "readiness: %s", result.detail)
+        return result

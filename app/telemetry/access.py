@@ -8,9 +8,9 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-log = logging.getLogger("itemstream.access")
+from app.probes import PROBE_PATHS
 
-QUIET_PATHS = frozenset({"/livez", "/readyz", "/metrics"})
+log = logging.getLogger("itemstream.access")
 
 
 class AccessLog:
@@ -36,7 +36,7 @@ class AccessLog:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
             path = scope["path"]
-            level = logging.DEBUG if path in QUIET_PATHS else logging.INFO
+            level = logging.DEBUG if path in PROBE_PATHS else logging.INFO
             if log.isEnabledFor(level):
                 duration_ms = round((time.perf_counter() - started) * 1000, 2)
                 method = scope["method"]

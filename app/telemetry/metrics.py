@@ -16,7 +16,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, mult
 from prometheus_fastapi_instrumentator import Instrumentator
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-NOT_INSTRUMENTED = ["/livez", "/readyz", "/metrics"]
+from app.probes import PROBE_PATHS
+
+NOT_INSTRUMENTED = sorted(PROBE_PATHS)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 

@@ -15,19 +15,18 @@ import httpx
 from fastapi import FastAPI
 from opentelemetry import propagate, trace
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
-from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.config import Settings
+from app.probes import PROBE_PATHS
 
 log = logging.getLogger(__name__)
 
-NOT_TRACED = "livez,readyz,metrics"
+NOT_TRACED = ",".join(sorted(path.lstrip("/") for path in PROBE_PATHS))
 
 _provider: TracerProvider | None = None
 _configured_pid: int | None = None
@@ -77,22 +76,6 @@ def instrument_app(app: FastAPI) -> None:
         excluded_urls=NOT_TRACED,
         # One span per request, not one per body chunk (SSE streams send thousands).
         exclude_spans=["receive", "send"],
-    )
-
-
-def instrument_engine(engine: AsyncEngine) -> None:
-    if _provider is None:
-        return
-    # No SQL commenter: a per-request comment makes every statement unique, which defeats
-    # asyncpg's statement cache and PgBouncer's prepared-statement tracking.
-    # skip_dep_check: the instrumentation still declares "sqlalchemy < 2.1" and would silently
-    # do nothing on 2.1, whose cursor-execute events it hooks are unchanged
-    # (tests/test_telemetry.py asserts the database spans arrive).
-    SQLAlchemyInstrumentor().instrument(
-        engine=engine.sync_engine,
-        tracer_provider=_provider,
-        enable_commenter=False,
-        skip_dep_check=True,
     )
 
 

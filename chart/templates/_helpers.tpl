@@ -281,7 +281,10 @@ DB_POOLER: {{ include "itemstream.app.pooler" . | quote }}
 DB_POOL_SIZE: {{ .Values.config.dbPoolSize | quote }}
 DB_MAX_OVERFLOW: {{ .Values.config.dbMaxOverflow | quote }}
 DB_POOL_TIMEOUT: {{ .Values.config.dbPoolTimeout | quote }}
+DB_REQUEST_TIMEOUT: {{ .Values.config.dbRequestTimeout | quote }}
 DB_STATEMENT_TIMEOUT: {{ .Values.config.dbStatementTimeout | quote }}
+DB_POOL_RECYCLE: {{ .Values.config.dbPoolRecycle | quote }}
+READINESS_TIMEOUT: {{ include "itemstream.readinessTimeout" . | quote }}
 MAX_BODY_BYTES: {{ .Values.config.maxBodyBytes | int64 | quote }}
 REQUIRE_IF_MATCH: {{ .Values.config.requireIfMatch | quote }}
 DOCS_ENABLED: {{ .Values.config.docsEnabled | quote }}
@@ -348,4 +351,92 @@ OTEL_TRACES_EXPORTER: "none"
 
 {{- define "itemstream.configChecksum" -}}
 {{- include "itemstream.config" . | sha256sum -}}
+{{- end -}}
+
+{{/* The app answers /readyz within this (seconds), one second inside the probe's timeout. */}}
+{{- define "itemstream.readinessTimeout" -}}
+{{- max 1 (sub (int .Values.probes.readiness.timeoutSeconds) 1) -}}
+{{- end -}}
+
+{{/* PgBouncer >= 1.23 stops on SIGTERM once its clients have left; the app replaces each
+     pooled connection within config.dbPoolRecycle, so that long (plus the preStop sleep and
+     a margin) lets a PgBouncer pod go without cutting a request. */}}
+{{- define "itemstream.pgbouncer.terminationGracePeriod" -}}
+{{- add .Values.pgbouncer.preStopSleepSeconds .Values.config.dbPoolRecycle 15 -}}
+{{- end -}}
+
+{{/* The migration Job's spec, rendered once: the Job's name in `job` mode hashes it. */}}
+{{- define "itemstream.migrations.jobSpec" -}}
+{{- $root := .root -}}
+{{- $values := $root.Values -}}
+backoffLimit: {{ $values.migrations.backoffLimit }}
+activeDeadlineSeconds: {{ $values.migrations.activeDeadlineSeconds }}
+{{- if and (not .hook) $values.migrations.ttlSecondsAfterFinished }}
+ttlSecondsAfterFinished: {{ $values.migrations.ttlSecondsAfterFinished }}
+{{- end }}
+template:
+  metadata:
+    labels:
+      {{- include "itemstream.labels" (dict "root" $root "component" "migrate") | nindent 6 }}
+    {{- with $values.migrations.podAnnotations }}
+    annotations:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+  spec:
+    restartPolicy: Never
+    {{- with $values.migrations.serviceAccountName }}
+    serviceAccountName: {{ . }}
+    {{- end }}
+    automountServiceAccountToken: false
+    {{- include "itemstream.imagePullSecrets" $root | nindent 4 }}
+    securityContext:
+      {{- toYaml $values.podSecurityContext | nindent 6 }}
+    {{- with $values.migrations.nodeSelector }}
+    nodeSelector:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+    {{- with $values.migrations.tolerations }}
+    tolerations:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+    {{- with $values.migrations.affinity }}
+    affinity:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+    containers:
+      - name: migrate
+        image: {{ include "itemstream.appImage" $root }}
+        imagePullPolicy: {{ $values.image.pullPolicy }}
+        args: ["migrate"]
+        env:
+          - name: ENVIRONMENT
+            value: {{ $values.environment | quote }}
+          - name: LOG_LEVEL
+            value: {{ $values.logLevel | quote }}
+          - name: DATABASE_URL
+            value: {{ include "itemstream.app.databaseUrl" $root | quote }}
+          - name: MIGRATION_DATABASE_URL
+            value: {{ include "itemstream.migrationDatabaseUrl" $root | quote }}
+          - name: DB_POOLER
+            value: {{ include "itemstream.app.pooler" $root | quote }}
+          - name: MIGRATION_WAIT_SECONDS
+            value: {{ $values.migrations.databaseWaitSeconds | quote }}
+          - name: METRICS_ENABLED
+            value: "false"
+          - name: OTEL_TRACES_EXPORTER
+            value: "none"
+          - name: DATABASE_PASSWORD
+            valueFrom:
+              secretKeyRef:
+                name: {{ .secretName }}
+                key: {{ .secretKey }}
+        securityContext:
+          {{- toYaml $values.containerSecurityContext | nindent 10 }}
+        resources:
+          {{- toYaml $values.migrations.resources | nindent 10 }}
+        volumeMounts:
+          - {name: tmp, mountPath: /tmp}
+    volumes:
+      - name: tmp
+        emptyDir: {}
 {{- end -}}

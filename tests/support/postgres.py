@@ -3,10 +3,12 @@ else a throwaway cluster started from the local binaries. Each run makes its own
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
@@ -37,6 +39,7 @@ class PostgresServer:
     databases: list[str] = field(default_factory=list)
     process: subprocess.Popen[bytes] | None = None
     data_dir: Path | None = None
+    argv: list[str] = field(default_factory=list)  # how a throwaway cluster was started
 
     @property
     def host(self) -> str:
@@ -78,6 +81,25 @@ class PostgresServer:
         if name in self.databases:
             self.databases.remove(name)
 
+    def crash(self) -> None:
+        """kill -9 the postmaster and every backend, as a node or OOM kill would (throwaway
+        clusters only: never the shared server)."""
+        assert self.data_dir is not None and self.process is not None, "not a throwaway cluster"
+        postmaster = int((self.data_dir / "postmaster.pid").read_text().split()[0])
+        children = Path(f"/proc/{postmaster}/task/{postmaster}/children").read_text().split()
+        for pid in [postmaster, *map(int, children)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.process.wait(10)
+
+    def restart(self, timeout: float = 30) -> None:
+        """Start the cluster (again, after a crash: recovery runs first)."""
+        assert self.argv, "not a throwaway cluster"
+        self.process = subprocess.Popen(
+            self.argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        wait_for_port(self.port, timeout, self.process)
+
     def close(self) -> None:
         for name in list(self.databases):
             try:
@@ -86,8 +108,8 @@ class PostgresServer:
                 print(f"could not drop test database {name}: {error}")
         if self.process is not None:
             stop(self.process)
-            if self.data_dir is not None:
-                shutil.rmtree(self.data_dir.parent, ignore_errors=True)
+        if self.data_dir is not None:
+            shutil.rmtree(self.data_dir.parent, ignore_errors=True)
 
 
 async def _answers(url: URL) -> bool:
@@ -106,7 +128,8 @@ async def _answers(url: URL) -> bool:
     return True
 
 
-def throwaway_cluster() -> PostgresServer:
+def throwaway_cluster(*, start: bool = True) -> PostgresServer:
+    """A new cluster of our own; `start=False` only creates it (`restart()` starts it)."""
     initdb, postgres = _find_bin("initdb"), _find_bin("postgres")
     if initdb is None or postgres is None:
         raise RuntimeError(
@@ -139,31 +162,29 @@ def throwaway_cluster() -> PostgresServer:
         capture_output=True,
     )
     port = free_port()
-    proc = subprocess.Popen(
-        run_as(
-            user,
-            [
-                postgres,
-                "-D",
-                str(data),
-                "-p",
-                str(port),
-                "-c",
-                "listen_addresses=127.0.0.1",
-                "-c",
-                f"unix_socket_directories={base}",
-                "-c",
-                "fsync=off",
-                "-c",
-                "max_connections=200",
-            ],
-        ),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    argv = run_as(
+        user,
+        [
+            postgres,
+            "-D",
+            str(data),
+            "-p",
+            str(port),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            f"unix_socket_directories={base}",
+            "-c",
+            "fsync=off",
+            "-c",
+            "max_connections=200",
+        ],
     )
-    wait_for_port(port, 30, proc)
     url = make_url(f"postgresql://postgres@127.0.0.1:{port}/postgres")
-    return PostgresServer(admin_url=url, process=proc, data_dir=data)
+    server = PostgresServer(admin_url=url, data_dir=data, argv=argv)
+    if start:
+        server.restart()
+    return server
 
 
 def start_or_find() -> PostgresServer:

@@ -34,6 +34,9 @@ def clean_env(**values: str) -> dict[str, str]:
         "LLM_",
         "MOCK_",
         "STREAM_",
+        "GUNICORN_",
+        "FORWARDED_",
+        "READINESS_",
     )
     env = {key: value for key, value in os.environ.items() if not key.startswith(prefixes)}
     env.update(values)

@@ -1,0 +1,66 @@
+"""What a database failure means to a caller, independent of the driver that raised it."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import asyncpg
+from sqlalchemy import exc
+
+# SQLSTATE classes that mean "the database is not there right now", not "your query is wrong":
+# 08 connection exception, 53 insufficient resources, 57P0x shutdown/starting, 57014 cancelled
+# (statement timeout), and PgBouncer's own 08P01 for "no server connection available".
+_UNAVAILABLE_SQLSTATE_PREFIXES = ("08", "53", "57P0", "57014", "58")
+
+
+# What a client can know about its write when the database failed under it: "not-applied"
+# (the failure came before COMMIT was sent, so the transaction rolled back and a retry is safe)
+# or "unknown" (COMMIT was sent and no answer came: retry only with an Idempotency-Key).
+Outcome = Literal["not-applied", "unknown"]
+
+
+class DatabaseUnavailable(Exception):
+    """The database (or the pooler in front of it) cannot serve the request right now."""
+
+    def __init__(self, detail: str, *, outcome: Outcome = "not-applied") -> None:
+        super().__init__(detail)
+        self.outcome: Outcome = outcome
+
+
+def is_unavailable_error(error: BaseException) -> bool:
+    """True when an error means the database could not be reached, not that a query failed.
+    Such a connection is in an unknown state and is never reused."""
+    if isinstance(error, exc.TimeoutError | ConnectionError | TimeoutError):
+        return True  # pool checkout timeout, refused/reset connections, command_timeout
+    if isinstance(error, asyncpg.InternalClientError):
+        # The driver lost track of the protocol, e.g. "cannot switch to state 15; another
+        # operation is in progress" when PgBouncer reports a crashed server mid-transaction.
+        return True
+    if isinstance(error, asyncpg.PostgresError | asyncpg.InterfaceError):
+        sqlstate = getattr(error, "sqlstate", None)
+        if isinstance(sqlstate, str) and sqlstate.startswith(_UNAVAILABLE_SQLSTATE_PREFIXES):
+            return True
+        return isinstance(error, asyncpg.InterfaceError | asyncpg.ConnectionDoesNotExistError)
+    if isinstance(error, exc.DBAPIError):
+        if error.connection_invalidated:
+            return True
+        orig = error.orig
+        sqlstate = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+        if isinstance(sqlstate, str) and sqlstate.startswith(_UNAVAILABLE_SQLSTATE_PREFIXES):
+            return True
+        cause = getattr(orig, "__cause__", None)
+        if cause is not None and cause is not error:
+            return is_unavailable_error(cause)
+        return isinstance(error, exc.InterfaceError)
+    return isinstance(error, OSError)
+
+
+def one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
+
+
+def is_retryable_first_round_trip(error: BaseException) -> bool:
+    """A failure on a unit of work's first round trip that a fresh connection may not have:
+    the pooled one was dead. (A timeout is not: the wait has been spent.)"""
+    return is_unavailable_error(error) and not isinstance(error, TimeoutError)

@@ -1,0 +1,70 @@
+"""Driver errors that leave a connection in an unknown state: classified as "unavailable"
+(503 + Retry-After), the connection closed rather than reused, and the client told whether
+its write may have been stored."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+import pytest
+
+from app.config import Settings
+from app.db.engine import Database, create_engine
+from app.db.errors import DatabaseUnavailable, is_unavailable_error
+
+pytestmark = pytest.mark.postgres
+
+# What asyncpg raised when PgBouncer's "server conn crashed?" arrived while a transaction
+# was idle before COMMIT (seen under kill -9 of PostgreSQL).
+STATE_ERROR = "cannot switch to state 15; another operation (2) is in progress"
+
+
+def test_internal_client_error_means_unavailable() -> None:
+    assert is_unavailable_error(asyncpg.InternalClientError(STATE_ERROR))
+    assert not is_unavailable_error(asyncpg.UniqueViolationError("duplicate key"))
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+async def test_driver_state_error_discards_the_connection(settings: Settings) -> None:
+    db = Database(create_engine(settings), request_timeout=5)
+    seen: list[Any] = []
+
+    async def fails_mid_transaction() -> None:
+        async with db.transaction() as session:
+            await session.scalar("one", _select_one, {})
+            seen.append(session._conn._con)  # type: ignore[attr-defined]  # under the pool proxy
+            raise asyncpg.InternalClientError(STATE_ERROR)
+
+    try:
+        with pytest.raises(DatabaseUnavailable) as raised:
+            await fails_mid_transaction()
+        assert raised.value.outcome == "not-applied"  # before COMMIT: nothing was stored
+        assert seen[0].is_closed(), "a connection in an unknown state went back to the pool"
+        async with db.read() as session:  # the next unit of work gets a fresh one
+            assert await session.scalar("one", _select_one, {}) == 1
+    finally:
+        await db.dispose()
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+async def test_connection_lost_at_commit_leaves_the_outcome_unknown(settings: Settings) -> None:
+    db = Database(create_engine(settings), request_timeout=5)
+
+    async def loses_connection_before_commit() -> None:
+        async with db.transaction() as session:
+            await session.scalar("one", _select_one, {})
+            session._conn.terminate()  # type: ignore[attr-defined]
+
+    try:
+        with pytest.raises(DatabaseUnavailable) as raised:
+            await loses_connection_before_commit()
+        assert raised.value.outcome == "unknown"
+    finally:
+        await db.dispose()
+
+
+def _select_one(dialect: str) -> Any:
+    from sqlalchemy import literal, select
+
+    return select(literal(1))
