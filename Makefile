@@ -1,4 +1,6 @@
-.PHONY: run test bench lint fmt typecheck check migrate
+HELM ?= helm
+
+.PHONY: run test bench lint fmt typecheck check migrate k8s-rules
 
 run:  ## run the service on the embedded SQLite database at http://127.0.0.1:8000
 	uv run itemstream serve
@@ -24,3 +26,14 @@ check: lint typecheck
 
 migrate:
 	uv run itemstream migrate
+
+k8s-rules:  ## load the chart's alert rules into the kind cluster's Prometheus (k8s/kind-up.sh runs it)
+	$(HELM) template itemstream-dev chart -n itemstream -f chart/values-dev.yaml \
+	  --set prometheusRule.enabled=true --show-only templates/prometheusrule.yaml \
+	  | uv run python -c 'import sys, yaml; print(yaml.safe_dump(yaml.safe_load(sys.stdin)["spec"]))' \
+	  > k8s/.rules.yaml
+	kubectl -n observability create configmap prometheus-rules --from-file=rules.yaml=k8s/.rules.yaml \
+	  --dry-run=client -o yaml | kubectl apply -f -
+	rm -f k8s/.rules.yaml
+	kubectl -n observability rollout restart deployment/prometheus
+	kubectl -n observability rollout status deployment/prometheus --timeout=120s

@@ -20,13 +20,8 @@ kubectl -n kube-system patch deployment metrics-server --type=json \
   2>/dev/null || true
 
 kubectl apply -f "$here/observability/"
-# The chart's alert rules, rendered for the dev release, loaded into the local Prometheus.
-helm template itemstream-dev "$root/chart" -n itemstream -f "$root/chart/values-dev.yaml" \
-  --set prometheusRule.enabled=true --show-only templates/prometheusrule.yaml \
-  | uv run --project "$root" python -c 'import sys, yaml; print(yaml.safe_dump(yaml.safe_load(sys.stdin)["spec"]))' \
-  > "$here/.rules.yaml"
-kubectl -n observability create configmap prometheus-rules --from-file=rules.yaml="$here/.rules.yaml" \
-  --dry-run=client -o yaml | kubectl apply -f -
-rm -f "$here/.rules.yaml"
+# The chart's alert rules, rendered for the dev release, into Prometheus (rerun after changing
+# them: it restarts Prometheus, which reads rule files only at start or on reload).
+make -C "$root" k8s-rules
 kubectl -n observability rollout status deployment --timeout=180s
 echo "ready: run 'skaffold dev' from $root"

@@ -13,6 +13,7 @@ from tests.support.helm import CHART, Rendered, helm, render, render_error, valu
 VALUE_SETS = [
     None,
     "production-values.yaml",
+    "production-minimal-values.yaml",
     "hpa-off-initcontainer-values.yaml",
     "job-mode-legacy-pgbouncer-values.yaml",
     "external-pooler-values.yaml",
@@ -112,10 +113,13 @@ def test_defaults_hpa_pgbouncer_and_hook_migrations() -> None:
 
 
 def test_production_values() -> None:
-    rendered = render("production-values.yaml")
+    # The README's command sets the image on the command line: nothing in the file overrides it.
+    rendered = render("production-values.yaml", "image.repository=team/api", "image.tag=1.2.3")
     app = rendered.one("Deployment", "api")
     container = app["spec"]["template"]["spec"]["containers"][0]
-    assert container["image"].endswith("@sha256:" + "0123456789abcdef" * 4)
+    assert container["image"] == "ghcr.io/team/api:1.2.3"
+    minimal = render("production-minimal-values.yaml", "image.tag=1.2.4").one("Deployment", "api")
+    assert minimal["spec"]["template"]["spec"]["containers"][0]["image"].endswith(":1.2.4")
     env = {e["name"]: e for e in container["env"]}
     assert env["DATABASE_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
         "name": "itemstream-db",

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from tests.support.chart_runtime import Cluster, RenderedPgBouncer, base_env, entrypoint
-from tests.support.helm import render
+from tests.support.helm import Rendered, render
 from tests.support.pgbouncer import MODERN, find_binary
 from tests.support.postgres import PostgresServer
 from tests.support.processes import (
@@ -33,6 +33,28 @@ pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
 DB_HOST = "db.example.internal"
 PASSWORD = 'chart "pw" 1'  # a quote, to prove the userlist escaping
+
+
+def _exporter_dsn(rendered: Rendered) -> str:
+    pod = rendered.one("Deployment", "pgbouncer")["spec"]["template"]["spec"]
+    exporter = next(c for c in pod["containers"] if c["name"] == "exporter")
+    flag = "--pgBouncer.connectionString="
+    return str(next(a[len(flag) :] for a in exporter["args"] if a.startswith(flag)))
+
+
+def _psql(dsn: str, command: str, user: str | None = None) -> subprocess.CompletedProcess[str]:
+    """psql with the exporter's DSN (optionally as another user, without a password)."""
+    url = httpx.URL(dsn)
+    if user is not None:
+        url = url.copy_with(username=user)
+    return subprocess.run(
+        ["psql", str(url), "-c", command],
+        env={**base_env(), "PGCONNECT_TIMEOUT": "5"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
 
 
 @pytest.fixture
@@ -86,7 +108,15 @@ def test_rendered_objects_run(pg: PostgresServer, work_dir: Path) -> None:
         assert bouncer.process is not None
         processes.append(bouncer.process)
         userlist = (tmp_path / "run-pgbouncer" / "userlist.txt").read_text()
-        assert userlist == f'"{pg.admin_url.username}" "chart ""pw"" 1"\n'
+        assert userlist.splitlines()[0] == f'"{pg.admin_url.username}" "chart ""pw"" 1"'
+        # The exporter's connection string, as rendered: the stats user, no password, SHOW only.
+        dsn = _exporter_dsn(render(None, "pgbouncer.metrics.enabled=true"))
+        dsn = dsn.replace("127.0.0.1:6432", f"127.0.0.1:{bouncer_port}")
+        stats = _psql(dsn, "SHOW POOLS")
+        assert stats.returncode == 0, stats.stderr
+        assert "cl_active" in stats.stdout
+        # Nobody else gets in without a password.
+        assert _psql(dsn, "SHOW POOLS", user=pg.admin_url.username).returncode != 0
 
         # --- the migration Job (a pre-install hook with its own hook Secret) -------------
         job = rendered.one("Job", "migrate")

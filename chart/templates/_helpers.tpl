@@ -145,6 +145,12 @@ imagePullSecrets:
 {{- if and $secret $secret.data (hasKey $secret.data "database-password") -}}
 {{- $password = index $secret.data "database-password" | b64dec -}}
 {{- else -}}
+{{- /* A reinstall after `helm uninstall` finds the bundled Postgres's volume (a StatefulSet's
+       PVCs outlive it) initialised with the old password: never pair it with a new one. */ -}}
+{{- $pvc := printf "data-%s-0" (include "itemstream.postgresql.fullname" .) -}}
+{{- if lookup "v1" "PersistentVolumeClaim" .Release.Namespace $pvc -}}
+{{- fail (printf "the bundled PostgreSQL's volume %s exists from an earlier install, but the Secret with its password is gone: set postgresql.auth.password to the password it was created with, or delete the PVC to start empty" $pvc) -}}
+{{- end -}}
 {{- $password = randAlphaNum 32 -}}
 {{- end -}}
 {{- end -}}
@@ -261,6 +267,7 @@ imagePullSecrets:
     secretKeyRef:
       name: {{ include "itemstream.db.secretName" . }}
       key: {{ include "itemstream.db.secretKey" . }}
+{{- include "itemstream.db.caEnv" . }}
 {{- end -}}
 
 {{/* The migration mode in effect: a pre-install hook cannot reach a bundled Postgres that
@@ -430,13 +437,48 @@ template:
               secretKeyRef:
                 name: {{ .secretName }}
                 key: {{ .secretKey }}
+          {{- include "itemstream.db.caEnv" $root | nindent 10 }}
         securityContext:
           {{- toYaml $values.containerSecurityContext | nindent 10 }}
         resources:
           {{- toYaml $values.migrations.resources | nindent 10 }}
         volumeMounts:
           - {name: tmp, mountPath: /tmp}
+          {{- include "itemstream.db.caMount" $root | nindent 10 }}
     volumes:
       - name: tmp
         emptyDir: {}
+      {{- include "itemstream.db.caVolume" $root | nindent 6 }}
 {{- end -}}
+
+{{/* The database's CA certificate (externalDatabase.caSecret), where pods mount it. */}}
+{{- define "itemstream.db.caPath" -}}/etc/itemstream/db-ca/ca.crt{{- end -}}
+
+{{- define "itemstream.db.caVolume" -}}
+{{- if and (not .Values.postgresql.enabled) .Values.externalDatabase.caSecret }}
+- name: db-ca
+  secret:
+    secretName: {{ .Values.externalDatabase.caSecret }}
+    items:
+      - {key: {{ .Values.externalDatabase.caSecretKey }}, path: ca.crt}
+{{- end }}
+{{- end -}}
+
+{{- define "itemstream.db.caMount" -}}
+{{- if and (not .Values.postgresql.enabled) .Values.externalDatabase.caSecret }}
+- {name: db-ca, mountPath: /etc/itemstream/db-ca, readOnly: true}
+{{- end }}
+{{- end -}}
+
+{{/* libpq's and asyncpg's variable for the CA of direct connections. */}}
+{{- define "itemstream.db.caEnv" -}}
+{{- if and (not .Values.postgresql.enabled) .Values.externalDatabase.caSecret }}
+- name: PGSSLROOTCERT
+  value: {{ include "itemstream.db.caPath" . }}
+{{- end }}
+{{- end -}}
+
+{{/* PgBouncer's stats user, the exporter's: its own name, no password, admitted by pg_hba
+     only from inside the pod (127.0.0.1), and allowed SHOW commands only. Never the app's
+     credentials. */}}
+{{- define "itemstream.pgbouncer.statsUser" -}}itemstream_stats{{- end -}}

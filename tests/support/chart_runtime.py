@@ -83,6 +83,10 @@ class Cluster:
         return text
 
 
+def _secret_keys(secret: dict[str, Any]) -> list[str]:
+    return [*secret.get("stringData", {}), *secret.get("data", {})]
+
+
 @dataclass
 class RenderedPgBouncer:
     """The chart's PgBouncer container (its command, its rendered pgbouncer.ini) as a process
@@ -106,12 +110,14 @@ class RenderedPgBouncer:
         deployment = self.cluster.rendered.one("Deployment", "pgbouncer")
         container = deployment["spec"]["template"]["spec"]["containers"][0]
         secret = deployment["spec"]["template"]["spec"]["volumes"][0]["secret"]["secretName"]
-        ini = self.cluster.rewrite(self.cluster.secret(secret, "pgbouncer.ini"))
-        ini = ini.replace("/var/run/pgbouncer", str(run))
-        (etc / "pgbouncer.ini").write_text(
-            re.sub(r"listen_port = \d+", f"listen_port = {self.port}", ini)
-            + f"logfile = {self.work_dir / (self.name + '.log')}\n"
-        )
+        # The config volume: every key of the rendered Secret, as the kubelet mounts it.
+        for key in _secret_keys(self.cluster.rendered.get("Secret", secret)):
+            text = self.cluster.rewrite(self.cluster.secret(secret, key))
+            text = text.replace("/var/run/pgbouncer", str(run)).replace("/etc/pgbouncer", str(etc))
+            if key == "pgbouncer.ini":
+                text = re.sub(r"listen_port = \d+", f"listen_port = {self.port}", text)
+                text += f"logfile = {self.work_dir / (self.name + '.log')}\n"
+            (etc / key).write_text(text)
         # The container runs as uid 70; as root here, PgBouncer must be told whom to become.
         user = unprivileged_user()
         drop = f"-u {user} " if user else ""

@@ -86,3 +86,20 @@ def render_error(values_file: str | None = None, *sets: str) -> str:
     result = helm("template", "demo", str(CHART), *values_args(values_file, sets), check=False)
     assert result.returncode != 0, "rendering should have failed"
     return result.stderr
+
+
+def rendered_rules(release: str = "itemstream", namespace: str = "apps") -> dict[str, Any]:
+    """The spec of the chart's PrometheusRule (its rule groups), as Helm renders it."""
+    out = helm(
+        "template",
+        release,
+        str(CHART),
+        "-n",
+        namespace,
+        "--set",
+        "prometheusRule.enabled=true",
+        "--show-only",
+        "templates/prometheusrule.yaml",
+    ).stdout
+    spec: dict[str, Any] = yaml.safe_load(out)["spec"]
+    return spec
