@@ -1,9 +1,14 @@
 HELM ?= helm
+# uv from PATH, `python3 -m uv`, or installed on first use (scripts/uv.sh says which).
+UV ?= ./scripts/uv.sh
 
-.PHONY: run test bench lint fmt typecheck check migrate k8s-rules
+.PHONY: run stack test bench lint fmt typecheck check migrate k8s-rules
 
 run:  ## run the service on the embedded SQLite database at http://127.0.0.1:8000
-	uv run itemstream serve
+	$(UV) run --frozen itemstream serve
+
+stack:  ## the real stack as local processes: PostgreSQL, PgBouncer (and Redis), the app on :8000
+	$(UV) run --frozen python scripts/local_stack.py
 
 test:  ## the whole test suite (installs uv, Python deps and PgBouncer where missing)
 	./scripts/test.sh
@@ -12,25 +17,25 @@ bench:  ## benchmark: the service vs the raw-ASGI limit and the common FastAPI p
 	./scripts/bench.sh
 
 lint:
-	uv run ruff check .
-	uv run ruff format --check .
+	$(UV) run --frozen ruff check .
+	$(UV) run --frozen ruff format --check .
 
 fmt:
-	uv run ruff check --fix .
-	uv run ruff format .
+	$(UV) run --frozen ruff check --fix .
+	$(UV) run --frozen ruff format .
 
 typecheck:
-	uv run mypy
+	$(UV) run --frozen mypy
 
 check: lint typecheck
 
 migrate:
-	uv run itemstream migrate
+	$(UV) run --frozen itemstream migrate
 
 k8s-rules:  ## load the chart's alert rules into the kind cluster's Prometheus (k8s/kind-up.sh runs it)
 	$(HELM) template itemstream-dev chart -n itemstream -f chart/values-dev.yaml \
 	  --set prometheusRule.enabled=true --show-only templates/prometheusrule.yaml \
-	  | uv run python -c 'import sys, yaml; print(yaml.safe_dump(yaml.safe_load(sys.stdin)["spec"]))' \
+	  | $(UV) run --frozen python -c 'import sys, yaml; print(yaml.safe_dump(yaml.safe_load(sys.stdin)["spec"]))' \
 	  > k8s/.rules.yaml
 	kubectl -n observability create configmap prometheus-rules --from-file=rules.yaml=k8s/.rules.yaml \
 	  --dry-run=client -o yaml | kubectl apply -f -

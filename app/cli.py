@@ -75,7 +75,10 @@ def _serve_metrics_beside_reloader(settings: Settings) -> None:
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
-    migrate_first = settings.is_sqlite if args.migrate is None else args.migrate
+    # Outside production `serve` brings the schema to head itself (SQLite or PostgreSQL); in
+    # production that is the migration Job's work, and a pending migration makes readiness and
+    # every request answer 503 naming it.
+    migrate_first = settings.environment != "production" if args.migrate is None else args.migrate
     if migrate_first and cmd_migrate(settings, argparse.Namespace(revision="head")) != 0:
         return 1
     if args.host:
@@ -88,6 +91,8 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         import uvicorn
 
         _serve_metrics_beside_reloader(settings)
+        base = f"http://{args.host or settings.host}:{args.port or settings.port}"
+        log.info("itemstream API at %s, docs at %s/docs (reloading on changes)", base, base)
 
         uvicorn.run(
             "app.main:create_app",
@@ -143,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--migrate",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="apply migrations first (default: only for the embedded SQLite database)",
+        help="apply migrations first (default: yes, except with ENVIRONMENT=production)",
     )
     serve.set_defaults(func=cmd_serve)
 
@@ -163,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = _load_settings()
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.effective_log_format)
     result: int = args.func(settings, args)
     return result
 

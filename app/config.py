@@ -52,6 +52,9 @@ class Settings(BaseSettings):
 
     environment: Environment = "development"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # `json` (one object per line, for log collectors) or `console` (one readable line);
+    # default: json in production, console elsewhere.
+    log_format: Literal["json", "console"] | None = None
 
     # --- HTTP server -----------------------------------------------------------------
     host: str = "127.0.0.1"
@@ -312,6 +315,12 @@ class Settings(BaseSettings):
             return self.database
         password = self.migration_database_password or self.database_password
         return _with_password(make_url(self.migration_database_url), password)
+
+    @property
+    def effective_log_format(self) -> Literal["json", "console"]:
+        if self.log_format is not None:
+            return self.log_format
+        return "json" if self.environment == "production" else "console"
 
     @property
     def tracing_enabled(self) -> bool:

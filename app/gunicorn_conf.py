@@ -31,7 +31,7 @@ worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None  # noqa: S108
 preload_app = False  # engines and telemetry must be created after the fork
 forwarded_allow_ips = _settings.forwarded_allow_ips
 accesslog = None  # the app writes its own access log (route template, trace id)
-logconfig_dict = logging_config(_settings.log_level)
+logconfig_dict = logging_config(_settings.log_level, _settings.effective_log_format)
 proc_name = "itemstream"
 # The control socket (gunicorn >= 24) would need a writable home; we do not use it.
 control_socket_disable = True
@@ -53,6 +53,9 @@ def on_starting(server: Any) -> None:
 
 
 def when_ready(server: Any) -> None:
+    base = f"http://{_settings.host}:{_settings.port}"
+    docs = f", docs at {base}/docs" if _settings.docs_enabled else ""
+    server.log.info("itemstream API at %s%s", base, docs)
     if _settings.metrics_enabled and _settings.metrics_port is not None:
         from app.telemetry.metrics import start_metrics_server
 

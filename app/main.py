@@ -209,6 +209,9 @@ def create_app(settings: Settings | None = None, lifecycle: Lifecycle | None = N
             access=AccessControl(settings, verifier, limiter),
         )
         jobs = [
+            # Says at once in the log whether the schema serves this release (and which
+            # migration is pending if not), instead of at the first probe.
+            asyncio.create_task(services.health.readiness()),
             asyncio.create_task(
                 _every(
                     HOUSEKEEPING_INTERVAL,

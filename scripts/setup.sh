@@ -66,6 +66,15 @@ if [ -z "${HELM:-}" ]; then
   fi
 fi
 
+# compose.yaml is validated against the Compose Specification's schema (from npm).
+if [ -z "${COMPOSE_SCHEMA:-}" ]; then
+  if COMPOSE_SCHEMA=$(uv run --frozen python scripts/install_compose_schema.py); then
+    export COMPOSE_SCHEMA
+  else
+    say "could not fetch the Compose schema; the compose test will say so"
+  fi
+fi
+
 # The alert rules are checked with promtool. Debian's prometheus package ships it; only the
 # binary is unpacked (installing the package would also start a Prometheus server).
 if ! command -v promtool >/dev/null 2>&1; then

@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
-from app.db.errors import DatabaseUnavailable
+from app.db.errors import DatabaseUnavailable, SchemaNotReady
 from app.providers.base import ProviderError
 from app.services import errors
 
@@ -78,6 +78,8 @@ def detail_for(error: BaseException) -> str:
             return error.detail
         case HTTPException():
             return str(error.detail)
+        case SchemaNotReady():
+            return str(error)
         case DatabaseUnavailable():
             return "the database is unavailable; retry later"
     return "internal error"

@@ -20,6 +20,8 @@ from app.config import Settings
 from app.db.errors import (
     DatabaseUnavailable,
     Outcome,
+    SchemaNotReady,
+    is_missing_table,
     is_retryable_first_round_trip,
     is_unavailable_error,
     one_line,
@@ -174,7 +176,24 @@ class Database:
             if is_unavailable_error(error):
                 self._unavailable(error)
                 raise DatabaseUnavailable(one_line(error), outcome=state.outcome) from error
+            if is_missing_table(error):
+                self._schema_missing(error)
+                raise SchemaNotReady(
+                    "the database schema is not migrated; run `itemstream migrate`"
+                ) from error
             raise
+
+    def _schema_missing(self, error: BaseException) -> None:
+        # Once a minute per process at most: every request fails the same way until the
+        # migration runs.
+        now = time.monotonic()
+        if now - _schema_warning["at"] > 60:
+            _schema_warning["at"] = now
+            log.warning(
+                "database schema not migrated (%s): requests get 503 until `itemstream "
+                "migrate` runs (see /readyz for the pending revision)",
+                one_line(error),
+            )
 
     def _unavailable(self, error: BaseException) -> None:
         log.warning("database unavailable: %s", one_line(error))
@@ -235,6 +254,9 @@ class Database:
             await self.backend.close()
         else:
             await self.backend.dispose()
+
+
+_schema_warning = {"at": -3600.0}
 
 
 class _UnitState:

@@ -55,6 +55,19 @@ def is_unavailable_error(error: BaseException) -> bool:
     return isinstance(error, OSError)
 
 
+class SchemaNotReady(DatabaseUnavailable):
+    """A table the code needs does not exist: the migration has not run (503, not 500)."""
+
+
+def is_missing_table(error: BaseException | None) -> bool:
+    """PostgreSQL's undefined_table, or SQLite's "no such table", anywhere in the chain."""
+    while error is not None:
+        if getattr(error, "sqlstate", None) == "42P01" or "no such table" in str(error):
+            return True
+        error = error.__cause__ or getattr(error, "orig", None)
+    return False
+
+
 def one_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0] if text else ''}"[:300]

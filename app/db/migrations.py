@@ -22,7 +22,7 @@ from sqlalchemy.sql import Executable
 
 from alembic import command
 from app.db.engine import Database
-from app.db.errors import DatabaseUnavailable, is_unavailable_error, one_line
+from app.db.errors import SchemaNotReady, is_unavailable_error, one_line
 
 log = logging.getLogger(__name__)
 
@@ -110,21 +110,9 @@ async def database_revision(db: Database) -> str | None:
     try:
         async with db.read() as session:
             revision = await session.scalar("alembic_version", _revision_statement, {})
-    except DatabaseUnavailable:
-        raise
-    except Exception as error:
-        if _is_missing_table(error):
-            return None
-        raise
+    except SchemaNotReady:
+        return None
     return str(revision) if revision is not None else None
-
-
-def _is_missing_table(error: BaseException) -> bool:
-    while error is not None:
-        if getattr(error, "sqlstate", None) == "42P01" or "no such table" in str(error):
-            return True
-        error = error.__cause__  # type: ignore[assignment]
-    return False
 
 
 def _current_revision(connection: Connection) -> str | None:

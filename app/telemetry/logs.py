@@ -1,4 +1,5 @@
-"""One JSON object per line on stdout, with the current trace and span ids."""
+"""Logs on stdout: one JSON object per line (production, for collectors) or one readable
+line (development), both with the current trace id."""
 
 from __future__ import annotations
 
@@ -11,8 +12,28 @@ from typing import Any
 
 from opentelemetry import trace
 
-# Attributes every LogRecord has; anything else came in through `extra=` and is kept.
-_STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+# Attributes every LogRecord has; anything else came in through `extra=` and is kept, except
+# uvicorn's `color_message` (the message again, with ANSI escapes).
+_STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
+    "message",
+    "asctime",
+    "color_message",
+}
+
+
+def _extras(record: logging.LogRecord) -> dict[str, Any]:
+    return {
+        key: value
+        for key, value in record.__dict__.items()
+        if key not in _STANDARD and not key.startswith("_")
+    }
+
+
+def _trace_ids() -> tuple[str, str] | None:
+    context = trace.get_current_span().get_span_context()
+    if not context.is_valid:
+        return None
+    return format(context.trace_id, "032x"), format(context.span_id, "016x")
 
 
 class JsonFormatter(logging.Formatter):
@@ -24,26 +45,57 @@ class JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
             "pid": record.process,
         }
-        context = trace.get_current_span().get_span_context()
-        if context.is_valid:
-            entry["trace_id"] = format(context.trace_id, "032x")
-            entry["span_id"] = format(context.span_id, "016x")
-        for key, value in record.__dict__.items():
-            if key not in _STANDARD and not key.startswith("_"):
-                entry[key] = value
+        ids = _trace_ids()
+        if ids is not None:
+            entry["trace_id"], entry["span_id"] = ids
+        entry.update(_extras(record))
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 
-def logging_config(level: str) -> dict[str, Any]:
+class ConsoleFormatter(logging.Formatter):
+    """`12:00:01.234 INFO  app.db.engine  message  key=value ... trace=<id>`"""
+
+    def format(self, record: logging.LogRecord) -> str:
+        moment = datetime.fromtimestamp(record.created).strftime("%H:%M:%S.%f")[:-3]
+        parts = [f"{moment} {record.levelname:<7} {record.name:<20} {record.getMessage()}"]
+        parts += [f"{key}={value}" for key, value in _extras(record).items()]
+        ids = _trace_ids()
+        if ids is not None:
+            parts.append(f"trace={ids[0]}")
+        line = "  ".join(parts)
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class _DropNoise(logging.Filter):
+    """Lines that say nothing to an operator: gunicorn's "Error while closing socket [Errno 9]"
+    at every shutdown (the uvicorn worker closed the socket already), and Alembic's setup
+    chatter, repeated for every connection it configures."""
+
+    NOISE = ("Error while closing socket [Errno 9]", "Context impl ", "Will assume ")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.NOISE)
+
+
+def logging_config(level: str, log_format: str = "json") -> dict[str, Any]:
     """dictConfig for the CLI, gunicorn (`logconfig_dict`) and uvicorn alike."""
+    formatter = JsonFormatter if log_format == "json" else ConsoleFormatter
     return {
         "version": 1,
         "disable_existing_loggers": False,
-        "formatters": {"json": {"()": JsonFormatter}},
+        "formatters": {"main": {"()": formatter}},
+        "filters": {"noise": {"()": _DropNoise}},
         "handlers": {
-            "stdout": {"class": "logging.StreamHandler", "formatter": "json", "stream": sys.stdout}
+            "stdout": {
+                "class": "logging.StreamHandler",
+                "formatter": "main",
+                "stream": sys.stdout,
+                "filters": ["noise"],
+            }
         },
         "root": {"level": level, "handlers": ["stdout"]},
         "loggers": {
@@ -52,11 +104,13 @@ def logging_config(level: str) -> dict[str, Any]:
             "uvicorn.access": {"level": "WARNING", "handlers": [], "propagate": False},
             "gunicorn.error": {"level": level, "handlers": ["stdout"], "propagate": False},
             "uvicorn.error": {"level": level, "handlers": ["stdout"], "propagate": False},
-            # Alembic's step-by-step INFO lines are useful in the migration Job.
+            # Alembic's step-by-step INFO lines are useful in the migration Job; its plugin
+            # registrations at import are not.
             "alembic": {"level": "INFO"},
+            "alembic.runtime.plugins": {"level": "WARNING"},
         },
     }
 
 
-def configure_logging(level: str) -> None:
-    logging.config.dictConfig(logging_config(level))
+def configure_logging(level: str, log_format: str = "json") -> None:
+    logging.config.dictConfig(logging_config(level, log_format))

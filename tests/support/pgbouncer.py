@@ -69,8 +69,8 @@ def render_ini(
         f"max_client_conn = {max_client_conn}",
         f"default_pool_size = {pool_size}",
         "ignore_startup_parameters = extra_float_digits",
-        # Fail queued clients fast when Postgres is gone instead of holding them 120 s.
-        "query_wait_timeout = 10",
+        # Fail queued clients with the app (DB_REQUEST_TIMEOUT), not after PgBouncer's 120 s.
+        "query_wait_timeout = 5",
         # Connection churn under load would otherwise dominate the log.
         "log_connections = 0",
         "log_disconnections = 0",

@@ -37,8 +37,10 @@ def clean_env(**values: str) -> dict[str, str]:
         "GUNICORN_",
         "FORWARDED_",
         "READINESS_",
+        "LOG_",
     )
     env = {key: value for key, value in os.environ.items() if not key.startswith(prefixes)}
+    env["LOG_FORMAT"] = "json"  # the tests read the logs as JSON; the console format has its own
     env.update(values)
     return env
 

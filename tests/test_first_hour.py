@@ -1,0 +1,328 @@
+"""A newcomer's first hour, run as they would: the README's commands with no uv on PATH, the
+move from SQLite to PostgreSQL, the local real stack (`make stack`, compose.yaml), and the
+logs they read while doing it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import jsonschema
+import pytest
+import yaml
+
+from app.config import Settings
+from app.db.migrations import head_revision
+from app.telemetry.logs import ConsoleFormatter, JsonFormatter, logging_config
+from tests.support.pgbouncer import MODERN, find_binary
+from tests.support.postgres import PostgresServer, throwaway_cluster
+from tests.support.processes import (
+    free_port,
+    hand_over,
+    missing,
+    run_coroutine,
+    stop,
+    unprivileged_user,
+    wait_for_port,
+    wait_until,
+)
+from tests.support.servers import clean_env, run_cli, serve
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _answers(url: str, path: str = "/readyz") -> bool:
+    try:
+        return httpx.get(f"{url}{path}", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _path_without_uv() -> str:
+    """A PATH with make and python3 but no uv binary on it (nor pyenv's shims)."""
+    path = "/usr/local/bin:/usr/bin:/bin"
+    assert not any(Path(d, "uv").exists() for d in path.split(":")), "uv is on the system PATH"
+    return path
+
+
+def _start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def _stop_group(proc: subprocess.Popen[bytes], timeout: float = 30) -> int:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    return proc.returncode
+
+
+@pytest.mark.slow
+def test_make_run_serves_without_uv_on_path(tmp_path: Path) -> None:
+    port = free_port()
+    env = clean_env(
+        PATH=_path_without_uv(),
+        PORT=str(port),
+        DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'first.db'}",
+    )
+    log = tmp_path / "make-run.log"
+    proc = _start(["make", "run"], env, log)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        assert wait_until(lambda: _answers(base) or proc.poll() is not None, 90), log.read_text()
+        assert proc.poll() is None, log.read_text()[-3000:]
+        created = httpx.post(f"{base}/v1/items", json={"name": "first", "price": 1})
+        assert created.status_code == 201
+    finally:
+        _stop_group(proc)
+    output = log.read_text()
+    base = f"http://127.0.0.1:{port}"
+    assert f"itemstream API at {base}, docs at {base}/docs" in output
+
+
+def test_uv_wrapper_finds_uv_without_path() -> None:
+    done = subprocess.run(
+        ["./scripts/uv.sh", "--version"],
+        cwd=ROOT,
+        env={**os.environ, "PATH": _path_without_uv()},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("uv ")
+
+
+@pytest.fixture
+def fresh_database(pg: PostgresServer) -> Iterator[str]:
+    name = pg.create_database("itemstream_fresh")
+    try:
+        yield name
+    finally:
+        pg.drop_database(name)
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_serve_migrates_a_fresh_postgres_outside_production(
+    pg: PostgresServer, fresh_database: str
+) -> None:
+    url = pg.url(fresh_database).render_as_string(hide_password=False)
+    with serve(clean_env(DATABASE_URL=url, ENVIRONMENT="development")) as server:
+        created = httpx.post(f"{server.base}/v1/items", json={"name": "on pg", "price": 1})
+        assert created.status_code == 201, created.text
+        assert f"upgrading schema from empty to {head_revision()}" in server.output()
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_production_on_an_unmigrated_database_answers_503_naming_the_fix(
+    pg: PostgresServer, fresh_database: str, tmp_path: Path
+) -> None:
+    url = pg.url(fresh_database).render_as_string(hide_password=False)
+    port = free_port()
+    env = clean_env(DATABASE_URL=url, ENVIRONMENT="production", PORT=str(port))
+    log = tmp_path / "serve.log"
+    proc = _start([sys.executable, "-m", "app", "serve"], {**env, "PYTHONPATH": str(ROOT)}, log)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_until(lambda: _answers(base, "/livez"), 60), log.read_text()
+        ready = httpx.get(f"{base}/readyz")
+        assert ready.status_code == 503
+        assert "migration to" in ready.json()["detail"] and "itemstream migrate" in ready.text
+        for _ in range(3):
+            response = httpx.get(f"{base}/v1/items")
+            assert response.status_code == 503, response.text
+            assert response.headers["retry-after"]
+            assert "itemstream migrate" in response.json()["detail"]
+    finally:
+        _stop_group(proc)
+    output = log.read_text()
+    assert "database schema not migrated" in output
+    assert "Traceback" not in output
+    # Once, not once per request.
+    assert output.count("database schema not migrated") <= 2  # at most once per worker
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_make_stack_runs_the_app_behind_pgbouncer(tmp_path: Path) -> None:
+    if find_binary(MODERN) is None and find_binary("legacy") is None:
+        missing("no PgBouncer; run `make test`")
+    port = free_port()
+    log = tmp_path / "stack.log"
+    env = {**os.environ, "PORT": str(port), "LOG_FORMAT": "console"}
+    for key in [k for k in env if k.startswith(("DATABASE_", "MIGRATION_", "DB_"))]:
+        del env[key]
+    proc = _start(["make", "stack"], env, log)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_until(lambda: _answers(base) or proc.poll() is not None, 90), log.read_text()
+        assert proc.poll() is None, log.read_text()[-3000:]
+        created = httpx.post(f"{base}/v1/items", json={"name": "stacked", "price": 3})
+        assert created.status_code == 201, created.text
+        assert httpx.get(f"{base}{created.headers['location']}").status_code == 200
+    finally:
+        code = _stop_group(proc)
+    output = log.read_text()
+    assert "PgBouncer 1." in output and "database itemstream_local" in output
+    assert code in (0, -signal.SIGTERM), output[-2000:]
+
+
+# --- compose.yaml ---------------------------------------------------------------------------
+
+
+def compose() -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    return loaded
+
+
+def test_compose_file_follows_the_compose_specification() -> None:
+    path = os.environ.get("COMPOSE_SCHEMA")
+    if not path:
+        cached = Path.home() / ".cache" / "itemstream" / "compose" / "compose-spec.json"
+        path = str(cached) if cached.exists() else None
+    if path is None:
+        missing("the Compose schema (scripts/install_compose_schema.py; `make test` fetches it)")
+    assert path is not None
+    schema = json.loads(Path(path).read_text())
+    jsonschema.Draft201909Validator(schema).validate(compose())
+
+
+def test_compose_references_exist() -> None:
+    spec = compose()
+    targets = set(re.findall(r"^FROM \S+ AS (\w+)", (ROOT / "Dockerfile").read_text(), re.M))
+    for name, service in spec["services"].items():
+        build = service.get("build")
+        if build:
+            assert build["target"] in targets, name
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("./"):
+                assert (ROOT / source).exists(), (name, source)
+            else:
+                assert source in spec.get("volumes", {}), (name, source)
+        for dependency in service.get("depends_on", {}):
+            assert dependency in spec["services"], (name, dependency)
+    # The app's environment is a valid production configuration.
+    app_env = {k.lower(): v for k, v in spec["services"]["app"]["environment"].items()}
+    Settings(_env_file=None, **app_env)
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_compose_stack_runs_as_processes(tmp_path: Path) -> None:
+    """What compose.yaml runs, minus the containers: its PgBouncer config and the app's
+    environment (service names mapped to loopback) against a PostgreSQL set up as the
+    postgres service's environment says."""
+    binary = find_binary(MODERN)
+    if binary is None:
+        missing("no modern PgBouncer; run `make test`")
+    assert binary is not None
+    spec = compose()["services"]
+    db_env = spec["postgres"]["environment"]
+    pg = throwaway_cluster()
+    work = Path(tempfile.mkdtemp(prefix="itemstream-compose-"))
+    bouncer: subprocess.Popen[bytes] | None = None
+    app: subprocess.Popen[bytes] | None = None
+    try:
+        run_coroutine(lambda: _postgres_as_compose_sets_it_up(pg, db_env))
+        bouncer_port, app_port = free_port(), free_port()
+        ini = (ROOT / "compose" / "pgbouncer.ini").read_text()
+        ini = ini.replace("host=postgres port=5432", f"host=127.0.0.1 port={pg.port}")
+        ini = ini.replace("listen_port = 6432", f"listen_port = {bouncer_port}")
+        ini = ini.replace("listen_addr = 0.0.0.0", "listen_addr = 127.0.0.1")
+        ini = ini.replace("/etc/pgbouncer", str(work)) + f"logfile = {work / 'pgb.log'}\n"
+        (work / "pgbouncer.ini").write_text(ini)
+        shutil.copy(ROOT / "compose" / "userlist.txt", work / "userlist.txt")
+        user = unprivileged_user()
+        hand_over(work, user)
+        work.chmod(0o755)
+        argv = [binary, *(["-u", user] if user else []), str(work / "pgbouncer.ini")]
+        bouncer = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port(bouncer_port, 10, bouncer)
+
+        def mapped(value: str) -> str:
+            value = value.replace("@pgbouncer:6432", f"@127.0.0.1:{bouncer_port}")
+            return value.replace("@postgres:5432", f"@127.0.0.1:{pg.port}")
+
+        env = clean_env(**{k: mapped(str(v)) for k, v in spec["app"]["environment"].items()})
+        env.pop("REDIS_URL")
+        env.update(RATE_LIMIT_ENABLED="false", LOG_FORMAT="json")
+        migrated = run_cli(*spec["migrate"]["command"], env=env, timeout=120)
+        assert migrated.returncode == 0, migrated.stdout + migrated.stderr
+        env.update(PORT=str(app_port), PYTHONPATH=str(ROOT))
+        app = _start([sys.executable, "-m", "app", "serve"], env, tmp_path / "app.log")
+        base = f"http://127.0.0.1:{app_port}"
+        assert wait_until(lambda: _answers(base), 60), (tmp_path / "app.log").read_text()
+        created = httpx.post(f"{base}/v1/items", json={"name": "composed", "price": 1})
+        assert created.status_code == 201, created.text
+        assert httpx.get(f"{base}{created.headers['location']}").status_code == 200
+    finally:
+        if app is not None:
+            _stop_group(app)
+        if bouncer is not None:
+            stop(bouncer)
+        pg.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+async def _postgres_as_compose_sets_it_up(pg: PostgresServer, env: dict[str, str]) -> None:
+    conn = await asyncpg.connect(host=pg.host, port=pg.port, user="postgres", database="postgres")
+    try:
+        user, password = env["POSTGRES_USER"], env["POSTGRES_PASSWORD"]
+        await conn.execute(f"CREATE ROLE {user} LOGIN PASSWORD '{password}'")
+        await conn.execute(f"CREATE DATABASE {env['POSTGRES_DB']} OWNER {user}")
+    finally:
+        await conn.close()
+
+
+# --- logs --------------------------------------------------------------------------------------
+
+
+def _record(message: str, **extra: Any) -> logging.LogRecord:
+    record = logging.LogRecord("app.test", logging.INFO, __file__, 1, message, None, None)
+    for key, value in extra.items():
+        setattr(record, key, value)
+    return record
+
+
+def test_console_format_is_one_readable_line() -> None:
+    line = ConsoleFormatter().format(_record("hello", color_message="\x1b[1mhello\x1b[0m", n=3))
+    assert "\n" not in line and "\x1b" not in line
+    assert line.split()[1:4] == ["INFO", "app.test", "hello"] and "n=3" in line
+
+
+def test_json_format_drops_the_ansi_copy() -> None:
+    entry = json.loads(JsonFormatter().format(_record("hello", color_message="\x1b[1mhello")))
+    assert "color_message" not in entry and entry["msg"] == "hello"
+
+
+def test_log_format_defaults() -> None:
+    def formatter(**values: str) -> object:
+        settings = Settings(_env_file=None, **values)  # type: ignore[arg-type]
+        config = logging_config("INFO", settings.effective_log_format)
+        return config["formatters"]["main"]["()"]
+
+    assert formatter() is ConsoleFormatter
+    assert formatter(environment="production", database_url="postgresql://a@b/c") is JsonFormatter
+    assert formatter(log_format="json") is JsonFormatter
