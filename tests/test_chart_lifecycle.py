@@ -4,7 +4,7 @@
 - Helm creates pre-install hooks before any regular object: a hook may reference only hooks of
   a lower weight and documented prerequisites.
 - Every Secret/ConfigMap key a pod references is rendered by the chart or is a prerequisite
-  listed in README.md with the command that creates it.
+  listed in docs/deploy.md with the command that creates it.
 - A Job's pod template is immutable: a plain Job's name changes exactly when its spec does.
 - PgBouncer's timeouts and shutdown follow the app's settings; TLS reaches every hop.
 """
@@ -93,8 +93,8 @@ def provided(obj: dict[str, Any]) -> set[str | None]:
 
 
 def readme_prerequisites() -> dict[tuple[str, str], set[str | None]]:
-    """The objects README.md tells a user to create first, from its `kubectl create` lines."""
-    text = (ROOT / "README.md").read_text()
+    """The objects docs/deploy.md tells a user to create first (its `kubectl create` lines)."""
+    text = (ROOT / "docs" / "deploy.md").read_text()
     found: dict[tuple[str, str], set[str | None]] = {("ServiceAccount", "default"): {None}}
     for match in re.finditer(
         r"kubectl (?:-n \S+ )?create secret generic (\S+)((?: --from-literal=[\w.-]+=\S+)+)", text
@@ -124,7 +124,7 @@ def test_every_reference_is_rendered_or_a_documented_prerequisite(values_file: s
                 keys = present.get((kind, name)) or prerequisites.get((kind, name))
                 where = f"{phase} {values_file}: {obj['kind']}/{obj['metadata']['name']}"
                 assert keys is not None, (
-                    f"{where} needs {kind} {name}, neither rendered nor in README"
+                    f"{where} needs {kind} {name}, neither rendered nor in docs/deploy.md"
                 )
                 assert key in keys, f"{where} needs key {key!r} of {kind} {name}, which has {keys}"
 
@@ -170,7 +170,7 @@ def test_pre_install_hooks_reference_only_what_exists_before_them(
             )
 
 
-def test_the_readme_lists_the_production_prerequisites_it_needs() -> None:
+def test_the_docs_list_the_production_prerequisites() -> None:
     prerequisites = readme_prerequisites()
     for secret in ("itemstream-db", "itemstream-llm", "itemstream-redis"):
         assert ("Secret", secret) in prerequisites, secret
@@ -399,7 +399,8 @@ def test_every_make_target_the_repository_mentions_exists() -> None:
     makefile = (ROOT / "Makefile").read_text()
     targets = set(re.findall(r"^([\w-]+):", makefile, re.MULTILINE))
     mentioned: set[str] = set()
-    for path in [ROOT / "README.md", *ROOT.glob("k8s/**/*"), ROOT / "chart" / "README.md"]:
+    docs = [*ROOT.glob("*.md"), *ROOT.glob("docs/*.md"), *ROOT.glob("k8s/**/*")]
+    for path in [*docs, ROOT / "chart" / "README.md"]:
         if path.is_file():
             mentioned |= set(re.findall(r"\bmake ([a-z][\w-]+)", path.read_text()))
     assert mentioned <= targets, mentioned - targets
@@ -413,3 +414,12 @@ def test_kind_up_reloads_the_alert_rules() -> None:
     )
     assert rules is not None
     assert "rollout restart" in rules.group(0) or "/-/reload" in rules.group(0)
+
+
+def test_notes_warn_about_the_unpublished_default_image() -> None:
+    def notes(*sets: str) -> str:
+        out = helm("install", "demo", str(CHART), "--dry-run=client", *values_args(None, sets))
+        return out.stdout
+
+    assert "is the chart's default, which is not published" in notes()
+    assert "not published" not in notes("image.repository=team/itemstream")

@@ -326,3 +326,54 @@ def test_log_format_defaults() -> None:
     assert formatter() is ConsoleFormatter
     assert formatter(environment="production", database_url="postgresql://a@b/c") is JsonFormatter
     assert formatter(log_format="json") is JsonFormatter
+
+
+# --- the docs ----------------------------------------------------------------------------------
+
+
+def test_readme_first_screen_is_a_map() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 70, "the README is a map; the reference lives in docs/"
+    for target in re.findall(r"\]\(([^)#]+)\)", readme):
+        if not target.startswith("http"):
+            assert (ROOT / target).exists(), target
+    for command in ("make run", "make test", "make stack", "docker compose up"):
+        assert command in readme
+
+
+def test_configuration_reference_is_generated_from_settings() -> None:
+    fresh = subprocess.run(
+        [sys.executable, "scripts/settings_doc.py", "--check"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert fresh.returncode == 0, fresh.stderr
+    documented = set(
+        re.findall(r"^\| `([A-Z0-9_]+)`", (ROOT / "docs" / "configuration.md").read_text(), re.M)
+    )
+    assert documented == {name.upper() for name in Settings.model_fields}
+
+
+def test_repository_hygiene() -> None:
+    license_text = (ROOT / "LICENSE").read_text()
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert 'license = "Apache-2.0"' in pyproject and "Apache License" in license_text
+    assert "Version 2.0" in license_text
+    for name in ("CONTRIBUTING.md", "CHANGELOG.md"):
+        assert (ROOT / name).stat().st_size > 500, name
+    hooks = yaml.safe_load((ROOT / ".pre-commit-config.yaml").read_text())
+    entries = " ".join(h["entry"] for repo in hooks["repos"] for h in repo["hooks"])
+    ci = (ROOT / ".ci" / "run").read_text()
+    for tool in ("ruff check", "mypy"):
+        assert tool in entries and tool in ci, tool
+
+
+def test_relative_links_in_the_docs_resolve() -> None:
+    pages = [*ROOT.glob("*.md"), *ROOT.glob("docs/*.md")]
+    for page in pages:
+        for target in re.findall(r"\]\(([^)]+)\)", page.read_text()):
+            path = target.split("#")[0]
+            if path and not path.startswith(("http://", "https://", "mailto:")):
+                assert (page.parent / path).exists(), f"{page.name}: {target}"
