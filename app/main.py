@@ -16,7 +16,7 @@ from starlette.middleware.cors import CORSMiddleware
 from app.api import docs as api_docs
 from app.api import problems
 from app.api.deps import Services
-from app.api.middleware import BodySizeLimit, HostAllowlist, SecurityHeaders
+from app.api.middleware import BodySizeLimit, HeadAsGet, HostAllowlist, SecurityHeaders
 from app.api.routes import chat, health, items
 from app.api.routes import generations as generations_routes
 from app.api.security import AccessControl
@@ -128,6 +128,7 @@ def _access(
 def _add_middleware(app: FastAPI, settings: Settings) -> None:
     # Middleware: added last runs first. Order from the outside in: tracing (server span),
     # HTTP metrics, access log (inside the span, so it has the trace id), CORS, body limit.
+    app.add_middleware(HeadAsGet)
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
     if settings.cors_allow_origins:
         app.add_middleware(

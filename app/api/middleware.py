@@ -114,3 +114,30 @@ class HostAllowlist:
             return
         response = problem_response(400, "invalid Host header")
         await response(scope, receive, send)
+
+
+class HeadAsGet:
+    """Pure ASGI: HEAD is served wherever GET is (RFC 9110 9.3.2), as the GET with the same
+    headers and no body. The OpenAPI document lists the GET operations only."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def headers_only(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                await send(message)
+            elif message["type"] == "http.response.body" and started:
+                if not message.get("more_body", False):
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+            else:
+                await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, headers_only)

@@ -5,21 +5,31 @@ the official client libraries work against this service unmodified."""
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, Literal
 
 from fastapi import HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.responses import JSONResponse, Response
 
-from app.api.problems import detail_for, status_for, validation_errors
+from app.api.problems import (
+    UNSUPPORTED_BODY,
+    detail_for,
+    not_json,
+    status_for,
+    validation_errors,
+)
+from app.api.schemas import Text, no_nul
 from app.api.streaming import sse_event
 from app.db.errors import DatabaseUnavailable
 from app.providers.base import Message, ProviderError
 from app.services import errors
 from app.services.generations import Finished, Run
+
+log = logging.getLogger(__name__)
 
 
 class TextPart(BaseModel):
@@ -32,6 +42,15 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[TextPart] | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _no_nul(cls, content: str | list[TextPart] | None) -> str | list[TextPart] | None:
+        # One check for both shapes (a union of constrained types would report the wrong one).
+        parts = [content] if isinstance(content, str) else [p.text for p in content or []]
+        for part in parts:
+            no_nul(part)
+        return content
 
     def to_message(self) -> Message:
         content = self.content
@@ -48,7 +67,7 @@ class ChatCompletionRequest(BaseModel):
     # Clients send many optional parameters (top_p, user, seed, ...); unknown ones are ignored.
     model_config = ConfigDict(extra="ignore")
 
-    model: str = Field(min_length=1, max_length=200)
+    model: Text = Field(min_length=1, max_length=200)
     messages: list[ChatMessage] = Field(min_length=1, max_length=512)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -182,6 +201,8 @@ class OpenAIRoute(APIRoute):
             try:
                 return await handler(request)
             except RequestValidationError as exc:
+                if not_json(request, exc):
+                    return openai_error(415, UNSUPPORTED_BODY)
                 detail, items = validation_errors(exc)
                 field = items[0]["field"] if items else None
                 return openai_error(400, detail, param=field or None)
@@ -194,5 +215,9 @@ class OpenAIRoute(APIRoute):
                     param=getattr(exc, "field", None),
                     headers=headers,
                 )
+            except Exception as exc:
+                # Whatever else went wrong, OpenAI clients parse only their own error shape.
+                log.exception("unhandled error on %s %s", request.method, request.url.path)
+                return openai_error(500, detail_for(exc))
 
         return handle

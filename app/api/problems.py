@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
+from app.api.schemas import NO_NUL, NUL_MESSAGE
 from app.db.errors import DatabaseUnavailable, SchemaNotReady
 from app.providers.base import ProviderError
 from app.services import errors
@@ -125,10 +126,13 @@ def validation_errors(exc: RequestValidationError) -> tuple[str, list[dict[str, 
     items: list[dict[str, Any]] = []
     for error in exc.errors():
         loc = list(error.get("loc", ()))
+        message = error.get("msg", "invalid")
+        if (error.get("ctx") or {}).get("pattern") == NO_NUL:
+            message = NUL_MESSAGE  # say what is wrong, not which regular expression failed
         entry: dict[str, Any] = {
             "location": loc[0] if loc else "body",
             "field": _location(loc),
-            "message": error.get("msg", "invalid"),
+            "message": message,
             "type": error.get("type", "value_error"),
         }
         items.append(entry)
@@ -136,12 +140,28 @@ def validation_errors(exc: RequestValidationError) -> tuple[str, list[dict[str, 
         return "request is not valid", items
     first = items[0]
     if first["type"] == "json_invalid":
+        # FastAPI puts the character offset where a field name goes: name both apart.
         ctx = exc.errors()[0].get("ctx", {}) or {}
         reason = ctx.get("error", "invalid JSON")
-        return f"request body is not valid JSON: {reason} (at {first['field'] or 'body'})", items
+        position = int(first["field"]) if str(first["field"]).isdigit() else None
+        first.update(field="", position=position)
+        where = f" at character {position}" if position is not None else ""
+        return f"request body is not valid JSON: {reason}{where}", items
     summary = f"{first['field']}: {first['message']}" if first["field"] else first["message"]
     more = f" (and {len(items) - 1} more)" if len(items) > 1 else ""
     return summary + more, items
+
+
+UNSUPPORTED_BODY = "the request body must be JSON (Content-Type: application/json)"
+
+
+def not_json(request: Request, exc: RequestValidationError) -> bool:
+    """A body the route wants as JSON came with another media type: 415, not a 422 about
+    dictionaries."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    is_json = media == "application/json" or media.endswith("+json")
+    body_errors = [e for e in exc.errors() if tuple(e.get("loc", ()))[:1] == ("body",)]
+    return bool(body_errors) and not is_json and request.method in ("POST", "PUT", "PATCH")
 
 
 def install(app: FastAPI, *, retry_after_seconds: int) -> None:
@@ -164,6 +184,8 @@ def install(app: FastAPI, *, retry_after_seconds: int) -> None:
 
     async def on_validation(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
+        if not_json(request, exc):
+            return problem_response(415, UNSUPPORTED_BODY, instance=request.url.path)
         detail, items = validation_errors(exc)
         return problem_response(422, detail, instance=request.url.path, errors=items)
 

@@ -18,8 +18,26 @@ from pydantic import (
 
 from app.services.models import Item, ItemFields, ItemPage
 
-Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
-Description = Annotated[str, StringConstraints(max_length=10_000)]
+# PostgreSQL text cannot hold U+0000 (SQLite can): refused on every backend alike, at the
+# boundary, as a pattern every string input declares, so the OpenAPI document says so too and
+# the answer is a 422 naming the field rather than a 500 from the driver.
+NO_NUL = r"^[^\x00]*$"
+NUL_MESSAGE = "must not contain the NUL character (\\u0000)"
+
+
+def no_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError(NUL_MESSAGE)
+    return value
+
+
+Text = Annotated[str, StringConstraints(pattern=NO_NUL)]
+"""A string the service may store or pass on: every such input is declared with it."""
+
+Name = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200, pattern=NO_NUL)
+]
+Description = Annotated[str, StringConstraints(max_length=10_000, pattern=NO_NUL)]
 Price = Annotated[
     Decimal,
     Field(ge=0, max_digits=12, decimal_places=2, examples=[19.99]),

@@ -13,9 +13,14 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+from cachetools import TTLCache
+
 from app.services.errors import RateLimited
 
 log = logging.getLogger(__name__)
+
+# Callers the in-process fallback tracks at most (least recently used forgotten first).
+MAX_TRACKED_CALLERS = 50_000
 
 FailMode = Literal["open", "closed"]
 
@@ -100,6 +105,7 @@ class RateLimiter:
         fail_mode: FailMode = "open",
         observer: BackendObserver | None = None,
         prefix: str = "itemstream:rl",
+        max_tracked_callers: int = MAX_TRACKED_CALLERS,
     ) -> None:
         self._redis = redis
         self.requests = requests
@@ -109,8 +115,14 @@ class RateLimiter:
         self._fail_mode = fail_mode
         self._observer = observer
         self._prefix = prefix
-        self._memory: dict[str, tuple[float, float]] = {}
-        self._slots: dict[str, int] = {}
+        # Without Redis, per process: bounded however many distinct callers come (a flood of
+        # addresses must not grow the worker), and forgotten once they could only be full.
+        self._memory: TTLCache[str, tuple[float, float]] = TTLCache(
+            maxsize=max_tracked_callers, ttl=max(requests.window_seconds, tokens.window_seconds)
+        )
+        self._slots: TTLCache[str, int] = TTLCache(
+            maxsize=max_tracked_callers, ttl=stream_ttl_seconds
+        )
         self._last_warning = 0.0
         if redis is not None:
             self._bucket_script = redis.register_script(_BUCKET)
@@ -194,7 +206,11 @@ class RateLimiter:
         full_key = f"{self._prefix}:streams:{key}"
         try:
             if self._redis is None:
-                self._slots[full_key] = max(0, self._slots.get(full_key, 0) - 1)
+                left = self._slots.get(full_key, 0) - 1
+                if left > 0:
+                    self._slots[full_key] = left
+                else:
+                    self._slots.pop(full_key, None)
                 return
             await self._release_script(keys=[full_key], args=[])
         except Exception as error:  # the slot expires with its TTL

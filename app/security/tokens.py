@@ -127,7 +127,7 @@ class TokenVerifier:
             raise InvalidToken(f"the token has no {error.claim!r} claim") from error
         except jwt.InvalidTokenError as error:
             raise InvalidToken("the token's signature does not verify") from error
-        return VerifiedClaims(str(claims["sub"]), scopes_of(claims), claims)
+        return VerifiedClaims(_subject(claims), scopes_of(claims), claims)
 
     async def _key(self, kid: object) -> jwt.PyJWK:
         if not isinstance(kid, str):
@@ -181,3 +181,12 @@ class TokenVerifier:
             raise KeySourceUnavailable("the issuer's discovery document has no jwks_uri")
         self._jwks_url = jwks_uri
         return jwks_uri
+
+
+def _subject(claims: dict[str, Any]) -> str:
+    """The subject is stored (items.created_by, generations.principal): PostgreSQL text holds
+    neither NUL nor more than the column's 255 characters."""
+    subject = claims["sub"]
+    if not isinstance(subject, str) or not subject or "\x00" in subject or len(subject) > 255:
+        raise InvalidToken("the token's 'sub' claim is not a usable subject")
+    return subject

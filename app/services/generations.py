@@ -37,6 +37,9 @@ from app.services.ids import uuid7
 from app.services.models import Generation, Item
 
 log = logging.getLogger(__name__)
+
+# How long a stream at its token limit waits for the upstream's closing usage chunk.
+TRAILER_SECONDS = 1.0
 _tracer = trace.get_tracer("app.generations")
 
 Outcome = Literal["completed", "cancelled", "failed"]
@@ -144,6 +147,7 @@ class GenerationRun:
             self._chunks = self._service.provider.stream(self._request)
         while True:
             if self.tokens >= self._request.max_tokens:
+                await self._read_trailer()
                 self.finish_reason = self.finish_reason or "length"
                 raise StopAsyncIteration
             with (
@@ -169,6 +173,23 @@ class GenerationRun:
                 self.tokens += 1
                 self._parts.append(chunk.text)
                 return chunk.text
+
+    async def _read_trailer(self) -> None:
+        """At the token limit, the upstream (told the same limit) still owes its finish reason
+        and usage (prompt tokens): read what follows without text, briefly, then stop."""
+        assert self._chunks is not None
+        try:
+            async with asyncio.timeout(TRAILER_SECONDS):
+                while True:
+                    chunk = await self._chunks.__anext__()
+                    if chunk.usage is not None:
+                        self.prompt_tokens = chunk.usage.prompt_tokens
+                    if chunk.finish_reason is not None:
+                        self.finish_reason = chunk.finish_reason
+                    if chunk.text or chunk.usage is not None:
+                        return  # the usage comes last; more text would be past the limit
+        except (StopAsyncIteration, TimeoutError, ProviderError):
+            return
 
     @property
     def time_to_first_token(self) -> float | None:

@@ -318,6 +318,8 @@ def _decode_cursor(cursor: str, filters: ItemFilter, sort: Sort) -> Position:
         fingerprint, text, raw_id = payload["f"], payload["v"], payload["id"]
     except (ValueError, KeyError, TypeError, binascii.Error) as error:
         raise invalid from error
+    if not isinstance(text, str) or "\x00" in text:  # a forged cursor must not reach SQL
+        raise invalid
     if fingerprint != _filter_fingerprint(filters, sort):
         raise InvalidQuery(
             "cursor belongs to a different sort or filter; start again without it", "cursor"

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
 from app.api.deps import ServicesDep
-from app.api.openai_compat import ChatCompletionRequest, ChunkFormat, OpenAIRoute, completion_body
+from app.api.openai_compat import (
+    ChatCompletionRequest,
+    ChunkFormat,
+    OpenAIRoute,
+    completion_body,
+    openai_error,
+)
 from app.api.security import require
 from app.api.streaming import EventStreamResponse
 from app.security.principals import GENERATE, Principal
@@ -42,6 +48,8 @@ async def create_chat_completion(
         headers=tracing.outgoing_headers(request.headers),
         principal=caller,
     )
+    # The record of this completion (GET it; the completion's own id works there too).
+    record = {"Location": f"/v1/generations/{run.id}"}
     if body.stream:
         return EventStreamResponse(
             run,
@@ -49,6 +57,27 @@ async def create_chat_completion(
             heartbeat_seconds=services.settings.stream_heartbeat_seconds,
             drain_seconds=services.settings.stream_drain_seconds,
             lifecycle=services.lifecycle,
+            headers=record,
         )
     text = await services.generations.collect(run)
-    return JSONResponse(completion_body(run, text))
+    return JSONResponse(completion_body(run, text), headers=record)
+
+
+@router.get(
+    "/models",
+    summary="The models this service serves (OpenAI-compatible)",
+    description="Many clients and UIs call it first. Lists the configured model (`LLM_MODEL`).",
+)
+async def list_models(services: ServicesDep) -> dict[str, Any]:
+    return {"object": "list", "data": [_model(services.settings.llm_model)]}
+
+
+@router.get("/models/{model_id:path}", summary="One model (OpenAI-compatible)")
+async def get_model(model_id: str, services: ServicesDep) -> Response:
+    if model_id != services.settings.llm_model:
+        return openai_error(404, f"The model '{model_id}' does not exist", param="model")
+    return JSONResponse(_model(model_id))
+
+
+def _model(model_id: str) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": 0, "owned_by": "itemstream"}

@@ -7,13 +7,13 @@ from datetime import datetime
 from typing import Annotated
 from uuid import UUID
 
-from fastapi import APIRouter, Body, Request
+from fastapi import APIRouter, Body, Path, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.api.deps import ServicesDep
 from app.api.problems import PROBLEM_JSON, detail_for, problem_body, status_for
 from app.api.routes.items import PROBLEMS, IdempotencyKey
-from app.api.schemas import Problem
+from app.api.schemas import Problem, Text
 from app.api.security import require
 from app.api.streaming import EventStreamResponse, sse_event
 from app.security.principals import GENERATE, READ, Principal
@@ -27,7 +27,7 @@ router = APIRouter(prefix="/v1", tags=["generations"])
 class GenerateIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    instructions: str | None = Field(
+    instructions: Text | None = Field(
         None, min_length=1, max_length=4000, description="what to write; a description by default"
     )
     max_tokens: int | None = Field(None, ge=1)
@@ -138,11 +138,31 @@ async def generate_for_item(
     )
 
 
+GENERATION_ID = (
+    r"^(chatcmpl-[0-9a-f]{32}|[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?"
+    r"[0-9a-fA-F]{12})$"
+)
+
+
+def _generation_uuid(text: str) -> UUID:
+    """A chat completion's id is its generation's id (`chatcmpl-<hex>`): either finds it."""
+    return UUID(text.removeprefix("chatcmpl-"))
+
+
 @router.get(
     "/generations/{generation_id}",
     summary="A recorded generation: outcome, tokens, timings and text",
     responses={404: PROBLEMS[404], 503: PROBLEMS[503]},
     dependencies=[require(READ)],
 )
-async def get_generation(generation_id: UUID, services: ServicesDep) -> GenerationOut:
-    return GenerationOut.of(await services.generations.get(generation_id))
+async def get_generation(
+    generation_id: Annotated[
+        str,
+        Path(
+            pattern=GENERATION_ID,
+            description="the generation's id, or a chat completion's id (`chatcmpl-...`)",
+        ),
+    ],
+    services: ServicesDep,
+) -> GenerationOut:
+    return GenerationOut.of(await services.generations.get(_generation_uuid(generation_id)))

@@ -9,7 +9,7 @@ from uuid import UUID
 from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response, status
 
 from app.api.deps import IfMatch, ItemServiceDep, ServicesDep, etag
-from app.api.schemas import ItemIn, ItemOut, ItemPageOut, ItemPatch, Problem
+from app.api.schemas import NO_NUL, ItemIn, ItemOut, ItemPageOut, ItemPatch, Problem
 from app.api.security import require
 from app.api.streaming import ExportResponse
 from app.db.session import Writer
@@ -42,7 +42,10 @@ async def _filters(
     min_price: Annotated[Decimal | None, Query(ge=0, max_digits=12, decimal_places=2)] = None,
     max_price: Annotated[Decimal | None, Query(ge=0, max_digits=12, decimal_places=2)] = None,
     q: Annotated[
-        str | None, Query(min_length=1, max_length=200, description="in name or description")
+        str | None,
+        Query(
+            max_length=200, pattern=NO_NUL, description="in name or description; empty: no filter"
+        ),
     ] = None,
     include_deleted: bool = False,
 ) -> ItemFilter:
@@ -50,7 +53,7 @@ async def _filters(
         is_active=is_active,
         min_price=min_price,
         max_price=max_price,
-        q=q,
+        q=q or None,
         include_deleted=include_deleted,
     )
 
@@ -114,7 +117,7 @@ async def list_items(
     filters: Filters,
     page: Annotated[int | None, Query(ge=1, le=1_000_000)] = None,
     per_page: Annotated[int | None, Query(ge=1, description="at most MAX_PAGE_SIZE")] = None,
-    cursor: Annotated[str | None, Query(max_length=512)] = None,
+    cursor: Annotated[str | None, Query(max_length=512, pattern=NO_NUL)] = None,
     sort: SortParam = "-created_at",
     include_total: Annotated[
         bool, Query(description="also count all matching items (a COUNT over them: costly)")
@@ -190,13 +193,16 @@ async def get_item(
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> ItemOut:
     item = ItemOut.of(await items.get(item_id, include_deleted=include_deleted))
-    if if_none_match is not None and etag(item.version) in _tags(if_none_match):
+    if if_none_match is not None and _none_match_fails(if_none_match, etag(item.version)):
         return Response(status_code=304, headers={"ETag": etag(item.version)})  # type: ignore[return-value]
     return _with_etag(response, item)
 
 
-def _tags(header: str) -> set[str]:
-    return {part.strip().removeprefix("W/") for part in header.split(",")}
+def _none_match_fails(header: str, current: str) -> bool:
+    """RFC 9110 13.1.2: `*` matches any current representation; otherwise a weak comparison
+    against the listed tags."""
+    tags = {part.strip().removeprefix("W/") for part in header.split(",")}
+    return "*" in tags or current in tags
 
 
 @router.put(
