@@ -219,3 +219,74 @@ def _stopped(pg: PostgresServer, database: str, pid: int) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+# --- the same rows, the same bytes ---------------------------------------------------------
+
+TRICKY = 'q"uote \\ back/slash\nline\ttab \x01\x1f\x7f é 😀 \u2028'
+
+
+def _rows() -> list[dict[str, Any]]:
+    from datetime import UTC, datetime
+    from decimal import Decimal
+    from uuid import UUID
+
+    base = datetime(2026, 11, 30, 12, 0, 0, 123456, tzinfo=UTC)
+    return [
+        {
+            "id": UUID(int=index + 1),
+            "name": f"{TRICKY} {index}" if index % 2 else f"plain {index}",
+            "description": TRICKY if index == 1 else None,
+            "price": Decimal(index) + Decimal("0.5") if index % 3 else Decimal(index),
+            "is_active": index % 2 == 0,
+            "version": index + 1,
+            "created_at": base,
+            "updated_at": base,
+            "deleted_at": base if index == 3 else None,
+            "generated_text": TRICKY if index == 2 else None,
+            "generation_id": UUID(int=99) if index == 2 else None,
+            "created_by": "alice@example.com" if index == 1 else None,
+        }
+        for index in range(6)
+    ]
+
+
+async def _export_of(settings: Any) -> dict[str, bytes]:
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from app.db.tables import items
+    from tests.conftest import app_client
+
+    direct = create_async_engine(settings.migration_database)
+    try:
+        async with direct.begin() as conn:
+            await conn.execute(items.insert(), _rows())
+    finally:
+        await direct.dispose()
+    async with app_client(settings) as client:
+        params = {"include_deleted": "true", "sort": "name"}
+        ndjson = await client.get("/v1/items/export", params=params)
+        as_csv = await client.get("/v1/items/export", params={**params, "format": "csv"})
+    return {"ndjson": ndjson.content, "csv": as_csv.content}
+
+
+@pytest.mark.postgres
+async def test_the_same_rows_export_to_the_same_bytes_on_both_backends(
+    pg: PostgresServer, tmp_path: Path
+) -> None:
+    sqlite_url = f"sqlite+aiosqlite:///{tmp_path / 'same.db'}"
+    await migrate(make_settings(sqlite_url).database)
+    database = pg.create_database("itemstream_same")
+    bouncer = start_bouncer(MODERN, pg)
+    try:
+        await migrate(pg.url(database))
+        on_sqlite = await _export_of(make_settings(sqlite_url))
+        on_postgres = await _export_of(through(bouncer, pg, database))
+    finally:
+        bouncer.close()
+        pg.drop_database(database)
+    assert on_sqlite["ndjson"] == on_postgres["ndjson"]
+    assert on_sqlite["csv"] == on_postgres["csv"]
+    first = json.loads(on_postgres["ndjson"].splitlines()[1])
+    assert set(first) >= {"created_by", "generated_text", "generation_id"}
+    assert len(on_postgres["ndjson"].splitlines()) == 6

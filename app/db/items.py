@@ -193,6 +193,7 @@ EXPORT_COLUMNS = (
     "deleted_at",
     "generated_text",
     "generation_id",
+    "created_by",
 )
 # NDJSON through COPY's CSV mode: a JSON document never contains these control characters
 # raw (JSON escapes them) nor a raw newline, so COPY writes each document verbatim.
@@ -206,7 +207,7 @@ _JSON_TEXT = {
     "id": """'"' || {c} || '"'""",
     "name": "to_json({c})::text",
     "description": "coalesce(to_json({c})::text, 'null')",
-    "price": "{c}::text",
+    "price": "{c}::text",  # numeric(12,2): always two decimals, as _text_value writes it
     "is_active": "{c}::text",
     "version": "{c}::text",
     "created_at": """'"' || """ + _UTC_TEXT + """ || '"'""",
@@ -214,6 +215,7 @@ _JSON_TEXT = {
     "deleted_at": """coalesce('"' || """ + _UTC_TEXT + """ || '"', 'null')""",
     "generated_text": "coalesce(to_json({c})::text, 'null')",
     "generation_id": """coalesce('"' || {c} || '"', 'null')""",
+    "created_by": "coalesce(to_json({c})::text, 'null')",
 }
 # CSV cells: timestamps as in JSON, booleans as true/false (COPY would write t/f).
 _CSV_TEXT = {
@@ -254,15 +256,20 @@ def _export(filter_shape: tuple[bool, ...], sort: Sort, fmt: str) -> Any:
     return build
 
 
-def _json_value(item: Item, name: str) -> Any:
+def _text_value(item: Item, name: str) -> Any:
+    """A column as PostgreSQL's export renders it, so both backends give the same bytes:
+    prices with their two decimals, instants in UTC with microseconds, UUIDs as text."""
     value = getattr(item, name)
     if value is None or isinstance(value, bool | int | str):
         return value
     if isinstance(value, Decimal):
-        return float(value)
+        return format(value.quantize(CENTS), "f")
     if isinstance(value, datetime):
         return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     return str(value)
+
+
+CENTS = Decimal("0.01")
 
 
 def _encode_ndjson_rows(rows: Sequence[Row], first: bool) -> bytes:
@@ -273,11 +280,20 @@ def _encode_csv_rows(rows: Sequence[Row], first: bool) -> bytes:
     return encode_csv([Item(*row) for row in rows], header=first)
 
 
+def _json_text(item: Item, name: str) -> str:
+    value = _text_value(item, name)
+    if name == "price":
+        return str(value)  # a JSON number, written as PostgreSQL writes numeric
+    # PostgreSQL's to_json: no ASCII escaping of non-ASCII text, \u00XX for control characters.
+    return json.dumps(value, ensure_ascii=False)
+
+
 def encode_ndjson(batch: list[Item]) -> bytes:
     lines = (
-        json.dumps({name: _json_value(item, name) for name in EXPORT_COLUMNS}) for item in batch
+        "{" + ",".join(f'"{name}":{_json_text(item, name)}' for name in EXPORT_COLUMNS) + "}\n"
+        for item in batch
     )
-    return "".join(line + "\n" for line in lines).encode()
+    return "".join(lines).encode()
 
 
 def encode_csv(batch: list[Item], *, header: bool) -> bytes:
@@ -288,7 +304,7 @@ def encode_csv(batch: list[Item], *, header: bool) -> bytes:
     for item in batch:
         row = []
         for name in EXPORT_COLUMNS:
-            value = _json_value(item, name)
+            value = _text_value(item, name)
             row.append("true" if value is True else "false" if value is False else value)
         writer.writerow(row)
     return out.getvalue().encode()
