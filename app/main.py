@@ -10,10 +10,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import timedelta
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import RedirectResponse
 
 from app.api import docs as api_docs
+from app.api import openapi as api_contract
 from app.api import problems
 from app.api.deps import Services
 from app.api.middleware import BodySizeLimit, HeadAsGet, HostAllowlist, SecurityHeaders
@@ -257,7 +259,13 @@ def create_app(settings: Settings | None = None, lifecycle: Lifecycle | None = N
     )
     if docs:
         api_docs.install(app, "itemstream")
+
+        async def root(request: Request) -> RedirectResponse:
+            return RedirectResponse("/docs")  # a first look at the address finds the docs
+
+        app.add_route("/", root, include_in_schema=False)
     problems.install(app, retry_after_seconds=settings.db_retry_after_seconds)
+    api_contract.install(app, settings)
     app.include_router(health.router)
     app.include_router(items.router)
     app.include_router(generations_routes.router)

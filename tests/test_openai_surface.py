@@ -37,7 +37,7 @@ async def test_a_completion_points_at_its_record(client: httpx.AsyncClient) -> N
         location = s.headers["location"]
         await s.aread()
     assert (await client.get(location)).json()["status"] == "completed"
-    assert (await client.get("/v1/generations/chatcmpl-nothex")).status_code == 422
+    assert (await client.get("/v1/generations/chatcmpl-nothex")).status_code == 404
 
 
 async def test_prompt_tokens_survive_a_max_tokens_cut(client: httpx.AsyncClient) -> None:
@@ -51,3 +51,12 @@ async def test_prompt_tokens_survive_a_max_tokens_cut(client: httpx.AsyncClient)
     async with client.stream("POST", "/v1/chat/completions", json=streamed) as s:
         events = [line[6:] async for line in s.aiter_lines() if line.startswith("data: {")]
     assert json.loads(events[-1])["usage"]["prompt_tokens"] == 3
+
+
+async def test_max_tokens_above_the_limit_is_capped_not_refused(client: httpx.AsyncClient) -> None:
+    done = await client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 10**6})
+    assert done.status_code == 200, done.text
+    assert done.json()["usage"]["completion_tokens"] <= 4096  # STREAM_MAX_TOKENS
+    for bad in (True, "5", 0):
+        refused = await client.post("/v1/chat/completions", json={**CHAT, "max_tokens": bad})
+        assert refused.status_code == 400, (bad, refused.text)

@@ -351,9 +351,6 @@ async def test_stream_limits(pg_settings: Settings) -> None:
         too_long = await client.post("/v1/chat/completions", json=long_prompt)
         assert too_long.status_code == 400
         assert too_long.json()["error"]["param"] == "messages"
-        too_many = await client.post("/v1/chat/completions", json=chat_body("m", max_tokens=51))
-        assert too_many.status_code == 400
-        assert too_many.json()["error"]["param"] == "max_tokens"
         item = (await client.post("/v1/items", json={"name": "x", "price": 1})).json()
         bad = await client.post(
             f"/v1/items/{item['id']}/generate", json={"instructions": "", "extra": 1}

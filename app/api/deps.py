@@ -70,7 +70,10 @@ def parse_if_match(value: str | None) -> frozenset[int] | None:
 async def _if_match(
     if_match: Annotated[
         str | None,
-        Header(description='ETag from a previous response, e.g. "3"; mismatch gets 412'),
+        Header(
+            description='`*` or entity tags from previous responses, e.g. "3" (RFC 9110 '
+            "13.1.1; anything else is 400). A version the item is not at gets 412",
+        ),
     ] = None,
 ) -> frozenset[int] | None:
     return parse_if_match(if_match)

@@ -7,12 +7,21 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Coroutine, Mapping
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import HTTPException, Request
+from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    WithJsonSchema,
+    field_validator,
+)
+from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response
 
 from app.api.problems import (
@@ -22,7 +31,7 @@ from app.api.problems import (
     status_for,
     validation_errors,
 )
-from app.api.schemas import Text, no_nul
+from app.api.schemas import NO_NUL, Text, no_nul
 from app.api.streaming import sse_event
 from app.db.errors import DatabaseUnavailable
 from app.providers.base import Message, ProviderError
@@ -32,16 +41,47 @@ from app.services.generations import Finished, Run
 log = logging.getLogger(__name__)
 
 
+def _json_number(value: object) -> object:
+    # JSON's numbers as JSON Schema reads them: true is not 1, "5" is not 5, 2.0 is an integer.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("must be a JSON number")
+    return value
+
+
+def _json_int(value: object) -> object:
+    value = _json_number(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# Constraints before the validator, or the JSON schema gets "ge" instead of "minimum".
+TokenCount = Annotated[int, Field(ge=1), BeforeValidator(_json_int)]
+Temperature = Annotated[float, Field(ge=0, le=2), BeforeValidator(_json_number)]
+OnlyOne = Annotated[int, Field(ge=1, le=1), BeforeValidator(_json_int)]
+
+
 class TextPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Annotated[str, WithJsonSchema({"type": "string", "pattern": NO_NUL})]
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[TextPart] | None = None
+    content: Annotated[
+        str | list[TextPart] | None,
+        WithJsonSchema(
+            {
+                "anyOf": [
+                    {"type": "string", "pattern": NO_NUL},
+                    {"type": "array", "items": {"$ref": "#/components/schemas/TextPart"}},
+                    {"type": "null"},
+                ]
+            }
+        ),
+    ] = None
 
     @field_validator("content")
     @classmethod
@@ -60,7 +100,7 @@ class ChatMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class ChatCompletionRequest(BaseModel):
@@ -69,12 +109,13 @@ class ChatCompletionRequest(BaseModel):
 
     model: Text = Field(min_length=1, max_length=200)
     messages: list[ChatMessage] = Field(min_length=1, max_length=512)
-    stream: bool = False
+    # Strict: JSON true is not a temperature, nor "5" a token count.
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    n: int = Field(1, ge=1, le=1, description="only 1 is supported")
+    max_tokens: TokenCount | None = Field(None, description="capped at STREAM_MAX_TOKENS")
+    max_completion_tokens: TokenCount | None = Field(None, description="capped likewise")
+    temperature: Temperature | None = None
+    n: OnlyOne = Field(1, description="only 1 is supported")
 
     @property
     def token_limit(self) -> int | None:

@@ -167,6 +167,10 @@ def not_json(request: Request, exc: RequestValidationError) -> bool:
 def install(app: FastAPI, *, retry_after_seconds: int) -> None:
     async def on_error(request: Request, exc: Exception) -> Response:
         status, headers = status_for(exc, retry_after_seconds)
+        if status == 405:
+            from app.api.openapi import allowed_methods  # the document imports this module
+
+            headers["Allow"] = ", ".join(allowed_methods(request.app, request.url.path))
         details = None
         if isinstance(exc, errors.InvalidInput):
             details = [{"location": exc.location, "field": exc.field, "message": exc.detail}]

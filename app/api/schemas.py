@@ -12,9 +12,12 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    StrictBool,
     StringConstraints,
+    WithJsonSchema,
     model_validator,
 )
+from pydantic.json_schema import SkipJsonSchema
 
 from app.services.models import Item, ItemFields, ItemPage
 
@@ -38,9 +41,17 @@ Name = Annotated[
     str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200, pattern=NO_NUL)
 ]
 Description = Annotated[str, StringConstraints(max_length=10_000, pattern=NO_NUL)]
-Price = Annotated[
+# A non-negative amount with at most two decimals (numeric(12,2)). Declared as the JSON number
+# it is (Pydantic would also advertise strings, which clients should not send).
+MONEY_SCHEMA = {"type": "number", "minimum": 0, "maximum": 9_999_999_999.99, "multipleOf": 0.01}
+Money = Annotated[
     Decimal,
-    Field(ge=0, max_digits=12, decimal_places=2, examples=[19.99]),
+    Field(ge=0, max_digits=12, decimal_places=2),
+    WithJsonSchema(MONEY_SCHEMA, mode="validation"),
+]
+Price = Annotated[
+    Money,
+    Field(examples=[19.99]),
     # JSON clients expect a number; 12 significant digits survive a double exactly.
     PlainSerializer(float, return_type=float, when_used="json"),
 ]
@@ -55,7 +66,7 @@ class ItemIn(BaseModel):
     name: Name
     description: Description | None = None
     price: Price
-    is_active: bool = True
+    is_active: StrictBool = True  # JSON true/false only, not 1 or "yes"
 
     def to_fields(self) -> ItemFields:
         return ItemFields(
@@ -72,10 +83,11 @@ class ItemPatch(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: Name | None = None
+    # Required fields may be left out but not set to null: the schema does not offer null.
+    name: Name | SkipJsonSchema[None] = None
     description: Description | None = None
-    price: Price | None = None
-    is_active: bool | None = None
+    price: Price | SkipJsonSchema[None] = None
+    is_active: StrictBool | SkipJsonSchema[None] = None
 
     @model_validator(mode="after")
     def _no_null_for_required(self) -> Self:

@@ -94,4 +94,5 @@ def require(scope: str) -> Any:
         await access.check_rate(principal)
         return principal
 
+    dependency.required_scope = scope  # type: ignore[attr-defined]  # read by app.api.openapi
     return Depends(dependency)

@@ -360,13 +360,13 @@ class GenerationService:
         temperature: float | None,
         headers: Mapping[str, str] | None,
     ) -> CompletionRequest:
+        # A larger max_tokens is capped at the deployment's limit rather than refused: the
+        # answer is the same as if the client had asked for the limit (finish_reason "length").
         limit = self.limits.max_tokens
-        if max_tokens is not None and max_tokens > limit:
-            raise InvalidInput(f"max_tokens must be at most {limit}", "max_tokens")
         request = CompletionRequest(
             model=model or self.default_model,
             messages=messages,
-            max_tokens=max_tokens or limit,
+            max_tokens=min(max_tokens, limit) if max_tokens else limit,
             temperature=temperature,
             headers=dict(headers or {}),
         )

@@ -123,8 +123,8 @@ class ItemService:
         """Offset pages or keyset pages (cursor, stable under inserts); both return next_cursor
         when more rows follow. The total costs a COUNT over every matching row, so it is only
         computed when asked for (free on the last page)."""
-        if page is not None and cursor is not None:
-            raise InvalidQuery("use either page or cursor, not both", "cursor")
+        if cursor is not None:
+            page = None  # a cursor says where the page starts: it wins over a page number
         after = _decode_cursor(cursor, filters, sort) if cursor is not None else None
         offset = 0 if page is None else (page - 1) * per_page
         # Separate single-statement reads: under READ COMMITTED a transaction would not make

@@ -72,7 +72,11 @@ async def list_models(services: ServicesDep) -> dict[str, Any]:
     return {"object": "list", "data": [_model(services.settings.llm_model)]}
 
 
-@router.get("/models/{model_id:path}", summary="One model (OpenAI-compatible)")
+@router.get(
+    "/models/{model_id:path}",
+    summary="One model (OpenAI-compatible)",
+    responses={404: {"description": "No such model"}},
+)
 async def get_model(model_id: str, services: ServicesDep) -> Response:
     if model_id != services.settings.llm_model:
         return openai_error(404, f"The model '{model_id}' does not exist", param="model")

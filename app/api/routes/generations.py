@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from typing import Annotated
 from uuid import UUID
@@ -17,6 +18,7 @@ from app.api.schemas import Problem, Text
 from app.api.security import require
 from app.api.streaming import EventStreamResponse, sse_event
 from app.security.principals import GENERATE, READ, Principal
+from app.services.errors import NotFound
 from app.services.generations import Finished, Run
 from app.services.models import Generation
 from app.telemetry import tracing
@@ -145,7 +147,10 @@ GENERATION_ID = (
 
 
 def _generation_uuid(text: str) -> UUID:
-    """A chat completion's id is its generation's id (`chatcmpl-<hex>`): either finds it."""
+    """A chat completion's id is its generation's id (`chatcmpl-<hex>`): either finds it.
+    Anything else names no generation (404, like an unknown id)."""
+    if re.fullmatch(GENERATION_ID, text) is None:
+        raise NotFound(f"no generation {text[:80]!r}")
     return UUID(text.removeprefix("chatcmpl-"))
 
 
@@ -158,10 +163,7 @@ def _generation_uuid(text: str) -> UUID:
 async def get_generation(
     generation_id: Annotated[
         str,
-        Path(
-            pattern=GENERATION_ID,
-            description="the generation's id, or a chat completion's id (`chatcmpl-...`)",
-        ),
+        Path(description="the generation's id, or a chat completion's id (`chatcmpl-...`)"),
     ],
     services: ServicesDep,
 ) -> GenerationOut:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from decimal import Decimal
 from typing import Annotated, Literal
 from uuid import UUID
 
 from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response, status
 
 from app.api.deps import IfMatch, ItemServiceDep, ServicesDep, etag
-from app.api.schemas import NO_NUL, ItemIn, ItemOut, ItemPageOut, ItemPatch, Problem
+from app.api.schemas import NO_NUL, ItemIn, ItemOut, ItemPageOut, ItemPatch, Money, Problem
 from app.api.security import require
 from app.api.streaming import ExportResponse
 from app.db.session import Writer
@@ -39,8 +38,8 @@ IdempotencyKey = Annotated[
 
 async def _filters(
     is_active: bool | None = None,
-    min_price: Annotated[Decimal | None, Query(ge=0, max_digits=12, decimal_places=2)] = None,
-    max_price: Annotated[Decimal | None, Query(ge=0, max_digits=12, decimal_places=2)] = None,
+    min_price: Annotated[Money | None, Query()] = None,
+    max_price: Annotated[Money | None, Query()] = None,
     q: Annotated[
         str | None,
         Query(
@@ -115,7 +114,9 @@ async def list_items(
     response: Response,
     services: ServicesDep,
     filters: Filters,
-    page: Annotated[int | None, Query(ge=1, le=1_000_000)] = None,
+    page: Annotated[
+        int | None, Query(ge=1, le=1_000_000, description="ignored with a cursor")
+    ] = None,
     per_page: Annotated[int | None, Query(ge=1, description="at most MAX_PAGE_SIZE")] = None,
     cursor: Annotated[str | None, Query(max_length=512, pattern=NO_NUL)] = None,
     sort: SortParam = "-created_at",
@@ -128,7 +129,12 @@ async def list_items(
     if size > settings.max_page_size:
         raise InvalidQuery(f"per_page must be at most {settings.max_page_size}", "per_page")
     result = await services.items.list(
-        filters, _sort(sort), per_page=size, page=page, cursor=cursor, include_total=include_total
+        filters,
+        _sort(sort),
+        per_page=size,
+        page=page,
+        cursor=cursor or None,
+        include_total=include_total,
     )
     if result.next_cursor:
         next_url = request.url.remove_query_params(["page", "cursor"]).include_query_params(

@@ -1,0 +1,294 @@
+"""The OpenAPI document as the contract: FastAPI's generated document, completed with what the
+service really answers. Every error a route can return is documented in the shape it comes in
+(problem+json, or OpenAI's error object on the OpenAI-compatible routes), event streams
+declare their events, and bearer tokens with the scope each operation needs."""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.dependencies.models import Dependant
+from fastapi.openapi.utils import get_openapi
+from fastapi.routing import APIRoute, iter_route_contexts
+
+from app.api.problems import PROBLEM_JSON
+from app.config import Settings
+
+# Why each status may come back (the problem's `detail` says more).
+REASONS = {
+    400: "A header that is not in its declared format",
+    401: "No valid bearer token (when AUTH_MODE is not none)",
+    403: "The token lacks the scope this operation needs",
+    404: "No such resource",
+    409: "A request with the same Idempotency-Key is still running",
+    412: "If-Match names a version the item is no longer at",
+    413: "The request body is larger than MAX_BODY_BYTES",
+    415: "The request body is not application/json",
+    422: "A parameter or field is invalid; `errors` names each one",
+    428: "If-Match is required (REQUIRE_IF_MATCH)",
+    429: "A rate limit was reached; see Retry-After and RateLimit",
+    500: "An unexpected error (logged with its trace id; never a stack trace)",
+    502: "The LLM upstream failed",
+    503: "The database, or the stream capacity, is unavailable; see Retry-After",
+    504: "The stream exceeded its time limit, or the upstream timed out",
+}
+ALWAYS = (401, 403, 429, 500)
+
+OPENAI_ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
+
+
+def _sse_event(name: str | None, data: dict[str, Any] | None, with_id: bool = False) -> Any:
+    properties: dict[str, Any] = {
+        "data": {"type": "string", "contentMediaType": "application/json"}
+        | ({"contentSchema": data} if data else {})
+    }
+    required = ["data"]
+    if name is not None:
+        properties["event"] = {"const": name}
+        required.append("event")
+    if with_id:
+        properties["id"] = {"type": "string", "pattern": "^[0-9]+$"}
+        required.append("id")
+    return {"type": "object", "required": required, "properties": properties}
+
+
+GENERATION_EVENTS = {
+    "oneOf": [
+        _sse_event(
+            "generation",
+            {
+                "type": "object",
+                "required": ["generation_id", "model", "replayed"],
+                "properties": {
+                    "generation_id": {"type": "string", "format": "uuid"},
+                    "model": {"type": "string"},
+                    "replayed": {"type": "boolean"},
+                },
+            },
+        ),
+        _sse_event(
+            "token",
+            {"type": "object", "required": ["text"], "properties": {"text": {"type": "string"}}},
+            with_id=True,
+        ),
+        _sse_event("done", {"type": "object"}),
+        _sse_event("error", {"$ref": "#/components/schemas/Problem"}),
+    ],
+    "description": "`generation` first, `token` events (with ids), then `done` or `error`; "
+    "`: ping` comments while the model is silent",
+}
+CHAT_EVENTS = {
+    "anyOf": [
+        {
+            "type": "object",
+            "required": ["data"],
+            "properties": {"data": {"const": "[DONE]"}},
+            "description": "the end of the stream",
+        },
+        _sse_event(None, {"$ref": "#/components/schemas/ChatCompletionChunk"}),
+        _sse_event(None, OPENAI_ERROR),
+    ]
+}
+CHAT_CHUNK = {
+    "type": "object",
+    "required": ["id", "object", "created", "model", "choices"],
+    "properties": {
+        "id": {"type": "string", "pattern": "^chatcmpl-[0-9a-f]{32}$"},
+        "object": {"const": "chat.completion.chunk"},
+        "created": {"type": "integer"},
+        "model": {"type": "string"},
+        "choices": {"type": "array"},
+        "usage": {"type": ["object", "null"]},
+    },
+}
+CHAT_COMPLETION = {
+    "type": "object",
+    "required": ["id", "object", "created", "model", "choices", "usage"],
+    "properties": {
+        "id": {"type": "string", "pattern": "^chatcmpl-[0-9a-f]{32}$"},
+        "object": {"const": "chat.completion"},
+        "created": {"type": "integer"},
+        "model": {"type": "string"},
+        "choices": {"type": "array", "minItems": 1},
+        "usage": {
+            "type": "object",
+            "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
+            "properties": {
+                name: {"type": "integer", "minimum": 0}
+                for name in ("prompt_tokens", "completion_tokens", "total_tokens")
+            },
+        },
+    },
+}
+
+
+def _dependencies(dependant: Dependant) -> Iterator[Callable[..., Any]]:
+    for sub in dependant.dependencies:
+        if sub.call is not None:
+            yield sub.call
+        yield from _dependencies(sub)
+
+
+def required_scope(route: APIRoute) -> str | None:
+    for call in _dependencies(route.dependant):
+        scope = getattr(call, "required_scope", None)
+        if scope is not None:
+            return str(scope)
+    return None
+
+
+def install(app: FastAPI, settings: Settings) -> None:
+    """Replace app.openapi with the completed document (built once, on first request)."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = get_openapi(
+                title=app.title,
+                version=app.version,
+                description=app.description,
+                routes=app.routes,
+            )
+            app.openapi_schema = complete(document, app, settings)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def complete(document: dict[str, Any], app: FastAPI, settings: Settings) -> dict[str, Any]:
+    components = document.setdefault("components", {})
+    schemas = components.setdefault("schemas", {})
+    schemas.pop("HTTPValidationError", None)  # FastAPI's 422; the service sends problem+json
+    schemas.pop("ValidationError", None)
+    schemas["OpenAIError"] = OPENAI_ERROR
+    schemas["ChatCompletion"] = CHAT_COMPLETION
+    schemas["ChatCompletionChunk"] = CHAT_CHUNK
+    if settings.auth_mode != "none":
+        components["securitySchemes"] = {
+            "bearer": {
+                "type": "http",
+                "scheme": "bearer",
+                "bearerFormat": "JWT",
+                "description": "A JWT from AUTH_ISSUER; each operation names the scope it needs",
+            }
+        }
+    # FastAPI >= 0.16x keeps included routers as such; iter_route_contexts gives each route
+    # with its full path.
+    routes = {
+        (method.lower(), context.path_format): context.original_route
+        for context in iter_route_contexts(app.routes)
+        if isinstance(context.original_route, APIRoute)
+        for method in context.methods or ()
+    }
+    for path, operations in document.get("paths", {}).items():
+        for method, operation in operations.items():
+            route = routes.get((method, path))
+            if route is not None:
+                _complete_operation(operation, path, route, settings)
+    return document
+
+
+def _complete_operation(
+    operation: dict[str, Any], path: str, route: APIRoute, settings: Settings
+) -> None:
+    openai = path.startswith(("/v1/chat", "/v1/models"))
+    responses: dict[str, Any] = operation.setdefault("responses", {})
+    codes = {int(code) for code in responses if code.isdigit() and int(code) >= 400}
+    has_body = "requestBody" in operation
+    content = operation.get("requestBody", {}).get("content", {})
+    if "application/merge-patch+json" in content:  # either is read as the same merge patch
+        content.setdefault(
+            "application/json", copy.deepcopy(content["application/merge-patch+json"])
+        )
+    parameters = operation.get("parameters", [])
+    for parameter in parameters:
+        _not_null(parameter)
+    if has_body or parameters:
+        codes.add(422)
+    if has_body:
+        codes |= {400, 413, 415}  # 400: a body that is not even text
+    if any(p.get("name") in ("if-match", "If-Match") for p in parameters):
+        codes.add(400)
+    if path.startswith("/v1/"):
+        codes |= set(ALWAYS) | {503}
+    if openai:
+        codes |= {400, 404, 502, 504}
+    for code in sorted(codes):
+        media = "application/json" if openai else PROBLEM_JSON
+        ref = "#/components/schemas/OpenAIError" if openai else "#/components/schemas/Problem"
+        entry = responses.setdefault(str(code), {})
+        entry["description"] = REASONS.get(code, entry.get("description", "Error"))
+        entry["content"] = {media: {"schema": {"$ref": ref}}}
+    _event_streams(operation, path)
+    scope = required_scope(route)
+    if scope is not None:
+        description = operation.get("description", "")
+        operation["description"] = f"{description}\n\nScope: `{scope}`.".strip()
+        if settings.auth_mode != "none":
+            anonymous = settings.auth_anonymous_read and scope == "items:read"
+            operation["security"] = ([{}] if anonymous else []) + [{"bearer": []}]
+            operation["x-required-scope"] = scope
+
+
+def _not_null(parameter: dict[str, Any]) -> None:
+    """A query or header parameter is present or absent, never JSON null: FastAPI's
+    `X | None` adds a null branch that would invite clients (and fuzzers) to send "null"."""
+    schema = parameter.get("schema", {})
+    branches = schema.get("anyOf")
+    if branches:
+        kept = [b for b in branches if b.get("type") != "null"]
+        if len(kept) == 1:
+            schema.pop("anyOf")
+            schema.update(kept[0])
+        else:
+            schema["anyOf"] = kept
+
+
+def _event_streams(operation: dict[str, Any], path: str) -> None:
+    ok = operation.get("responses", {}).get("200", {})
+    if path == "/v1/items/{item_id}/generate":
+        ok["content"] = {"text/event-stream": {"itemSchema": copy.deepcopy(GENERATION_EVENTS)}}
+    elif path == "/v1/chat/completions":
+        ok["description"] = "A chat completion, or with `stream: true` its chunks as events"
+        ok["content"] = {
+            "application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletion"}},
+            "text/event-stream": {"itemSchema": copy.deepcopy(CHAT_EVENTS)},
+        }
+
+
+def allowed_methods(app: FastAPI, path: str) -> list[str]:
+    """The methods the document lists for the resource at `path` (for a 405's Allow header):
+    every route of the path, not only the first one the router tried."""
+    templates = getattr(app.state, "allow_templates", None)
+    if templates is None:
+        templates = app.state.allow_templates = [
+            (re.compile("^" + re.sub(r"\{[^}]+\}", "[^/]+", template) + "$"), set(operations))
+            for template, operations in app.openapi().get("paths", {}).items()
+        ]
+    methods: set[str] = set()
+    literal = [
+        ops for pattern, ops in templates if "[^/]+" not in pattern.pattern and pattern.match(path)
+    ]
+    for operations in literal or [ops for pattern, ops in templates if pattern.match(path)]:
+        methods |= {m.upper() for m in operations}
+    if "GET" in methods:
+        methods.add("HEAD")
+    return sorted(methods)
