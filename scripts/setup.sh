@@ -75,6 +75,17 @@ if [ -z "${COMPOSE_SCHEMA:-}" ]; then
   fi
 fi
 
+# An OpenAI-compatible client not written by OpenAI, for tests/test_clients.py: Vercel's AI SDK
+# (versions that run on Node 20), into the user cache.
+ai_sdk="${XDG_CACHE_HOME:-$HOME/.cache}/itemstream/ai-sdk"
+if [ ! -d "$ai_sdk/node_modules/ai" ] && command -v npm >/dev/null 2>&1; then
+  say "installing the AI SDK client (npm) into $ai_sdk"
+  mkdir -p "$ai_sdk" && { [ -f "$ai_sdk/package.json" ] || echo '{"private":true}' > "$ai_sdk/package.json"; }
+  (cd "$ai_sdk" && npm install --silent --no-audit --no-fund ai@4.3.19 @ai-sdk/openai-compatible@0.2.16 zod@3.25.76) \
+    || say "could not install the AI SDK; the client test will say so"
+fi
+export AI_SDK_MODULES="$ai_sdk/node_modules"
+
 # The alert rules are checked with promtool. Debian's prometheus package ships it; only the
 # binary is unpacked (installing the package would also start a Prometheus server).
 if ! command -v promtool >/dev/null 2>&1; then
