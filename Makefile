@@ -2,13 +2,16 @@ HELM ?= helm
 # uv from PATH, `python3 -m uv`, or installed on first use (scripts/uv.sh says which).
 UV ?= ./scripts/uv.sh
 
-.PHONY: run stack test bench lint fmt typecheck check migrate k8s-rules
+.PHONY: run stack test-fast test bench lint fmt typecheck check migrate k8s-rules
 
 run:  ## run the service on the embedded SQLite database at http://127.0.0.1:8000
 	$(UV) run --frozen itemstream serve
 
 stack:  ## the real stack as local processes: PostgreSQL, PgBouncer (and Redis), the app on :8000
 	$(UV) run --frozen python scripts/local_stack.py
+
+test-fast:  ## the tests that need no PostgreSQL and start no servers (about 1.5 min; no unit tier yet)
+	$(UV) run --frozen pytest -q -m "not slow and not postgres"
 
 test:  ## the whole test suite (installs uv, Python deps and PgBouncer where missing)
 	./scripts/test.sh

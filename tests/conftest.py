@@ -130,3 +130,12 @@ async def settings(backend: str, request: pytest.FixtureRequest, tmp_path: Path)
 async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     async with app_client(settings) as client:
         yield client
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests parametrized onto PostgreSQL need it: mark them, so that `-m "not postgres"`
+    (make test-fast) leaves them out."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("backend") == "postgres":
+            item.add_marker(pytest.mark.postgres)
