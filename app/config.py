@@ -201,6 +201,10 @@ class Settings(BaseSettings):
     # On SIGTERM open streams may finish for this long, then end with an error event
     # (at most GUNICORN_GRACEFUL_TIMEOUT - 5).
     stream_drain_seconds: float = Field(10.0, ge=0)
+    # A client that takes nothing of its stream for this long (the socket's buffers full) is
+    # dropped and its generation recorded `cancelled`: a slow reader holds at most those
+    # buffers, never a growing queue.
+    stream_send_timeout: float = Field(30.0, gt=0)
     # Longest prompt.
     max_prompt_chars: int = Field(32_000, ge=1)
     # An export holds one database connection (and a PgBouncer server connection) throughout.

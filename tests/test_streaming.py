@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,6 +16,7 @@ import openai
 import pytest
 
 from app.config import Settings
+from app.db.migrations import migrate
 from tests.conftest import make_settings, through, truncate
 from tests.support.http_servers import fake_upstream, running_app
 from tests.support.pgbouncer import PgBouncer
@@ -384,3 +387,54 @@ def _samples(text: str) -> dict[str, float]:
                 name = base + "{" + ",".join(parts) + "}"
             out[name] = float(value)
     return out
+
+
+async def test_a_client_that_stops_reading_is_dropped(tmp_path: Path) -> None:
+    """Backpressure, then a decision: the server's writes wait while the client's socket is
+    full (memory stays bounded), and after STREAM_SEND_TIMEOUT the stream is given up and
+    recorded `cancelled`, not left open forever."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'slow.db'}"
+    await migrate(make_settings(url).database)
+    settings = make_settings(
+        url,
+        mock_tokens=100_000,
+        mock_token_delay=0.0,
+        stream_send_timeout=1.5,
+        stream_max_seconds=60,
+        stream_max_tokens=100_000,
+    )
+    body = json.dumps(chat_body("m")).encode()
+    async with running_app(settings) as base:
+        host, port = base.removeprefix("http://").split(":")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect((host, int(port)))
+        reader, writer = await asyncio.open_connection(sock=sock, limit=1024)
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\n"
+            b"Content-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        await writer.drain()
+        head = (await reader.readuntil(b"\r\n\r\n")).decode()
+        location = next(
+            line.split(":", 1)[1].strip()
+            for line in head.split("\r\n")
+            if line.lower().startswith("location:")
+        )
+        # From here on the client reads nothing.
+        async with httpx.AsyncClient(base_url=base) as client:
+
+            async def ended() -> dict[str, Any]:
+                while True:
+                    record = (await client.get(location)).json()
+                    if record["status"] != "streaming":
+                        return dict(record)
+                    await asyncio.sleep(0.2)
+
+            record = await asyncio.wait_for(ended(), 15)
+        writer.close()
+    assert record["status"] == "cancelled", record
+    assert "read nothing for 1.5s" in record["error"]
+    assert record["completion_tokens"] < 100_000  # it stopped producing, it did not buffer

@@ -67,8 +67,10 @@ class EventStreamResponse(Response):
         drain_seconds: float,
         lifecycle: Lifecycle,
         headers: dict[str, str] | None = None,
+        send_timeout: float = 30.0,
     ) -> None:
         self.run = run
+        self.send_timeout = send_timeout
         self.format = stream_format
         self.heartbeat = heartbeat_seconds
         self.drain = drain_seconds
@@ -105,7 +107,8 @@ class EventStreamResponse(Response):
             else:
                 outcome, error = "failed", "the server shut down before the stream ended"
                 await _cancel(producer)
-                await self._fail(send, Overloaded(error, retry_after=1))
+                with contextlib.suppress(_StoppedReading):
+                    await self._fail(send, Overloaded(error, retry_after=1))
         finally:
             for task in (producer, disconnect, shutdown):
                 task.cancel()
@@ -153,8 +156,11 @@ class EventStreamResponse(Response):
         except (ProviderError, ServiceError) as failure:
             if pending is not None:
                 await _cancel(pending)
-            await self._fail(send, failure)
+            with contextlib.suppress(_StoppedReading):
+                await self._fail(send, failure)
             return "failed", detail_for(failure)
+        except _StoppedReading:
+            return "cancelled", f"the client read nothing for {self.send_timeout:g}s"
         finally:
             if pending is not None:
                 await _cancel(pending)
@@ -164,7 +170,13 @@ class EventStreamResponse(Response):
             self._started = True
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             body = self.format.opening(self.run) + body
-        await send({"type": "http.response.body", "body": body, "more_body": more})
+        try:
+            # The server's send waits while the client's socket is full: bounded memory, and
+            # past the timeout the client is given up on.
+            async with asyncio.timeout(self.send_timeout):
+                await send({"type": "http.response.body", "body": body, "more_body": more})
+        except TimeoutError:
+            raise _StoppedReading from None
         self._ended = not more
 
     async def _fail(self, send: Send, failure: Exception) -> None:
@@ -182,6 +194,10 @@ class EventStreamResponse(Response):
         self._started = self._ended = True
         await send({"type": "http.response.start", "status": status, "headers": raw_headers})
         await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+class _StoppedReading(Exception):
+    """The client has taken nothing of the stream for send_timeout seconds."""
 
 
 async def _wait_for_disconnect(receive: Receive) -> None:

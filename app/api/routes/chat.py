@@ -56,6 +56,7 @@ async def create_chat_completion(
             ChunkFormat(body.include_usage),
             heartbeat_seconds=services.settings.stream_heartbeat_seconds,
             drain_seconds=services.settings.stream_drain_seconds,
+            send_timeout=services.settings.stream_send_timeout,
             lifecycle=services.lifecycle,
             headers=record,
         )

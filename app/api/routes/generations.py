@@ -135,6 +135,7 @@ async def generate_for_item(
         ItemEventFormat(),
         heartbeat_seconds=services.settings.stream_heartbeat_seconds,
         drain_seconds=services.settings.stream_drain_seconds,
+        send_timeout=services.settings.stream_send_timeout,
         lifecycle=services.lifecycle,
         headers={"Location": f"/v1/generations/{run.id}"},
     )
