@@ -15,7 +15,7 @@ from fastapi.dependencies.models import Dependant
 from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute, iter_route_contexts
 
-from app.api.problems import PROBLEM_JSON
+from app.api.problems import OPENAI_PREFIXES, PROBLEM_JSON
 from app.config import Settings
 
 # Why each status may come back (the problem's `detail` says more).
@@ -209,15 +209,15 @@ def complete(document: dict[str, Any], app: FastAPI, settings: Settings) -> dict
 def _complete_operation(
     operation: dict[str, Any], path: str, route: APIRoute, settings: Settings
 ) -> None:
-    openai = path.startswith(("/v1/chat", "/v1/models"))
+    openai = path.startswith(OPENAI_PREFIXES)
     responses: dict[str, Any] = operation.setdefault("responses", {})
     codes = {int(code) for code in responses if code.isdigit() and int(code) >= 400}
     has_body = "requestBody" in operation
     content = operation.get("requestBody", {}).get("content", {})
-    if "application/merge-patch+json" in content:  # either is read as the same merge patch
-        content.setdefault(
-            "application/json", copy.deepcopy(content["application/merge-patch+json"])
-        )
+    if "application/merge-patch+json" in content:
+        # Documented as application/json, which clients send and every tool knows; the server
+        # reads application/merge-patch+json (RFC 7396) the same way.
+        content["application/json"] = content.pop("application/merge-patch+json")
     parameters = operation.get("parameters", [])
     for parameter in parameters:
         _not_null(parameter)

@@ -152,6 +152,7 @@ def validation_errors(exc: RequestValidationError) -> tuple[str, list[dict[str, 
     return summary + more, items
 
 
+OPENAI_PREFIXES = ("/v1/chat/", "/v1/models")
 UNSUPPORTED_BODY = "the request body must be JSON (Content-Type: application/json)"
 
 
@@ -167,6 +168,11 @@ def not_json(request: Request, exc: RequestValidationError) -> bool:
 def install(app: FastAPI, *, retry_after_seconds: int) -> None:
     async def on_error(request: Request, exc: Exception) -> Response:
         status, headers = status_for(exc, retry_after_seconds)
+        if request.url.path.startswith(OPENAI_PREFIXES):
+            # Under the OpenAI-compatible paths even a routing error comes in OpenAI's shape.
+            from app.api.openai_compat import openai_error  # it imports this module
+
+            return openai_error(status, detail_for(exc), headers=headers)
         if status == 405:
             from app.api.openapi import allowed_methods  # the document imports this module
 
