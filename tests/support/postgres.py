@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,6 +100,13 @@ class PostgresServer:
             self.argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         wait_for_port(self.port, timeout, self.process)
+        # The port opens before startup (or crash recovery) ends: "the database system is
+        # starting up" until then.
+        deadline = time.monotonic() + timeout
+        while not run_coroutine(lambda: _answers(self.admin_url)):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"PostgreSQL on port {self.port} never accepted a connection")
+            time.sleep(0.1)
 
     def close(self) -> None:
         for name in list(self.databases):
