@@ -225,17 +225,17 @@ async def test_pgbouncer_and_postgres_killed_under_load(stack: Stack) -> None:
 
     async def faults() -> None:
         await asyncio.sleep(2)
-        stack.bouncer.kill()
+        await asyncio.to_thread(stack.bouncer.kill)  # never block the load's event loop
         await asyncio.sleep(1)
-        stack.bouncer.start()
+        await asyncio.to_thread(stack.bouncer.start)
         marks["pgbouncer back"] = time.monotonic()
         await asyncio.sleep(3)
-        stack.pg.crash()
+        await asyncio.to_thread(stack.pg.crash)
         marks["postgres killed"] = time.monotonic()
         # Longer than the request bound: requests queued in PgBouncer for a server must be
         # answered (503) within the bound, not when PostgreSQL returns.
         await asyncio.sleep(REQUEST_BOUND + 3)
-        stack.pg.restart()
+        await asyncio.to_thread(stack.pg.restart)
         marks["postgres back"] = time.monotonic()
         await asyncio.sleep(6)
 
@@ -271,7 +271,7 @@ async def test_pgbouncer_rolling_restart_is_invisible(reuseport_stack: Stack) ->
 
     async def rollout() -> None:
         await asyncio.sleep(1.5)
-        new.start()
+        await asyncio.to_thread(new.start)
         await asyncio.sleep(0.5)
         assert old.process is not None
         old.process.send_signal(signal.SIGTERM)
