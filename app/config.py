@@ -144,9 +144,6 @@ class Settings(BaseSettings):
     # period of the pooler in front: PgBouncer >= 1.23 stops on SIGTERM only once its clients
     # have left, so a rolling restart of the pooler completes without a failed request.
     db_pool_recycle: int = Field(60, ge=-1)
-    # Accepted for compatibility; connections are checked without a round trip (see
-    # docs/database.md).
-    db_pool_pre_ping: bool = False
     # Seconds to open a connection.
     db_connect_timeout: float = Field(5.0, gt=0)
     # The whole database wait of one unit of work (checkout, connect, the wait in PgBouncer's

