@@ -22,7 +22,7 @@ from tests.support.http_servers import running_app
 from tests.support.pgbouncer import LEGACY, MODERN
 from tests.support.postgres import PostgresServer
 from tests.support.processes import memory_kib, run_coroutine, worker_pids
-from tests.support.servers import clean_env, serve
+from tests.support.servers import pooled_env, serve
 
 BIG = 100_000
 
@@ -144,12 +144,7 @@ def test_big_export_streams_in_flat_memory_and_stops_on_disconnect(
 ) -> None:
     bouncer = start_bouncer(MODERN, pg)
     try:
-        env = clean_env(
-            DATABASE_URL=pg.url(big_db, port=bouncer.port).render_as_string(hide_password=False),
-            MIGRATION_DATABASE_URL=pg.url(big_db).render_as_string(hide_password=False),
-            DB_POOLER="pgbouncer",
-            WEB_CONCURRENCY="1",
-        )
+        env = pooled_env(pg, bouncer, big_db, WEB_CONCURRENCY="1")
         with serve(env) as server:
             (worker,) = worker_pids(server.proc.pid)
             httpx.get(f"{server.base}/v1/items", params={"per_page": 100}).raise_for_status()

@@ -8,6 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from jsonschema import Draft202012Validator, FormatChecker
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
 
 from app.db.migrations import migrate
 from tests.conftest import app_client, make_settings
@@ -104,3 +107,60 @@ async def test_method_not_allowed_lists_every_method_of_the_resource(tmp_path: P
     async with app_client(make_settings(url)) as client:
         items = await client.request("OPTIONS", "/v1/items")
         assert items.status_code == 405 and items.headers["allow"] == "GET, HEAD, POST"
+
+
+def _pointer(*parts: str) -> str:
+    return "".join("/" + part.replace("~", "~0").replace("/", "~1") for part in parts)
+
+
+async def test_every_operation_shows_valid_request_and_response_examples(tmp_path: Path) -> None:
+    document, _ = await _document(tmp_path)
+    registry = Registry().with_resource(
+        "urn:openapi", Resource.from_contents(document, DRAFT202012)
+    )
+
+    def problems(pointer: str, instance: Any) -> list[str]:
+        validator = Draft202012Validator(
+            {"$ref": "urn:openapi#" + pointer}, registry=registry, format_checker=FormatChecker()
+        )
+        return [error.message for error in validator.iter_errors(instance)]
+
+    checked = 0
+    for method, path, operation in _operations(document):
+        bodies = [(("requestBody",), operation.get("requestBody", {}))] + [
+            (("responses", code), response)
+            for code, response in operation["responses"].items()
+            if code < "300"
+        ]
+        for where, body in bodies:
+            for media_type, media in body.get("content", {}).items():
+                assert "example" in media, (method, path, where, media_type)
+                if "schema" in media:  # JSON; text formats show the text on the wire
+                    at = _pointer("paths", path, method, *where, "content", media_type, "schema")
+                    assert not problems(at, media["example"]), (method, path, where)
+                    checked += 1
+    for name, schema in document["components"]["schemas"].items():
+        for example in schema.get("examples", []):
+            assert not problems(_pointer("components", "schemas", name), example), name
+    assert checked >= 15
+
+
+async def test_a_path_segment_of_a_literal_route_is_never_an_item_id(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'doc.db'}"
+    await migrate(make_settings(url).database)
+    async with app_client(make_settings(url)) as client:
+        for method in ("PUT", "PATCH", "DELETE"):
+            response = await client.request(method, "/v1/items/export", json={"name": "x"})
+            assert response.status_code == 405, (method, response.text)
+            assert response.headers["allow"] == "GET, HEAD"
+        not_an_id = await client.get("/v1/items/not-an-id")
+        assert not_an_id.status_code == 422 and not_an_id.json()["errors"][0]["field"] == "item_id"
+        # An error about the whole body names no field (a field called "body" would mislead).
+        whole = await client.post("/v1/items", json=[1])
+        assert whole.status_code == 422
+        assert whole.json()["errors"][0] | {"message": ""} == {
+            "location": "body",
+            "field": "",
+            "message": "",
+            "type": "model_attributes_type",
+        }

@@ -11,7 +11,7 @@ import pytest
 
 from tests.support.pgbouncer import PgBouncer
 from tests.support.postgres import PostgresServer
-from tests.support.servers import clean_env, serve
+from tests.support.servers import clean_env, pooled_env, serve
 
 pytestmark = pytest.mark.slow
 
@@ -19,14 +19,7 @@ pytestmark = pytest.mark.slow
 def test_gunicorn_on_postgres_through_pgbouncer(
     pg: PostgresServer, pgbouncer_modern: PgBouncer, schema_db: str
 ) -> None:
-    env = clean_env(
-        DATABASE_URL=pg.url(schema_db, port=pgbouncer_modern.port).render_as_string(
-            hide_password=False
-        ),
-        MIGRATION_DATABASE_URL=pg.url(schema_db).render_as_string(hide_password=False),
-        DB_POOLER="pgbouncer",
-        WEB_CONCURRENCY="2",
-    )
+    env = pooled_env(pg, pgbouncer_modern, schema_db)
     with serve(env) as server:
         created = httpx.post(f"{server.base}/v1/items", json={"name": "served", "price": 2})
         assert created.status_code == 201

@@ -26,7 +26,7 @@ from tests.support.otlp import OtlpReceiver
 from tests.support.pgbouncer import PgBouncer
 from tests.support.postgres import PostgresServer
 from tests.support.processes import free_port, wait_until
-from tests.support.servers import Server, clean_env, serve
+from tests.support.servers import Server, pooled_env, serve
 
 pytestmark = pytest.mark.slow
 
@@ -38,17 +38,6 @@ def receiver() -> Iterator[OtlpReceiver]:
     otlp = OtlpReceiver().start()
     yield otlp
     otlp.close()
-
-
-def postgres_env(
-    pg: PostgresServer, bouncer: PgBouncer, database: str, **extra: str
-) -> dict[str, str]:
-    return clean_env(
-        DATABASE_URL=pg.url(database, port=bouncer.port).render_as_string(hide_password=False),
-        MIGRATION_DATABASE_URL=pg.url(database).render_as_string(hide_password=False),
-        DB_POOLER="pgbouncer",
-        **{"WEB_CONCURRENCY": "2", **extra},
-    )
 
 
 def metric_sum(text: str, name: str, **labels: str) -> float:
@@ -81,7 +70,7 @@ def test_metrics_are_exact_across_workers_and_survive_a_dead_worker(
     pg: PostgresServer, pgbouncer_modern: PgBouncer, schema_db: str
 ) -> None:
     metrics_port = free_port()
-    env = postgres_env(pg, pgbouncer_modern, schema_db, METRICS_PORT=str(metrics_port))
+    env = pooled_env(pg, pgbouncer_modern, schema_db, METRICS_PORT=str(metrics_port))
     with serve(env) as server:
         item = httpx.post(f"{server.base}/v1/items", json={"name": "m", "price": 1}).json()
         path = f"/v1/items/{item['id']}"
@@ -138,7 +127,7 @@ def test_metrics_are_exact_across_workers_and_survive_a_dead_worker(
 def test_spans_reach_otlp_with_db_children_and_log_correlation(
     pg: PostgresServer, pgbouncer_modern: PgBouncer, schema_db: str, receiver: OtlpReceiver
 ) -> None:
-    env = postgres_env(
+    env = pooled_env(
         pg,
         pgbouncer_modern,
         schema_db,
@@ -197,7 +186,7 @@ def test_spans_reach_otlp_with_db_children_and_log_correlation(
 def test_sigterm_lets_in_flight_requests_finish(
     pg: PostgresServer, pgbouncer_modern: PgBouncer, schema_db: str
 ) -> None:
-    env = postgres_env(pg, pgbouncer_modern, schema_db, WEB_CONCURRENCY="1")
+    env = pooled_env(pg, pgbouncer_modern, schema_db, WEB_CONCURRENCY="1")
     with serve(env) as server:
         port = int(server.base.rsplit(":", 1)[1])
         body = b'{"name": "in flight", "price": 4}'
@@ -263,7 +252,7 @@ def test_stream_span_has_first_token_event_and_upstream_http_child(
     pg: PostgresServer, pgbouncer_modern: PgBouncer, schema_db: str, receiver: OtlpReceiver
 ) -> None:
     upstream = _FakeUpstream()
-    env = postgres_env(
+    env = pooled_env(
         pg,
         pgbouncer_modern,
         schema_db,
@@ -308,7 +297,7 @@ def test_stream_span_has_first_token_event_and_upstream_http_child(
 def test_sigterm_ends_open_streams_with_a_final_event(
     pg: PostgresServer, pgbouncer_modern: PgBouncer, schema_db: str
 ) -> None:
-    env = postgres_env(
+    env = pooled_env(
         pg,
         pgbouncer_modern,
         schema_db,

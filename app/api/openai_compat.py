@@ -105,7 +105,18 @@ class StreamOptions(BaseModel):
 
 class ChatCompletionRequest(BaseModel):
     # Clients send many optional parameters (top_p, user, seed, ...); unknown ones are ignored.
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "itemstream-mock",
+                    "messages": [{"role": "user", "content": "Say hello"}],
+                    "max_tokens": 16,
+                }
+            ]
+        },
+    )
 
     model: Text = Field(min_length=1, max_length=200)
     messages: list[ChatMessage] = Field(min_length=1, max_length=512)

@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from fastapi.dependencies.models import Dependant
 from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute, iter_route_contexts
+from pydantic import BaseModel
 
 from app.api.problems import OPENAI_PREFIXES, PROBLEM_JSON
 from app.config import Settings
@@ -141,6 +142,107 @@ CHAT_COMPLETION = {
 }
 
 
+MODEL = {
+    "type": "object",
+    "required": ["id", "object", "created", "owned_by"],
+    "properties": {
+        "id": {"type": "string"},
+        "object": {"const": "model"},
+        "created": {"type": "integer"},
+        "owned_by": {"type": "string"},
+    },
+}
+MODEL_LIST = {
+    "type": "object",
+    "required": ["object", "data"],
+    "properties": {
+        "object": {"const": "list"},
+        "data": {"type": "array", "items": {"$ref": "#/components/schemas/Model"}},
+    },
+}
+
+
+def _model_examples() -> dict[str, list[Any]]:
+    """The examples the API's Pydantic models declare, by schema name."""
+    found: dict[str, list[Any]] = {}
+    pending = list(BaseModel.__subclasses__())
+    while pending:
+        model = pending.pop()
+        pending.extend(model.__subclasses__())
+        extra = model.model_config.get("json_schema_extra")
+        if model.__module__.startswith("app.api") and isinstance(extra, dict):
+            examples = extra.get("examples")
+            if isinstance(examples, list):
+                found[model.__name__] = examples
+    return found
+
+
+def _component_examples(settings: Settings) -> dict[str, list[Any]]:
+    """Examples of the schemas written here (the Pydantic models carry their own)."""
+    model = {"id": settings.llm_model, "object": "model", "created": 0, "owned_by": "itemstream"}
+    completion_id = "chatcmpl-0f1e2d3c4b5a69788796a5b4c3d2e1f0"
+    usage = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+    examples = {
+        "Model": model,
+        "ModelList": {"object": "list", "data": [model]},
+        "ChatCompletion": {
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": 1796051752,
+            "model": settings.llm_model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "Hello there!"},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": usage,
+        },
+        "ChatCompletionChunk": {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": 1796051752,
+            "model": settings.llm_model,
+            "choices": [{"index": 0, "delta": {"content": "Hello"}, "finish_reason": None}],
+        },
+        "OpenAIError": {
+            "error": {
+                "message": "messages: List should have at least 1 item after validation",
+                "type": "invalid_request_error",
+                "param": "messages",
+                "code": None,
+            }
+        },
+    }
+    return {name: [example] for name, example in examples.items()}
+
+
+# Media types whose bodies are not JSON: their examples are the text on the wire.
+TEXT_EXAMPLES = {
+    ("/v1/items/{item_id}/generate", "text/event-stream"): (
+        "event: generation\n"
+        'data: {"generation_id":"01a22d07-0c1e-7d2a-9b3f-5c6d7e8f9a0b","model":"itemstream-mock",'
+        '"replayed":false}\n\n'
+        'event: token\nid: 1\ndata: {"text":"A sturdy"}\n\n'
+        "event: done\ndata: {}\n\n"
+    ),
+    ("/v1/chat/completions", "text/event-stream"): (
+        'data: {"id":"chatcmpl-0f1e2d3c4b5a69788796a5b4c3d2e1f0","object":"chat.completion.chunk",'
+        '"created":1796051752,"model":"itemstream-mock","choices":[{"index":0,'
+        '"delta":{"content":"Hello"},"finish_reason":null}]}\n\n'
+        "data: [DONE]\n\n"
+    ),
+    ("/v1/items/export", "application/x-ndjson"): (
+        '{"id":"01a22d06-d5f4-7515-bb0a-3196063f3662","name":"Espresso cup",...}\n'
+    ),
+    ("/v1/items/export", "text/csv"): (
+        "id,name,description,price,...\r\n"
+        '01a22d06-d5f4-7515-bb0a-3196063f3662,Espresso cup,"Porcelain, 90 ml",12.50,...\r\n'
+    ),
+}
+
+
 def _dependencies(dependant: Dependant) -> Iterator[Callable[..., Any]]:
     for sub in dependant.dependencies:
         if sub.call is not None:
@@ -181,6 +283,13 @@ def complete(document: dict[str, Any], app: FastAPI, settings: Settings) -> dict
     schemas["OpenAIError"] = OPENAI_ERROR
     schemas["ChatCompletion"] = CHAT_COMPLETION
     schemas["ChatCompletionChunk"] = CHAT_CHUNK
+    schemas["Model"] = MODEL
+    schemas["ModelList"] = MODEL_LIST
+    # FastAPI drops every null from the document it builds, examples included (an example item
+    # would lose `deleted_at: null` and break its own schema): put them back from the models.
+    for name, examples in {**_model_examples(), **_component_examples(settings)}.items():
+        if name in schemas:
+            schemas[name] = {**schemas[name], "examples": examples}
     if settings.auth_mode != "none":
         components["securitySchemes"] = {
             "bearer": {
@@ -203,6 +312,7 @@ def complete(document: dict[str, Any], app: FastAPI, settings: Settings) -> dict
             route = routes.get((method, path))
             if route is not None:
                 _complete_operation(operation, path, route, settings)
+                _examples(operation, path, schemas)
     return document
 
 
@@ -266,12 +376,36 @@ def _event_streams(operation: dict[str, Any], path: str) -> None:
     ok = operation.get("responses", {}).get("200", {})
     if path == "/v1/items/{item_id}/generate":
         ok["content"] = {"text/event-stream": {"itemSchema": copy.deepcopy(GENERATION_EVENTS)}}
+    elif path == "/v1/models":
+        ok["content"] = {"application/json": {"schema": {"$ref": "#/components/schemas/ModelList"}}}
+    elif path == "/v1/models/{model_id}":
+        ok["content"] = {"application/json": {"schema": {"$ref": "#/components/schemas/Model"}}}
     elif path == "/v1/chat/completions":
         ok["description"] = "A chat completion, or with `stream: true` its chunks as events"
         ok["content"] = {
             "application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletion"}},
             "text/event-stream": {"itemSchema": copy.deepcopy(CHAT_EVENTS)},
         }
+
+
+def _examples(operation: dict[str, Any], path: str, schemas: dict[str, Any]) -> None:
+    """Each request body and success response shows an example: its schema's first one, or
+    for a text format the text on the wire."""
+    bodies = [operation.get("requestBody", {})] + [
+        response for code, response in operation.get("responses", {}).items() if code < "300"
+    ]
+    for body in bodies:
+        for media_type, media in body.get("content", {}).items():
+            if "example" in media:
+                continue
+            schema = media.get("schema", {})
+            refs = [b.get("$ref", "") for b in [schema, *schema.get("anyOf", [])]]
+            named = [schemas.get(ref.rsplit("/", 1)[-1], {}) for ref in refs if ref]
+            examples = next((n["examples"] for n in named if n.get("examples")), None)
+            if examples:
+                media["example"] = examples[0]
+            elif (path, media_type) in TEXT_EXAMPLES:
+                media["example"] = TEXT_EXAMPLES[(path, media_type)]
 
 
 def allowed_methods(app: FastAPI, path: str) -> list[str]:

@@ -116,9 +116,11 @@ def problem_response(
 
 
 def _location(loc: Sequence[Any]) -> str:
+    """The field's dotted path inside its location; empty when the error is about the whole
+    body (naming it `body` would read as a property called "body")."""
     parts = [str(part) for part in loc]
     if parts and parts[0] in ("body", "query", "path", "header"):
-        parts = parts[1:] or parts
+        parts = parts[1:]
     return ".".join(parts)
 
 
@@ -147,7 +149,8 @@ def validation_errors(exc: RequestValidationError) -> tuple[str, list[dict[str, 
         first.update(field="", position=position)
         where = f" at character {position}" if position is not None else ""
         return f"request body is not valid JSON: {reason}{where}", items
-    summary = f"{first['field']}: {first['message']}" if first["field"] else first["message"]
+    subject = first["field"] or f"request {first['location']}"
+    summary = f"{subject}: {first['message']}"
     more = f" (and {len(items) - 1} more)" if len(items) > 1 else ""
     return summary + more, items
 

@@ -37,6 +37,26 @@ def no_nul(value: str) -> str:
 Text = Annotated[str, StringConstraints(pattern=NO_NUL)]
 """A string the service may store or pass on: every such input is declared with it."""
 
+# The documented examples (the docs page, generated clients and the fuzzer's example phase use
+# them; tests/test_openapi_contract.py validates each against its schema).
+ITEM_IN_EXAMPLE: dict[str, Any] = {
+    "name": "Espresso cup",
+    "description": "Porcelain, 90 ml",
+    "price": 12.5,
+    "is_active": True,
+}
+ITEM_EXAMPLE: dict[str, Any] = {
+    "id": "01a22d06-d5f4-7515-bb0a-3196063f3662",
+    **ITEM_IN_EXAMPLE,
+    "version": 1,
+    "created_at": "2026-11-30T15:15:52.436942Z",
+    "updated_at": "2026-11-30T15:15:52.436942Z",
+    "deleted_at": None,
+    "generated_text": None,
+    "generation_id": None,
+    "created_by": "user-42",
+}
+
 Name = Annotated[
     str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200, pattern=NO_NUL)
 ]
@@ -61,7 +81,7 @@ class ItemIn(BaseModel):
     """A complete item: the body of POST (create) and PUT (full replace). On PUT, an omitted
     optional field is reset to its default."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [ITEM_IN_EXAMPLE]})
 
     name: Name
     description: Description | None = None
@@ -81,7 +101,9 @@ class ItemPatch(BaseModel):
     """JSON Merge Patch (RFC 7396): only the fields present change; `description: null`
     clears the description. Required fields cannot be set to null."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"price": 9.9, "description": None}]}
+    )
 
     # Required fields may be left out but not set to null: the schema does not offer null.
     name: Name | SkipJsonSchema[None] = None
@@ -101,7 +123,7 @@ class ItemPatch(BaseModel):
 
 
 class ItemOut(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
+    model_config = ConfigDict(from_attributes=True, json_schema_extra={"examples": [ITEM_EXAMPLE]})
 
     id: UUID
     name: str
@@ -124,6 +146,20 @@ class ItemOut(BaseModel):
 
 
 class ItemPageOut(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "data": [ITEM_EXAMPLE],
+                    "per_page": 20,
+                    "page": None,
+                    "total": None,
+                    "next_cursor": "eyJrIjpbIjIwMjYtMTEtMzBUMTU6MTU6NTIuNDM2OTQyWiJdfQ",
+                }
+            ]
+        }
+    )
+
     data: list[ItemOut]
     per_page: int
     page: int | None = Field(description="offset page number; null for cursor pages")
@@ -144,6 +180,28 @@ class ItemPageOut(BaseModel):
 class Problem(BaseModel):
     """RFC 9457 problem details."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "type": "about:blank",
+                    "title": "Unprocessable Entity",
+                    "status": 422,
+                    "detail": "price: Input should be greater than or equal to 0",
+                    "instance": "/v1/items",
+                    "errors": [
+                        {
+                            "location": "body",
+                            "field": "price",
+                            "message": "Input should be greater than or equal to 0",
+                            "type": "greater_than_equal",
+                        }
+                    ],
+                }
+            ]
+        }
+    )
+
     type: str = "about:blank"
     title: str
     status: int
@@ -153,5 +211,7 @@ class Problem(BaseModel):
 
 
 class Status(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"status": "ok", "detail": None}]})
+
     status: str
     detail: str | None = None

@@ -16,6 +16,8 @@ from typing import Any
 
 import httpx
 
+from tests.support.pgbouncer import PgBouncer
+from tests.support.postgres import PostgresServer
 from tests.support.processes import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,6 +45,19 @@ def clean_env(**values: str) -> dict[str, str]:
     env["LOG_FORMAT"] = "json"  # the tests read the logs as JSON; the console format has its own
     env.update(values)
     return env
+
+
+def pooled_env(
+    pg: PostgresServer, bouncer: PgBouncer, database: str, **values: str
+) -> dict[str, str]:
+    """`clean_env` for a service on PostgreSQL through `bouncer` (migrations go direct, as the
+    chart's migration Job does), two workers unless `values` says otherwise."""
+    return clean_env(
+        DATABASE_URL=pg.url(database, port=bouncer.port).render_as_string(hide_password=False),
+        MIGRATION_DATABASE_URL=pg.url(database).render_as_string(hide_password=False),
+        DB_POOLER="pgbouncer",
+        **{"WEB_CONCURRENCY": "2", **values},
+    )
 
 
 @dataclass

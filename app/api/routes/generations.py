@@ -27,7 +27,12 @@ router = APIRouter(prefix="/v1", tags=["generations"])
 
 
 class GenerateIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"instructions": "A two-line product blurb", "max_tokens": 64}]
+        },
+    )
 
     instructions: Text | None = Field(
         None, min_length=1, max_length=4000, description="what to write; a description by default"
@@ -36,7 +41,31 @@ class GenerateIn(BaseModel):
 
 
 class GenerationOut(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
+    model_config = ConfigDict(
+        from_attributes=True,
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "01a22d07-0c1e-7d2a-9b3f-5c6d7e8f9a0b",
+                    "kind": "item",
+                    "item_id": "01a22d06-d5f4-7515-bb0a-3196063f3662",
+                    "provider": "mock",
+                    "model": "itemstream-mock",
+                    "status": "completed",
+                    "error": None,
+                    "finish_reason": "stop",
+                    "prompt_tokens": 12,
+                    "completion_tokens": 9,
+                    "time_to_first_token_seconds": 0.012,
+                    "duration_seconds": 0.2,
+                    "output": "A sturdy porcelain cup for a perfect espresso.",
+                    "created_at": "2026-11-30T15:16:00.120000Z",
+                    "finished_at": "2026-11-30T15:16:00.320000Z",
+                    "principal": "user-42",
+                }
+            ]
+        },
+    )
 
     id: UUID
     kind: str = Field(description="chat or item")

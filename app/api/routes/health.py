@@ -18,7 +18,7 @@ async def livez() -> Status:
 @router.get(
     "/readyz",
     summary="Ready for traffic: database reachable through the app's pool, schema at head",
-    responses={503: {"model": Status}},
+    responses={200: {"model": Status}, 503: {"model": Status}},
 )
 async def readyz(health: HealthServiceDep) -> JSONResponse:
     with tracing.untraced():

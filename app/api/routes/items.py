@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, NoReturn
 from uuid import UUID
 
-from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response, status
+from fastapi import (
+    APIRouter,
+    Body,
+    Depends,
+    Header,
+    HTTPException,
+    Query,
+    Request,
+    Response,
+    status,
+)
 
 from app.api.deps import IfMatch, ItemServiceDep, ServicesDep, etag
 from app.api.schemas import NO_NUL, ItemIn, ItemOut, ItemPageOut, ItemPatch, Money, Problem
@@ -181,6 +191,15 @@ async def export_items(
         return await items.export(filters, order, fmt, write)
 
     return ExportResponse(produce, media_type=EXPORT_TYPES[fmt], filename=f"items.{fmt}")
+
+
+# Matched before `/{item_id}` (Starlette tries routes in order): without it `PUT /v1/items/export`
+# would reach the item routes as item "export". The document lists GET only, so this is 405.
+@router.api_route(
+    "/export", methods=["PUT", "PATCH", "DELETE"], include_in_schema=False, response_model=None
+)
+async def export_is_read_only() -> NoReturn:
+    raise HTTPException(status.HTTP_405_METHOD_NOT_ALLOWED)
 
 
 @router.get(
