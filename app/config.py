@@ -202,6 +202,11 @@ class Settings(BaseSettings):
     # dropped and its generation recorded `cancelled`: a slow reader holds at most those
     # buffers, never a growing queue.
     stream_send_timeout: float = Field(30.0, gt=0)
+    # How often a worker saves the text of its running streams (one statement per worker per
+    # interval, whatever the number of streams) and how often a resumed stream
+    # (`GET /v1/generations/{id}/events`) looks for more: a resumed stream lags the live one by
+    # up to twice this.
+    stream_checkpoint_seconds: float = Field(1.0, gt=0, le=60)
     # Longest prompt.
     max_prompt_chars: int = Field(32_000, ge=1)
     # An export holds one database connection (and a PgBouncer server connection) throughout.

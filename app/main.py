@@ -202,6 +202,7 @@ def create_app(settings: Settings | None = None, lifecycle: Lifecycle | None = N
             lifecycle=lifecycle,
             observer=metrics,
             quota=LimiterQuota(limiter) if limiter is not None else None,
+            checkpoint_seconds=settings.stream_checkpoint_seconds,
         )
         services = app.state.services = Services(
             settings=settings,
@@ -230,6 +231,7 @@ def create_app(settings: Settings | None = None, lifecycle: Lifecycle | None = N
                 )
             ),
         ]
+        jobs.append(asyncio.create_task(generations.checkpoints.run_forever()))
         if metrics is not None:
             jobs.append(asyncio.create_task(_refresh_pool_gauge(database)))
         try:

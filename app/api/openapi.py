@@ -218,15 +218,17 @@ def _component_examples(settings: Settings) -> dict[str, list[Any]]:
     return {name: [example] for name, example in examples.items()}
 
 
+GENERATION_STREAMS = ("/v1/items/{item_id}/generate", "/v1/generations/{generation_id}/events")
+GENERATION_EXAMPLE = (
+    "event: generation\n"
+    'data: {"generation_id":"01a22d07-0c1e-7d2a-9b3f-5c6d7e8f9a0b","model":"itemstream-mock",'
+    '"replayed":false}\n\n'
+    'event: token\nid: 8\ndata: {"text":"A sturdy"}\n\n'
+    "event: done\ndata: {}\n\n"
+)
 # Media types whose bodies are not JSON: their examples are the text on the wire.
 TEXT_EXAMPLES = {
-    ("/v1/items/{item_id}/generate", "text/event-stream"): (
-        "event: generation\n"
-        'data: {"generation_id":"01a22d07-0c1e-7d2a-9b3f-5c6d7e8f9a0b","model":"itemstream-mock",'
-        '"replayed":false}\n\n'
-        'event: token\nid: 1\ndata: {"text":"A sturdy"}\n\n'
-        "event: done\ndata: {}\n\n"
-    ),
+    **{(path, "text/event-stream"): GENERATION_EXAMPLE for path in GENERATION_STREAMS},
     ("/v1/chat/completions", "text/event-stream"): (
         'data: {"id":"chatcmpl-0f1e2d3c4b5a69788796a5b4c3d2e1f0","object":"chat.completion.chunk",'
         '"created":1796051752,"model":"itemstream-mock","choices":[{"index":0,'
@@ -374,7 +376,7 @@ def _not_null(parameter: dict[str, Any]) -> None:
 
 def _event_streams(operation: dict[str, Any], path: str) -> None:
     ok = operation.get("responses", {}).get("200", {})
-    if path == "/v1/items/{item_id}/generate":
+    if path in GENERATION_STREAMS:
         ok["content"] = {"text/event-stream": {"itemSchema": copy.deepcopy(GENERATION_EVENTS)}}
     elif path == "/v1/models":
         ok["content"] = {"application/json": {"schema": {"$ref": "#/components/schemas/ModelList"}}}

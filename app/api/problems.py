@@ -28,19 +28,20 @@ class BodyTooLarge(HTTPException):
         super().__init__(413, f"request body exceeds the limit of {limit} bytes")
 
 
+_PLAIN = {errors.NotFound: 404, errors.PreconditionRequired: 428, errors.GenerationEnded: 409}
+
+
 def status_for(error: BaseException, retry_after: int = 2) -> tuple[int, dict[str, str]]:
     """The HTTP status and headers for an error, wherever it is rendered: problem+json, an
     OpenAI error object, or an SSE error event (the one mapping in the app)."""
     match error:
         case HTTPException():
             return error.status_code, dict(error.headers or {})
-        case errors.NotFound():
-            return 404, {}
+        case errors.NotFound() | errors.PreconditionRequired() | errors.GenerationEnded():
+            return next(code for kind, code in _PLAIN.items() if isinstance(error, kind)), {}
         case errors.PreconditionFailed():
             version = error.current_version
             return 412, ({"ETag": f'"{version}"'} if version else {})
-        case errors.PreconditionRequired():
-            return 428, {}
         case errors.IdempotencyKeyReused() | errors.InvalidInput():
             return 422, {}
         case errors.IdempotencyKeyInProgress():

@@ -6,7 +6,8 @@ iteration has begun. This response owns the whole exchange:
 
 - it holds the status line until the first token, an error, or the first heartbeat is due, so
   an upstream failure before the first token still gets a real status (429, 502, 504);
-- it watches for `http.disconnect` from the first moment and cancels the upstream at once;
+- it watches for `http.disconnect` from the first moment and cancels the upstream at once, or
+  (`detach`) lets the run go on without its client, which may resume it from its records;
 - it writes heartbeat comments while the upstream is silent, enforces the stream deadline and,
   when the process shuts down, lets the stream finish for a drain period before ending it with
   a final error event;
@@ -26,6 +27,7 @@ from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from app.api.problems import detail_for
+from app.config import Settings
 from app.lifecycle import Lifecycle
 from app.providers.base import ProviderError
 from app.services.errors import Overloaded, ServiceError, StreamLimitExceeded
@@ -68,8 +70,12 @@ class EventStreamResponse(Response):
         lifecycle: Lifecycle,
         headers: dict[str, str] | None = None,
         send_timeout: float = 30.0,
+        detach: bool = False,
     ) -> None:
         self.run = run
+        # Whether the run goes on without its client (one that disconnects or stops reading).
+        self.detach = detach
+        self._detached = False
         self.send_timeout = send_timeout
         self.format = stream_format
         self.heartbeat = heartbeat_seconds
@@ -85,6 +91,29 @@ class EventStreamResponse(Response):
         self._started = False  # the status line went out
         self._ended = False  # the last body chunk went out
 
+    @classmethod
+    def configured(
+        cls,
+        run: Run,
+        stream_format: StreamFormat,
+        settings: Settings,
+        lifecycle: Lifecycle,
+        *,
+        headers: dict[str, str] | None = None,
+        detach: bool = False,
+    ) -> EventStreamResponse:
+        """With the deployment's stream settings."""
+        return cls(
+            run,
+            stream_format,
+            heartbeat_seconds=settings.stream_heartbeat_seconds,
+            drain_seconds=settings.stream_drain_seconds,
+            send_timeout=settings.stream_send_timeout,
+            lifecycle=lifecycle,
+            headers=headers,
+            detach=detach,
+        )
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         outcome: Outcome = "cancelled"
         error: str | None = None
@@ -95,14 +124,24 @@ class EventStreamResponse(Response):
             done, _ = await asyncio.wait(
                 {producer, disconnect, shutdown}, return_when=asyncio.FIRST_COMPLETED
             )
-            if producer not in done and disconnect not in done:
-                # Shutdown: give the stream a chance to end by itself, then end it.
+            if self.detach and disconnect in done and producer not in done:
+                # The client left; the generation goes on (its text is saved and stored, and
+                # the client may resume it from its last event id).
+                self._detached = True
                 done, _ = await asyncio.wait(
-                    {producer, disconnect}, timeout=self.drain, return_when=asyncio.FIRST_COMPLETED
+                    {producer, shutdown}, return_when=asyncio.FIRST_COMPLETED
                 )
+            client_left = disconnect in done and not self._detached
+            if producer not in done and not client_left:
+                # Shutdown: give the stream a chance to end by itself, then end it.
+                watch = {producer} if self._detached else {producer, disconnect}
+                done, _ = await asyncio.wait(
+                    watch, timeout=self.drain, return_when=asyncio.FIRST_COMPLETED
+                )
+                client_left = disconnect in done and not self._detached
             if producer in done:
                 outcome, error = producer.result()
-            elif disconnect in done:
+            elif client_left:
                 outcome, error = "cancelled", "the client disconnected"
             else:
                 outcome, error = "failed", "the server shut down before the stream ended"
@@ -166,6 +205,8 @@ class EventStreamResponse(Response):
                 await _cancel(pending)
 
     async def _send(self, send: Send, body: bytes, *, more: bool = True) -> None:
+        if self._detached:
+            return
         if not self._started:
             self._started = True
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
@@ -176,7 +217,9 @@ class EventStreamResponse(Response):
             async with asyncio.timeout(self.send_timeout):
                 await send({"type": "http.response.body", "body": body, "more_body": more})
         except TimeoutError:
-            raise _StoppedReading from None
+            if not self.detach:
+                raise _StoppedReading from None
+            self._detached = True  # a client that reads nothing is left; the run goes on
         self._ended = not more
 
     async def _fail(self, send: Send, failure: Exception) -> None:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import bindparam, insert, literal_column, select, update
+from sqlalchemy import bindparam, insert, literal_column, select, text, update
 from sqlalchemy.sql import Executable
 
 from app.db.session import Session
@@ -101,6 +101,37 @@ def _store_on_item(dialect: str) -> Executable:
     )
 
 
+def _checkpoint(dialect: str) -> Executable:
+    """Save the text so far of many streaming rows at once; returns the ids still streaming
+    (a row that is not was cancelled from elsewhere, or swept)."""
+    if dialect == "postgresql":
+        return text(
+            "UPDATE generations AS g SET output = v.output, completion_tokens = v.tokens "
+            "FROM unnest(CAST(:g_ids AS uuid[]), CAST(:g_outputs AS text[]), "
+            "CAST(:g_tokens AS integer[])) AS v(id, output, tokens) "
+            "WHERE g.id = v.id AND g.status = 'streaming' RETURNING g.id"
+        )
+    return (  # SQLite (development): one row per statement
+        update(generations)
+        .where(generations.c.id == bindparam("g_id"), generations.c.status == "streaming")
+        .values(output=bindparam("g_output"), completion_tokens=bindparam("g_tokens"))
+        .returning(generations.c.id)
+    )
+
+
+def _cancel(dialect: str) -> Executable:
+    return (
+        update(generations)
+        .where(generations.c.id == bindparam("g_id"), generations.c.status == "streaming")
+        .values(
+            status="cancelled",
+            error=bindparam("g_error"),
+            finished_at=bindparam("g_now", type_=generations.c.finished_at.type),
+        )
+        .returning(generations.c.id)
+    )
+
+
 def _abandon(dialect: str) -> Executable:
     return (
         update(generations)
@@ -146,6 +177,30 @@ class GenerationRepository:
         params = {"i_id": item_id, "i_text": text, "i_generation_id": generation_id, "i_now": now}
         row = await self._s.fetch_one("store_generation_on_item", _store_on_item, params)
         return None if row is None else int(row[0])
+
+    async def checkpoint(self, progress: Sequence[tuple[UUID, str, int]]) -> set[UUID]:
+        """Save (id, text so far, tokens) of streaming rows; the ids that are still streaming."""
+        if not progress:
+            return set()
+        if self._s.dialect == "postgresql":
+            params = {
+                "g_ids": [row[0] for row in progress],
+                "g_outputs": [row[1] for row in progress],
+                "g_tokens": [row[2] for row in progress],
+            }
+            rows = await self._s.fetch_all("checkpoint_generations", _checkpoint, params)
+            return {UUID(str(row[0])) for row in rows}
+        streaming = set()
+        for generation_id, output, tokens in progress:
+            params = {"g_id": generation_id, "g_output": output, "g_tokens": tokens}
+            if await self._s.fetch_one("checkpoint_generation", _checkpoint, params):
+                streaming.add(generation_id)
+        return streaming
+
+    async def cancel(self, generation_id: UUID, error: str, now: datetime) -> bool:
+        """Mark a streaming row cancelled; False when it had already ended."""
+        params = {"g_id": generation_id, "g_error": error, "g_now": now}
+        return await self._s.fetch_one("cancel_generation", _cancel, params) is not None
 
     async def abandon_stale(self, started_before: datetime, now: datetime) -> int:
         params = {"g_before": started_before, "g_now": now}

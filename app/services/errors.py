@@ -62,6 +62,11 @@ class StreamLimitExceeded(ServiceError):
     """A running stream hit the maximum duration."""
 
 
+class GenerationEnded(ServiceError):
+    """A generation ended without completing (failed or cancelled): what a resumed stream
+    ends with, and what a running one ends with when it is cancelled from elsewhere."""
+
+
 class RateLimited(ServiceError):
     """A caller's budget is used up. `headers` carry RateLimit / RateLimit-Policy."""
 

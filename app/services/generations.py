@@ -27,6 +27,7 @@ from app.lifecycle import Lifecycle
 from app.providers.base import Chunk, CompletionRequest, Message, Provider, ProviderError
 from app.security.principals import Principal
 from app.services.errors import (
+    GenerationEnded,
     IdempotencyKeyInProgress,
     InvalidInput,
     NotFound,
@@ -112,6 +113,8 @@ class GenerationRun:
         self._ttft: float | None = None
         self._parts: list[str] = []
         self.tokens = 0
+        self.chars = 0  # characters produced so far: the id of the last token event
+        self.cancelled_elsewhere = False  # its row was cancelled (DELETE, from any pod)
         self.prompt_tokens: int | None = None
         self.finish_reason: str | None = None
         self._finishing: asyncio.Future[Finished] | None = None
@@ -146,6 +149,8 @@ class GenerationRun:
         if self._chunks is None:
             self._chunks = self._service.provider.stream(self._request)
         while True:
+            if self.cancelled_elsewhere:
+                raise GenerationEnded(f"generation {self.id} was cancelled")
             if self.tokens >= self._request.max_tokens:
                 await self._read_trailer()
                 self.finish_reason = self.finish_reason or "length"
@@ -171,7 +176,9 @@ class GenerationRun:
                     if self._span is not None:
                         self._span.add_event("gen_ai.first_token", {"seconds": self._ttft})
                 self.tokens += 1
+                self.chars += len(chunk.text)
                 self._parts.append(chunk.text)
+                self._service.checkpoints.mark(self)
                 return chunk.text
 
     async def _read_trailer(self) -> None:
@@ -195,6 +202,12 @@ class GenerationRun:
     def time_to_first_token(self) -> float | None:
         return self._ttft
 
+    def stop_from_elsewhere(self) -> None:
+        """Its row is no longer `streaming` (cancelled by a client, on any pod): the next
+        piece of text ends the run instead."""
+        if self._finishing is None:
+            self.cancelled_elsewhere = True
+
     async def finish(self, outcome: Outcome, error: str | None = None) -> Finished:
         """Record the outcome and release the stream slot. The first call decides the outcome
         and runs to the end even if its caller is cancelled; later calls wait for it. Raises
@@ -204,6 +217,7 @@ class GenerationRun:
         return await asyncio.shield(self._finishing)
 
     async def _finish(self, outcome: Outcome, error: str | None) -> Finished:
+        self._service.checkpoints.forget(self)  # the record carries the whole text
         chunks, self._chunks = self._chunks, None
         duration = time.monotonic() - self._started
         try:
@@ -242,6 +256,7 @@ class ReplayedRun:
         self.prompt_tokens = generation.prompt_tokens
         self.finish_reason = generation.finish_reason
         self.deadline = time.monotonic() + max_seconds
+        self.chars = len(generation.output or "")
         self._pending = [generation.output or ""]
         self._finished = Finished(generation)
 
@@ -257,6 +272,99 @@ class ReplayedRun:
         return self._finished
 
 
+class FollowedRun:
+    """A generation read from its record, from a character offset on (`Last-Event-ID`):
+    what a reconnecting client gets, on any worker or pod, while the generation runs (its
+    text as the producing worker saves it) or after it ended. No upstream call."""
+
+    replayed = True
+
+    def __init__(self, service: GenerationService, generation: Generation, after: int) -> None:
+        self.id = generation.id
+        self.model = generation.model
+        self.created = generation.created_at
+        self.chars = after
+        self.deadline = time.monotonic() + service.limits.max_seconds
+        self._service = service
+        self._generation = generation
+
+    @property
+    def tokens(self) -> int:
+        return self._generation.completion_tokens
+
+    @property
+    def prompt_tokens(self) -> int | None:
+        return self._generation.prompt_tokens
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self._generation.finish_reason
+
+    def __aiter__(self) -> FollowedRun:
+        return self
+
+    async def __anext__(self) -> str:
+        while True:
+            generation = self._generation
+            output = generation.output or ""
+            if len(output) > self.chars:
+                text, self.chars = output[self.chars :], len(output)
+                return text
+            if generation.status == "completed":
+                raise StopAsyncIteration
+            if generation.status != "streaming":
+                raise GenerationEnded(
+                    f"generation {generation.id} {generation.status}: {generation.error}"
+                )
+            await asyncio.sleep(self._service.checkpoints.interval)
+            self._generation = await self._service.get(generation.id)
+
+    async def finish(self, outcome: Outcome, error: str | None = None) -> Finished:
+        generation = self._generation
+        return Finished(generation, await self._service.stored_version(generation))
+
+
+class Checkpoints:
+    """The text of a worker's running streams, saved together every `interval`: a resumed
+    stream on any pod reads it, and a row found no longer streaming (cancelled elsewhere)
+    stops its run."""
+
+    def __init__(self, db: Database, interval: float) -> None:
+        self.interval = interval
+        self._db = db
+        self._dirty: dict[UUID, GenerationRun] = {}
+
+    def mark(self, run: GenerationRun) -> None:
+        self._dirty[run.id] = run
+
+    def forget(self, run: GenerationRun) -> None:
+        self._dirty.pop(run.id, None)
+
+    async def save(self) -> None:
+        runs, self._dirty = list(self._dirty.values()), {}
+        if not runs:
+            return
+        progress = [(run.id, run.text, run.tokens) for run in runs]
+        try:
+            async with self._db.transaction() as session:
+                streaming = await GenerationRepository(session).checkpoint(progress)
+        except BaseException:
+            for run in runs:  # saved next time (unless finished meanwhile)
+                self._dirty.setdefault(run.id, run)
+            raise
+        for run in runs:
+            if run.id not in streaming:
+                run.stop_from_elsewhere()
+
+    async def run_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.save()
+            except Exception as error:  # the database may be down; the next round retries
+                log.warning("saving stream progress failed: %s", error)
+
+
 class Run(Protocol):
     """What the sender of a stream sees: a live generation or a replayed one."""
 
@@ -264,10 +372,15 @@ class Run(Protocol):
     model: str
     created: datetime
     replayed: bool
-    tokens: int
-    prompt_tokens: int | None
-    finish_reason: str | None
+    chars: int  # characters of text sent so far, this piece included (the event id)
     deadline: float  # time.monotonic() after which the stream must end
+
+    @property
+    def tokens(self) -> int: ...
+    @property
+    def prompt_tokens(self) -> int | None: ...
+    @property
+    def finish_reason(self) -> str | None: ...
 
     def __aiter__(self) -> Run: ...
     async def __anext__(self) -> str: ...
@@ -285,6 +398,7 @@ class GenerationService:
         lifecycle: Lifecycle | None = None,
         observer: GenerationObserver | None = None,
         quota: StreamQuota | None = None,
+        checkpoint_seconds: float = 1.0,
     ) -> None:
         self._db = db
         self._quota = quota
@@ -294,10 +408,7 @@ class GenerationService:
         self._lifecycle = lifecycle
         self._observer = observer
         self._active = 0
-
-    @property
-    def active_streams(self) -> int:
-        return self._active
+        self.checkpoints = Checkpoints(db, checkpoint_seconds)
 
     # --- starting -------------------------------------------------------------------------
 
@@ -511,6 +622,29 @@ class GenerationService:
     async def get(self, generation_id: UUID) -> Generation:
         async with self._db.read() as session:
             generation = await GenerationRepository(session).get(generation_id)
+        if generation is None:
+            raise NotFound(f"generation {generation_id} not found")
+        return generation
+
+    async def follow(self, generation_id: UUID, after: int) -> FollowedRun:
+        """The generation's events after character `after` (a token event's id)."""
+        return FollowedRun(self, await self.get(generation_id), after)
+
+    async def stored_version(self, generation: Generation) -> int | None:
+        """The item's version if it still carries this generation's text."""
+        if generation.item_id is None or generation.status != "completed":
+            return None
+        async with self._db.read() as session:
+            item = await ItemRepository(session).get(generation.item_id)
+        return item.version if item is not None and item.generation_id == generation.id else None
+
+    async def cancel(self, generation_id: UUID) -> Generation:
+        """Cancel a running generation, wherever it runs: its row is marked `cancelled` now,
+        and the worker producing it stops at its next save. An ended one is left as it is."""
+        async with self._db.transaction() as session:
+            repo = GenerationRepository(session)
+            await repo.cancel(generation_id, "cancelled by a client", _now())
+            generation = await repo.get(generation_id)
         if generation is None:
             raise NotFound(f"generation {generation_id} not found")
         return generation

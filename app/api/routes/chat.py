@@ -51,13 +51,11 @@ async def create_chat_completion(
     # The record of this completion (GET it; the completion's own id works there too).
     record = {"Location": f"/v1/generations/{run.id}"}
     if body.stream:
-        return EventStreamResponse(
+        return EventStreamResponse.configured(
             run,
             ChunkFormat(body.include_usage),
-            heartbeat_seconds=services.settings.stream_heartbeat_seconds,
-            drain_seconds=services.settings.stream_drain_seconds,
-            send_timeout=services.settings.stream_send_timeout,
-            lifecycle=services.lifecycle,
+            services.settings,
+            services.lifecycle,
             headers=record,
         )
     text = await services.generations.collect(run)

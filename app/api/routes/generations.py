@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import re
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 from uuid import UUID
 
-from fastapi import APIRouter, Body, Path, Request
+from fastapi import APIRouter, Body, Header, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.api.deps import ServicesDep
@@ -18,7 +18,7 @@ from app.api.schemas import Problem, Text
 from app.api.security import require
 from app.api.streaming import EventStreamResponse, sse_event
 from app.security.principals import GENERATE, READ, Principal
-from app.services.errors import NotFound
+from app.services.errors import InvalidInput, NotFound
 from app.services.generations import Finished, Run
 from app.services.models import Generation
 from app.telemetry import tracing
@@ -99,7 +99,8 @@ class ItemEventFormat:
         )
 
     def text(self, run: Run, text: str, index: int) -> bytes:
-        return sse_event({"text": text}, event="token", event_id=str(index + 1))
+        # The id is the count of characters sent so far: `Last-Event-ID` resumes after it.
+        return sse_event({"text": text}, event="token", event_id=str(run.chars))
 
     def closing(self, run: Run, finished: Finished) -> bytes:
         generation = finished.generation
@@ -125,22 +126,31 @@ class ItemEventFormat:
         return status, headers, body, PROBLEM_JSON
 
 
+# How both generation streams are declared (openapi.py adds their events).
+EVENT_STREAM: dict[str, Any] = {
+    "response_class": EventStreamResponse,
+    "status_code": 200,
+    "responses": {
+        200: {"content": {"text/event-stream": {}}},
+        **{code: PROBLEMS.get(code, {"model": Problem}) for code in (404, 409, 422, 503)},
+    },
+}
+
+
 @router.post(
     "/items/{item_id}/generate",
     summary="Stream a generated text about an item (SSE)",
     description=(
         "Streams `generation`, `token` (with event ids) and a final `done` event; on "
         "completion the text is stored on the item (`generated_text`, version + 1) exactly "
-        "once. With an `Idempotency-Key`, repeating the request replays the completed "
+        "once. The generation runs to its end even if the client goes away; "
+        "`GET /v1/generations/{id}/events` with `Last-Event-ID` resumes it (any worker or pod), "
+        "`POST /v1/generations/{id}/cancel` cancels it. With an `Idempotency-Key`, repeating the "
+        "request replays the completed "
         "generation instead of generating again (409 while it still runs). An upstream failure "
         "before the first token gets a real status (429, 502, 504); after it, an `error` event."
     ),
-    response_class=EventStreamResponse,
-    status_code=200,
-    responses={
-        200: {"content": {"text/event-stream": {}}},
-        **{code: PROBLEMS.get(code, {"model": Problem}) for code in (404, 409, 422, 503)},
-    },
+    **EVENT_STREAM,
 )
 async def generate_for_item(
     item_id: UUID,
@@ -159,14 +169,13 @@ async def generate_for_item(
         headers=tracing.outgoing_headers(request.headers),
         principal=caller,
     )
-    return EventStreamResponse(
+    return EventStreamResponse.configured(
         run,
         ItemEventFormat(),
-        heartbeat_seconds=services.settings.stream_heartbeat_seconds,
-        drain_seconds=services.settings.stream_drain_seconds,
-        send_timeout=services.settings.stream_send_timeout,
-        lifecycle=services.lifecycle,
+        services.settings,
+        services.lifecycle,
         headers={"Location": f"/v1/generations/{run.id}"},
+        detach=True,
     )
 
 
@@ -198,3 +207,81 @@ async def get_generation(
     services: ServicesDep,
 ) -> GenerationOut:
     return GenerationOut.of(await services.generations.get(_generation_uuid(generation_id)))
+
+
+LAST_EVENT_ID = re.compile(r"^[0-9]{1,9}$")
+
+
+def _resume_offset(header: str | None, query: str | None) -> int:
+    value = header if header is not None else query
+    if value is None or value == "":
+        return 0
+    if LAST_EVENT_ID.fullmatch(value) is None:
+        where = "Last-Event-ID" if header is not None else "last_event_id"
+        location = "header" if header is not None else "query"
+        raise InvalidInput(
+            f"{where} must be the id of a token event (a count of characters)", where, location
+        )
+    return int(value)
+
+
+@router.get(
+    "/generations/{generation_id}/events",
+    summary="Resume a generation's event stream (SSE)",
+    description=(
+        "The events of `POST /v1/items/{id}/generate` after `Last-Event-ID` (the id of the "
+        "last `token` event received; a browser's `EventSource` sends it when it reconnects, "
+        "and `last_event_id` does the same for a first connection): a `generation` event, the "
+        "text after that point as it is produced (the producing worker saves it every "
+        "`STREAM_CHECKPOINT_SECONDS`, on any pod), then `done`, or `error` if the generation "
+        "failed or was cancelled (409 if it ended so before anything was left to send). Never "
+        "calls the model again."
+    ),
+    **EVENT_STREAM,
+    dependencies=[require(READ)],
+)
+async def resume_generation(
+    generation_id: Annotated[
+        str, Path(description="the generation's id, or a chat completion's id (`chatcmpl-...`)")
+    ],
+    services: ServicesDep,
+    last_event_id_header: Annotated[
+        str | None,
+        Header(
+            alias="Last-Event-ID",
+            max_length=9,
+            pattern=r"^[0-9]*$",
+            description="the id of the last token event received",
+        ),
+    ] = None,
+    last_event_id: Annotated[
+        str | None,
+        Query(max_length=9, pattern=r"^[0-9]*$", description="as Last-Event-ID"),
+    ] = None,
+) -> EventStreamResponse:
+    after = _resume_offset(last_event_id_header, last_event_id)
+    run = await services.generations.follow(_generation_uuid(generation_id), after)
+    return EventStreamResponse.configured(
+        run,
+        ItemEventFormat(),
+        services.settings,
+        services.lifecycle,
+    )
+
+
+@router.post(
+    "/generations/{generation_id}/cancel",
+    summary="Cancel a running generation",
+    description=(
+        "Marks a running generation `cancelled` at once; the worker producing it (on any pod) "
+        "stops within `STREAM_CHECKPOINT_SECONDS` of its next token, and nothing is stored on "
+        "the item. A generation that already ended is returned as it is."
+    ),
+    responses={404: PROBLEMS[404], 503: PROBLEMS[503]},
+    dependencies=[require(GENERATE)],
+)
+async def cancel_generation(
+    generation_id: Annotated[str, Path(description="as for GET")],
+    services: ServicesDep,
+) -> GenerationOut:
+    return GenerationOut.of(await services.generations.cancel(_generation_uuid(generation_id)))
