@@ -21,16 +21,19 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
+import yaml
 
+from tests.support.helm import render
 from tests.support.otlp import OtlpReceiver
 from tests.support.pgbouncer import PgBouncer
 from tests.support.postgres import PostgresServer
 from tests.support.processes import free_port, wait_until
-from tests.support.servers import Server, pooled_env, serve
+from tests.support.servers import ROOT, Server, pooled_env, serve
 
 pytestmark = pytest.mark.slow
 
 SERVER_KIND, CLIENT_KIND = 2, 3  # OTLP SpanKind values
+SIGNAL = "itemstream_http_requests_in_flight"  # what the custom-metric HPA scales on
 
 
 @pytest.fixture
@@ -340,3 +343,69 @@ def test_sigterm_ends_open_streams_with_a_final_event(
     last = json.loads(results["long"][-1].removeprefix("data: "))
     assert "shut down" in last["error"]["message"], results["long"][-3:]
     assert took < 10, f"shutdown took {took:.1f}s"
+
+
+def test_the_autoscaling_metric_counts_open_streams_across_workers(
+    pg: PostgresServer, pgbouncer_modern: PgBouncer, schema_db: str
+) -> None:
+    """Streams are long and cheap in CPU: the chart's custom-metric HPA path scales on the
+    in-flight gauge, which must count every open stream of every worker, and the adapter rule
+    and the HPA must name the metric the service exports."""
+    hpa = render(None, "autoscaling.inFlightRequests.enabled=true").one(
+        "HorizontalPodAutoscaler", "api"
+    )
+    (pods,) = [m["pods"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]
+    adapter = yaml.safe_load((ROOT / "k8s" / "prometheus-adapter-values.yaml").read_text())
+    (rule,) = adapter["rules"]["custom"]
+    assert pods["metric"]["name"] == rule["name"]["as"] == SIGNAL
+    assert rule["seriesQuery"].startswith(SIGNAL + "{")
+
+    metrics_port = free_port()
+    env = pooled_env(
+        pg,
+        pgbouncer_modern,
+        schema_db,
+        METRICS_PORT=str(metrics_port),
+        MOCK_TOKENS="200",
+        MOCK_TOKEN_DELAY="0.05",
+    )
+    open_streams = 12
+    with serve(env) as server:
+
+        def scrape() -> str:
+            return httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+
+        async def hold() -> tuple[float, float]:
+            limits = httpx.Limits(max_keepalive_connections=0, max_connections=open_streams)
+            async with httpx.AsyncClient(base_url=server.base, limits=limits, timeout=30) as c:
+                first = asyncio.Event()
+                opened = 0
+
+                async def stream() -> None:
+                    nonlocal opened
+                    body = {
+                        "model": "m",
+                        "stream": True,
+                        "messages": [{"role": "user", "content": "x"}],
+                    }
+                    async with c.stream("POST", "/v1/chat/completions", json=body) as response:
+                        async for _ in response.aiter_lines():
+                            opened += 1
+                            if opened >= open_streams:
+                                first.set()
+                            await asyncio.sleep(30)  # hold it open, reading nothing more
+
+                tasks = [asyncio.create_task(stream()) for _ in range(open_streams)]
+                await asyncio.wait_for(first.wait(), 15)
+                await asyncio.sleep(0.5)
+                text = await asyncio.to_thread(scrape)
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                return metric_sum(text, SIGNAL), metric_sum(text, "itemstream_streams_active")
+
+        in_flight, active = asyncio.run(hold())
+        assert in_flight == open_streams, in_flight
+        assert active == open_streams
+        # Closed streams leave the gauge (the HPA must see load go away too).
+        assert wait_until(lambda: metric_sum(scrape(), SIGNAL) == 0, 10), scrape()
