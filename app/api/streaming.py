@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -43,6 +44,7 @@ SSE_HEADERS = [
 ]
 
 _cleanups: set[asyncio.Task[Any]] = set()  # keeps shielded cleanups alive until they end
+MAX_TICK = 0.25  # how often the watch looks at every stream, at most
 
 
 class StreamFormat(Protocol):
@@ -90,6 +92,14 @@ class EventStreamResponse(Response):
         ]
         self._started = False  # the status line went out
         self._ended = False  # the last body chunk went out
+        # Read by the watch:
+        self._producer: asyncio.Future[tuple[Outcome, str | None]] | None = None
+        self._send_to: Send | None = None
+        self._sending_since: float | None = None  # a send is waiting on the client
+        self._last_sent = time.monotonic()
+        self._heartbeat: asyncio.Future[None] | None = None
+        self._drain_until: float | None = None
+        self._stop_reason: str | None = None  # why the watch cancelled the producer
 
     @classmethod
     def configured(
@@ -117,40 +127,31 @@ class EventStreamResponse(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         outcome: Outcome = "cancelled"
         error: str | None = None
-        producer = asyncio.ensure_future(self._produce(send))
+        self._send_to = send
+        producer = self._producer = asyncio.ensure_future(self._produce(send))
         disconnect = asyncio.ensure_future(_wait_for_disconnect(receive))
-        shutdown = asyncio.ensure_future(self.lifecycle.wait())
+        watch = StreamWatch.of_running_loop()
+        watch.add(self)
         try:
             done, _ = await asyncio.wait(
-                {producer, disconnect, shutdown}, return_when=asyncio.FIRST_COMPLETED
+                {producer, disconnect}, return_when=asyncio.FIRST_COMPLETED
             )
-            if self.detach and disconnect in done and producer not in done:
+            if producer not in done and self.detach:
                 # The client left; the generation goes on (its text is saved and stored, and
                 # the client may resume it from its last event id).
                 self._detached = True
-                done, _ = await asyncio.wait(
-                    {producer, shutdown}, return_when=asyncio.FIRST_COMPLETED
-                )
-            client_left = disconnect in done and not self._detached
-            if producer not in done and not client_left:
-                # Shutdown: give the stream a chance to end by itself, then end it.
-                watch = {producer} if self._detached else {producer, disconnect}
-                done, _ = await asyncio.wait(
-                    watch, timeout=self.drain, return_when=asyncio.FIRST_COMPLETED
-                )
-                client_left = disconnect in done and not self._detached
-            if producer in done:
+                await asyncio.wait({producer})
+            if producer.done():
                 outcome, error = producer.result()
-            elif client_left:
-                outcome, error = "cancelled", "the client disconnected"
             else:
-                outcome, error = "failed", "the server shut down before the stream ended"
-                await _cancel(producer)
-                with contextlib.suppress(_StoppedReading):
-                    await self._fail(send, Overloaded(error, retry_after=1))
+                outcome, error = "cancelled", "the client disconnected"
         finally:
-            for task in (producer, disconnect, shutdown):
-                task.cancel()
+            watch.discard(self)
+            # The producer is cancelled once, by the cleanup: a second cancel() would land in
+            # httpcore's shielded close of the upstream connection and leave it open.
+            for task in (disconnect, self._heartbeat):
+                if task is not None:
+                    task.cancel()
             cleanup = asyncio.ensure_future(self._cleanup(producer, outcome, error))
             _cleanups.add(cleanup)
             cleanup.add_done_callback(_cleanups.discard)
@@ -166,61 +167,114 @@ class EventStreamResponse(Response):
             log.warning("could not record the end of generation %s: %s", self.run.id, failure)
 
     async def _produce(self, send: Send) -> tuple[Outcome, str | None]:
-        """Send the stream; returns how it ended. Errors become a status or a final event."""
+        """Send the stream; returns how it ended. Errors become a status or a final event.
+        Deadline, drain and a stuck client are the watch's to notice: it cancels this task
+        with a reason (a token costs no timer or task of its own)."""
         run = self.run
-        pending: asyncio.Future[str] | None = None
         index = 0
         try:
-            while True:
-                if pending is None:
-                    pending = asyncio.ensure_future(run.__anext__())
-                remaining = run.deadline - time.monotonic()
-                if remaining <= 0:
-                    raise StreamLimitExceeded("the stream reached its maximum duration")
-                done, _ = await asyncio.wait({pending}, timeout=min(self.heartbeat, remaining))
-                if not done:
-                    if time.monotonic() < run.deadline:
-                        await self._send(send, HEARTBEAT)
-                    continue
-                finished_task, pending = pending, None
-                try:
-                    text = finished_task.result()
-                except StopAsyncIteration:
-                    break
-                await self._send(send, self.format.text(run, text, index))
-                index += 1
-            finished = await run.finish("completed")
-            await self._send(send, self.format.closing(run, finished), more=False)
-            return "completed", None
+            try:
+                while True:
+                    try:
+                        text = await run.__anext__()
+                    except StopAsyncIteration:
+                        break
+                    await self._send(send, self.format.text(run, text, index))
+                    index += 1
+                finished = await run.finish("completed")
+                await self._send(send, self.format.closing(run, finished), more=False)
+                return "completed", None
+            except asyncio.CancelledError:
+                reason = self._stop_reason
+                task = asyncio.current_task()
+                if reason is None or task is None:
+                    raise
+                task.uncancel()
+                self._stop_reason = None
+                if reason == "stalled":
+                    raise _StoppedReading from None
+                if reason == "deadline":
+                    raise StreamLimitExceeded("the stream reached its maximum duration") from None
+                error = "the server shut down before the stream ended"
+                with contextlib.suppress(_StoppedReading):
+                    await self._fail(send, Overloaded(error, retry_after=1))
+                return "failed", error
         except (ProviderError, ServiceError) as failure:
-            if pending is not None:
-                await _cancel(pending)
             with contextlib.suppress(_StoppedReading):
                 await self._fail(send, failure)
             return "failed", detail_for(failure)
         except _StoppedReading:
             return "cancelled", f"the client read nothing for {self.send_timeout:g}s"
-        finally:
-            if pending is not None:
-                await _cancel(pending)
 
     async def _send(self, send: Send, body: bytes, *, more: bool = True) -> None:
-        if self._detached:
-            return
-        if not self._started:
-            self._started = True
-            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-            body = self.format.opening(self.run) + body
         try:
-            # The server's send waits while the client's socket is full: bounded memory, and
-            # past the timeout the client is given up on.
-            async with asyncio.timeout(self.send_timeout):
-                await send({"type": "http.response.body", "body": body, "more_body": more})
-        except TimeoutError:
-            if not self.detach:
-                raise _StoppedReading from None
-            self._detached = True  # a client that reads nothing is left; the run goes on
+            heartbeat = self._heartbeat
+            if heartbeat is not None and heartbeat is not asyncio.current_task():
+                with contextlib.suppress(Exception):
+                    await heartbeat  # one send at a time
+            if self._detached:
+                return
+            self._sending_since = time.monotonic()
+            if not self._started:
+                self._started = True
+                start = {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
+                await send(start)
+                body = self.format.opening(self.run) + body
+            # The server's send waits while the client's socket is full: memory stays bounded,
+            # and past send_timeout the watch gives up on the client.
+            await send({"type": "http.response.body", "body": body, "more_body": more})
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self._stop_reason != "stalled" or task is None or not self.detach:
+                raise
+            task.uncancel()  # a client that reads nothing is left; the run goes on
+            self._stop_reason = None
+            self._detached = True
+        finally:
+            self._sending_since = None
+            self._last_sent = time.monotonic()
         self._ended = not more
+
+    def check(self, now: float) -> None:
+        """Called by the watch: stop at the deadline or after the drain, give up on a client
+        that has taken nothing for send_timeout, and send a heartbeat when one is due."""
+        producer = self._producer
+        if (
+            producer is None
+            or producer.done()
+            or self._stop_reason is not None
+            or self._send_to is None
+        ):
+            return
+        if self.lifecycle.shutting_down:
+            if self._drain_until is None:
+                self._drain_until = now + self.drain
+            if now >= self._drain_until:
+                self._stop("shutdown")
+                return
+        if now >= self.run.deadline:
+            self._stop("deadline")
+        elif self._sending_since is not None:
+            if now - self._sending_since >= self.send_timeout:
+                self._stop("stalled")
+        elif (
+            now - self._last_sent >= self.heartbeat
+            and not self._detached
+            and (self._heartbeat is None or self._heartbeat.done())
+        ):
+            self._heartbeat = asyncio.ensure_future(self._send(self._send_to, HEARTBEAT))
+            self._heartbeat.add_done_callback(_quietly)
+
+    def _stop(self, reason: str) -> None:
+        heartbeat = self._heartbeat
+        if reason == "stalled" and self.detach and heartbeat is not None and not heartbeat.done():
+            # Stuck in a heartbeat while the run waits for its model: leave the client only.
+            self._detached = True
+            heartbeat.cancel()
+            return
+        self._stop_reason = reason
+        assert self._producer is not None
+        self._producer.cancel()
 
     async def _fail(self, send: Send, failure: Exception) -> None:
         if self._ended:
@@ -237,6 +291,54 @@ class EventStreamResponse(Response):
         self._started = self._ended = True
         await send({"type": "http.response.start", "status": status, "headers": raw_headers})
         await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _quietly(task: asyncio.Future[Any]) -> None:
+    """A heartbeat's failure (the client gone) is the producer's to meet at its next send."""
+    if not task.cancelled():
+        task.exception()
+
+
+_watches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, StreamWatch] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+class StreamWatch:
+    """One per event loop: every `tick` it checks each open stream (deadline, drain on
+    shutdown, a send stuck past send_timeout, a heartbeat due). Per token a stream then pays
+    for no timer, task or wait of its own, and shutdown wakes no per-stream waiter."""
+
+    def __init__(self) -> None:
+        self._streams: set[EventStreamResponse] = set()
+        self._task: asyncio.Task[None] | None = None
+        self.tick = MAX_TICK
+
+    @classmethod
+    def of_running_loop(cls) -> StreamWatch:
+        loop = asyncio.get_running_loop()
+        watch = _watches.get(loop)
+        if watch is None:
+            watch = _watches[loop] = cls()
+        return watch
+
+    def add(self, stream: EventStreamResponse) -> None:
+        self._streams.add(stream)
+        # Fine enough for the shortest heartbeat asked for.
+        self.tick = min(self.tick, stream.heartbeat / 3)
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._run())
+
+    def discard(self, stream: EventStreamResponse) -> None:
+        self._streams.discard(stream)
+
+    async def _run(self) -> None:
+        while self._streams:
+            await asyncio.sleep(self.tick)
+            now = time.monotonic()
+            for stream in list(self._streams):
+                stream.check(now)
+        self.tick = MAX_TICK  # ends with the last stream; the next one starts it again
 
 
 class _StoppedReading(Exception):

@@ -125,6 +125,12 @@ class Database:
     def dialect(self) -> str:
         return "postgresql" if isinstance(self.backend, PostgresPool) else "sqlite"
 
+    @property
+    def _one_statement_needs_begin(self) -> bool:
+        # Older PgBouncer needs a transaction to pin one server connection between Parse and
+        # Execute; SQLite's engine always opens one.
+        return self.dialect != "postgresql" or self._pooler == "pgbouncer-legacy"
+
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Session]:
         """One connection, one transaction: committed when the block ends, rolled back on any
@@ -136,10 +142,17 @@ class Database:
     async def read(self) -> AsyncIterator[Session]:
         """For a unit of work that is a single read statement: no BEGIN/COMMIT round trips
         where the path allows (direct, or PgBouncer >= 1.21 which keeps prepared statements
-        across server connections). Older PgBouncer needs the transaction to pin one server
-        connection between Parse and Execute."""
-        transactional = self.dialect != "postgresql" or self._pooler == "pgbouncer-legacy"
-        async with self._session(transactional=transactional) as session:
+        across server connections)."""
+        async with self._session(transactional=self._one_statement_needs_begin) as session:
+            yield session
+
+    @asynccontextmanager
+    async def write_one(self) -> AsyncIterator[Session]:
+        """For a unit of work that is a single write statement (atomic by itself): as read(),
+        no BEGIN/COMMIT round trips where the path allows. A failure may come after the
+        statement was applied, so it is reported as in doubt."""
+        transactional = self._one_statement_needs_begin
+        async with self._session(transactional=transactional, in_doubt=True) as session:
             yield session
 
     @asynccontextmanager
@@ -155,13 +168,20 @@ class Database:
 
     @asynccontextmanager
     async def _session(
-        self, *, transactional: bool, discard_on_error: bool = False, bounded: bool = True
+        self,
+        *,
+        transactional: bool,
+        discard_on_error: bool = False,
+        bounded: bool = True,
+        in_doubt: bool = False,
     ) -> AsyncIterator[Session]:
         limit = self._request_timeout if bounded else None
         deadline: AbstractAsyncContextManager[Any] = (
             asyncio.timeout(limit) if limit is not None else nullcontext()
         )
         state = _UnitState()
+        if in_doubt:
+            state.outcome = "unknown"
         try:
             async with deadline, self._connected(state, transactional, discard_on_error) as s:
                 yield s

@@ -346,7 +346,7 @@ class Checkpoints:
             return
         progress = [(run.id, run.text, run.tokens) for run in runs]
         try:
-            async with self._db.transaction() as session:
+            async with self._db.write_one() as session:
                 streaming = await GenerationRepository(session).checkpoint(progress)
         except BaseException:
             for run in runs:  # saved next time (unless finished meanwhile)
@@ -528,7 +528,7 @@ class GenerationService:
                 if principal is None or principal.anonymous
                 else principal.subject,
             }
-            async with self._db.transaction() as session:
+            async with self._db.write_one() as session:
                 await GenerationRepository(session).insert(values)
         except BaseException as error:
             self._active -= 1
