@@ -2,7 +2,7 @@ HELM ?= helm
 # uv from PATH, `python3 -m uv`, or installed on first use (scripts/uv.sh says which).
 UV ?= ./scripts/uv.sh
 
-.PHONY: run stack test-fast test bench lint fmt typecheck check migrate k8s-rules
+.PHONY: run stack test-fast test-sqlite test bench lint fmt typecheck check migrate k8s-rules
 
 run:  ## run the service on the embedded SQLite database at http://127.0.0.1:8000
 	$(UV) run --frozen itemstream serve
@@ -10,7 +10,10 @@ run:  ## run the service on the embedded SQLite database at http://127.0.0.1:800
 stack:  ## the real stack as local processes: PostgreSQL, PgBouncer (and Redis), the app on :8000
 	$(UV) run --frozen python scripts/local_stack.py
 
-test-fast:  ## the tests that need no PostgreSQL and start no servers (about 1.5 min; no unit tier yet)
+test-fast:  ## the unit tier: pure rules and the layering, no database or server (seconds)
+	$(UV) run --frozen pytest -q tests/unit
+
+test-sqlite:  ## everything that needs no PostgreSQL and starts no servers (about 1.5 min)
 	$(UV) run --frozen pytest -q -m "not slow and not postgres"
 
 test:  ## the whole test suite (installs uv, Python deps and PgBouncer where missing)

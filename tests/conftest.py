@@ -1,45 +1,17 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
-import asyncpg
 import httpx
 import pytest
-from sqlalchemy.engine import URL
 
 from app.config import Settings
 from app.db.migrations import migrate
-from app.main import create_app
-from tests.support.pgbouncer import LEGACY, MODERN, PgBouncer, find_binary
+from tests.support.app import app_client, make_settings, start_bouncer, through, truncate
+from tests.support.pgbouncer import LEGACY, MODERN, PgBouncer
 from tests.support.postgres import PostgresServer, start_or_find
-from tests.support.processes import missing, run_coroutine
-
-
-def make_settings(url: URL | str, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {
-        "environment": "test",
-        "database_url": url if isinstance(url, str) else url.render_as_string(hide_password=False),
-        "db_pool_timeout": 3.0,
-        "db_connect_timeout": 3.0,
-        "db_statement_timeout": 10.0,
-        "db_request_timeout": 10.0,
-        "db_retry_after_seconds": 1,
-        **overrides,
-    }
-    return Settings(_env_file=None, **values)
-
-
-@asynccontextmanager
-async def app_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    """The real app with its lifespan, over ASGI (no network)."""
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            yield client
+from tests.support.processes import run_coroutine
 
 
 @pytest.fixture(scope="session")
@@ -49,17 +21,6 @@ def pg() -> Iterator[PostgresServer]:
         yield server
     finally:
         server.close()
-
-
-def start_bouncer(kind: str, pg: PostgresServer, *, server_port: int | None = None) -> PgBouncer:
-    """A fresh PgBouncer of `kind` in front of `pg` (or of `server_port`), or skip/fail."""
-    binary = find_binary(kind)
-    if binary is None:
-        version = ">= 1.21" if kind == MODERN else "< 1.21"
-        missing(f"no {kind} PgBouncer ({version}); set PGBOUNCER_{kind.upper()} or run `make test`")
-    assert binary is not None
-    port = server_port or pg.port
-    return PgBouncer(binary=binary, kind=kind, server_host=pg.host, server_port=port).start()
 
 
 def _bouncer(kind: str, pg: PostgresServer) -> Iterator[PgBouncer]:
@@ -86,26 +47,6 @@ def schema_db(pg: PostgresServer) -> str:
     name = pg.create_database()
     run_coroutine(lambda: migrate(pg.url(name)))
     return name
-
-
-async def truncate(pg: PostgresServer, database: str) -> None:
-    conn = await asyncpg.connect(
-        host=pg.host, port=pg.port, user=pg.admin_url.username, database=database
-    )
-    try:
-        await conn.execute("TRUNCATE items, idempotency_keys, generations")
-    finally:
-        await conn.close()
-
-
-def through(bouncer: PgBouncer, pg: PostgresServer, database: str, **overrides: Any) -> Settings:
-    """Settings for the app reaching `database` through `bouncer`, migrations direct."""
-    return make_settings(
-        pg.url(database, host="127.0.0.1", port=bouncer.port),
-        db_pooler=bouncer.pooler_setting,
-        migration_database_url=pg.url(database).render_as_string(hide_password=False),
-        **overrides,
-    )
 
 
 @pytest.fixture(params=["postgres", "sqlite"])

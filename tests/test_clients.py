@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import make_settings
+from tests.support.app import make_settings
 from tests.support.http_servers import running_app
 from tests.support.processes import missing
 

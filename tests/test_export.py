@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from app.db.migrations import migrate
-from tests.conftest import make_settings, start_bouncer, through
+from tests.support.app import make_settings, start_bouncer, through
 from tests.support.http_servers import running_app
 from tests.support.pgbouncer import LEGACY, MODERN
 from tests.support.postgres import PostgresServer
@@ -250,7 +250,7 @@ async def _export_of(settings: Any) -> dict[str, bytes]:
     from sqlalchemy.ext.asyncio import create_async_engine
 
     from app.db.tables import items
-    from tests.conftest import app_client
+    from tests.support.app import app_client
 
     direct = create_async_engine(settings.migration_database)
     try:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import start_bouncer
+from tests.support.app import start_bouncer
 from tests.support.pgbouncer import MODERN
 from tests.support.postgres import PostgresServer
 from tests.support.servers import ROOT, clean_env, pooled_env, serve

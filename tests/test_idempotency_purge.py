@@ -10,8 +10,8 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from app.config import Settings
 from app.db.engine import Database, create_engine
 from app.db.tables import idempotency_keys
+from app.domain.models import ItemFields
 from app.services.items import ItemPolicy, ItemService
-from app.services.models import ItemFields
 
 
 async def test_expired_keys_are_purged_and_live_ones_kept(settings: Settings) -> None:

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from app.config import Settings
-from tests.conftest import app_client
+from tests.support.app import app_client
 
 PROBLEM = "application/problem+json"
 

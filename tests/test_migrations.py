@@ -143,7 +143,7 @@ def test_wait_for_migrations(pg: PostgresServer, schema_db: str) -> None:
 
 @pytest.mark.postgres
 async def test_readyz_is_503_before_migrations(pg: PostgresServer) -> None:
-    from tests.conftest import app_client, make_settings
+    from tests.support.app import app_client, make_settings
 
     empty = pg.create_database("itemstream_unmigrated")
     async with app_client(make_settings(pg.url(empty))) as client:

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from app.config import Settings
-from tests.conftest import through, truncate
+from tests.support.app import through, truncate
 from tests.support.helm import CHART, helm, rendered_rules
 from tests.support.http_servers import fake_upstream, running_app
 from tests.support.pgbouncer import PgBouncer

@@ -13,7 +13,7 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
 from app.db.migrations import migrate
-from tests.conftest import app_client, make_settings
+from tests.support.app import app_client, make_settings
 
 HS = "a-development-secret-of-at-least-32-chars"
 

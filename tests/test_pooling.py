@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from app.config import Settings
-from tests.conftest import app_client, make_settings, start_bouncer, through, truncate
+from tests.support.app import app_client, make_settings, start_bouncer, through, truncate
 from tests.support.pgbouncer import LEGACY, MODERN, PgBouncer
 from tests.support.postgres import PostgresServer
 from tests.support.processes import free_port

@@ -17,7 +17,7 @@ import asyncpg
 import pytest
 
 from app.db.migrations import head_revision, migrate
-from tests.conftest import app_client, make_settings, through
+from tests.support.app import app_client, make_settings, through
 from tests.support.pgbouncer import PgBouncer
 from tests.support.postgres import PostgresServer
 from tests.support.servers import clean_env, run_cli

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from app.db.migrations import migrate
-from tests.conftest import app_client, make_settings
+from tests.support.app import app_client, make_settings
 from tests.support.processes import free_port, stop, wait_for_port
 
 LLMOCK = Path(sys.executable).parent / "llmock"

@@ -16,7 +16,7 @@ import pytest
 
 from app.config import Settings
 from app.db.migrations import migrate
-from tests.conftest import make_settings, through, truncate
+from tests.support.app import make_settings, through, truncate
 from tests.support.http_servers import FakeUpstream, fake_upstream, running_app
 from tests.support.pgbouncer import PgBouncer
 from tests.support.postgres import PostgresServer

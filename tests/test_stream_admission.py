@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 
 from app.db.migrations import migrate
-from tests.conftest import make_settings
+from tests.support.app import make_settings
 from tests.support.http_servers import running_app
 
 ADMITTED = 4

@@ -33,9 +33,9 @@ from app.api.problems import (
 )
 from app.api.schemas import NO_NUL, Text, no_nul
 from app.api.streaming import sse_event
-from app.db.errors import DatabaseUnavailable
+from app.domain import errors
+from app.domain.errors import DatabaseUnavailable
 from app.providers.base import Message, ProviderError
-from app.services import errors
 from app.services.generations import Finished, Run
 
 log = logging.getLogger(__name__)

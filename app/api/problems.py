@@ -14,9 +14,9 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
 from app.api.schemas import NO_NUL, NUL_MESSAGE
-from app.db.errors import DatabaseUnavailable, SchemaNotReady
+from app.domain import errors
+from app.domain.errors import DatabaseUnavailable, SchemaNotReady
 from app.providers.base import ProviderError
-from app.services import errors
 
 log = logging.getLogger(__name__)
 

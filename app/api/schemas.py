@@ -19,7 +19,7 @@ from pydantic import (
 )
 from pydantic.json_schema import SkipJsonSchema
 
-from app.services.models import Item, ItemFields, ItemPage
+from app.domain.models import Item, ItemFields, ItemPage
 
 # PostgreSQL text cannot hold U+0000 (SQLite can): refused on every backend alike, at the
 # boundary, as a pattern every string input declares, so the OpenAPI document says so too and

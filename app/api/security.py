@@ -13,10 +13,10 @@ from fastapi import Depends, HTTPException, Request
 from opentelemetry import trace
 
 from app.config import Settings
-from app.security.principals import ALL_SCOPES, READ, Principal
+from app.domain.errors import Overloaded, RateLimited
+from app.domain.principal import ALL_SCOPES, READ, Principal
 from app.security.ratelimit import RateLimitBackendDown, RateLimiter, headers_for
 from app.security.tokens import InvalidToken, KeySourceUnavailable, TokenVerifier
-from app.services.errors import Overloaded, RateLimited
 
 log = logging.getLogger(__name__)
 REALM = 'Bearer realm="itemstream"'

@@ -29,9 +29,9 @@ from starlette.types import Message, Receive, Scope, Send
 
 from app.api.problems import detail_for
 from app.config import Settings
+from app.domain.errors import Overloaded, ServiceError, StreamLimitExceeded
 from app.lifecycle import Lifecycle
 from app.providers.base import ProviderError
-from app.services.errors import Overloaded, ServiceError, StreamLimitExceeded
 from app.services.generations import Finished, Outcome, Run
 
 log = logging.getLogger(__name__)

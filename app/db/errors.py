@@ -2,29 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import asyncpg
 from sqlalchemy import exc
+
+from app.domain.errors import DatabaseUnavailable, Outcome, SchemaNotReady
+
+__all__ = ["DatabaseUnavailable", "Outcome", "SchemaNotReady"]
 
 # SQLSTATE classes that mean "the database is not there right now", not "your query is wrong":
 # 08 connection exception, 53 insufficient resources, 57P0x shutdown/starting, 57014 cancelled
 # (statement timeout), and PgBouncer's own 08P01 for "no server connection available".
 _UNAVAILABLE_SQLSTATE_PREFIXES = ("08", "53", "57P0", "57014", "58")
-
-
-# What a client can know about its write when the database failed under it: "not-applied"
-# (the failure came before COMMIT was sent, so the transaction rolled back and a retry is safe)
-# or "unknown" (COMMIT was sent and no answer came: retry only with an Idempotency-Key).
-Outcome = Literal["not-applied", "unknown"]
-
-
-class DatabaseUnavailable(Exception):
-    """The database (or the pooler in front of it) cannot serve the request right now."""
-
-    def __init__(self, detail: str, *, outcome: Outcome = "not-applied") -> None:
-        super().__init__(detail)
-        self.outcome: Outcome = outcome
 
 
 def is_unavailable_error(error: BaseException) -> bool:
@@ -55,10 +43,6 @@ def is_unavailable_error(error: BaseException) -> bool:
     return isinstance(error, OSError)
 
 
-class SchemaNotReady(DatabaseUnavailable):
-    """A table the code needs does not exist: the migration has not run (503, not 500)."""
-
-
 def is_missing_table(error: BaseException | None) -> bool:
     """PostgreSQL's undefined_table, or SQLite's "no such table", anywhere in the chain."""
     while error is not None:
@@ -77,3 +61,16 @@ def is_retryable_first_round_trip(error: BaseException) -> bool:
     """A failure on a unit of work's first round trip that a fresh connection may not have:
     the pooled one was dead. (A timeout is not: the wait has been spent.)"""
     return is_unavailable_error(error) and not isinstance(error, TimeoutError)
+
+
+def is_unique_violation(error: BaseException) -> bool:
+    """A unique constraint refused the write (PostgreSQL 23505, or SQLite's message)."""
+    seen: object = error
+    for _ in range(4):  # the driver error, SQLAlchemy's wrapper, and their causes
+        if not isinstance(seen, BaseException):
+            return False
+        sqlstate = getattr(seen, "sqlstate", None) or getattr(seen, "pgcode", None)
+        if sqlstate == "23505" or "UNIQUE constraint failed" in str(seen):
+            return True
+        seen = getattr(seen, "orig", None) or seen.__cause__
+    return False

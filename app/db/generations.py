@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import fields
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -10,29 +11,14 @@ from uuid import UUID
 from sqlalchemy import bindparam, insert, literal_column, select, text, update
 from sqlalchemy.sql import Executable
 
+from app.db.errors import is_unique_violation
 from app.db.session import Session
 from app.db.tables import generations, items
-from app.services.models import Generation
+from app.domain.errors import AlreadyExists
+from app.domain.models import Generation
 
-_COLUMNS = (
-    generations.c.id,
-    generations.c.kind,
-    generations.c.item_id,
-    generations.c.idempotency_key,
-    generations.c.provider,
-    generations.c.model,
-    generations.c.status,
-    generations.c.error,
-    generations.c.finish_reason,
-    generations.c.prompt_tokens,
-    generations.c.completion_tokens,
-    generations.c.time_to_first_token_seconds,
-    generations.c.duration_seconds,
-    generations.c.output,
-    generations.c.created_at,
-    generations.c.finished_at,
-    generations.c.principal,
-)
+# Every field of the domain's Generation, in its order (rows are built as Generation(*row)).
+_COLUMNS = tuple(generations.c[field.name] for field in fields(Generation))
 _INSERTED = (
     "id",
     "kind",
@@ -152,8 +138,14 @@ class GenerationRepository:
         self._s = session
 
     async def insert(self, values: Mapping[str, Any]) -> None:
+        """Raises AlreadyExists when a generation with the item's Idempotency-Key runs."""
         params = {f"g_{name}": values[name] for name in (*_INSERTED, "created_at")}
-        await self._s.execute("insert_generation", _insert, params)
+        try:
+            await self._s.execute("insert_generation", _insert, params)
+        except Exception as error:
+            if is_unique_violation(error):
+                raise AlreadyExists("a generation with this Idempotency-Key exists") from None
+            raise
 
     async def get(self, generation_id: UUID) -> Generation | None:
         row = await self._s.fetch_one("get_generation", _get, {"g_id": generation_id})

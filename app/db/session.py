@@ -20,10 +20,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql import ClauseElement, Executable
 
 from app.db.errors import is_retryable_first_round_trip
+from app.domain.ports import Writer
 
 Builder = Callable[[str], Executable]  # dialect name -> statement with bind parameters
 Row = Sequence[Any]
-Writer = Callable[[bytes], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)

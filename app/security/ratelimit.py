@@ -15,7 +15,7 @@ from typing import Any, Literal, Protocol
 
 from cachetools import TTLCache
 
-from app.services.errors import RateLimited
+from app.domain.errors import RateLimited
 
 log = logging.getLogger(__name__)
 

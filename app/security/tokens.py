@@ -40,7 +40,6 @@ class KeySourceUnavailable(Exception):
 class VerifiedClaims:
     subject: str
     scopes: frozenset[str]
-    claims: Mapping[str, Any]
 
 
 def scopes_of(claims: Mapping[str, Any]) -> frozenset[str]:
@@ -127,7 +126,7 @@ class TokenVerifier:
             raise InvalidToken(f"the token has no {error.claim!r} claim") from error
         except jwt.InvalidTokenError as error:
             raise InvalidToken("the token's signature does not verify") from error
-        return VerifiedClaims(_subject(claims), scopes_of(claims), claims)
+        return VerifiedClaims(_subject(claims), scopes_of(claims))
 
     async def _key(self, kid: object) -> jwt.PyJWK:
         if not isinstance(kid, str):

@@ -23,10 +23,8 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from app.db.engine import Database
 from app.db.generations import GenerationRepository
 from app.db.items import ItemRepository
-from app.lifecycle import Lifecycle
-from app.providers.base import Chunk, CompletionRequest, Message, Provider, ProviderError
-from app.security.principals import Principal
-from app.services.errors import (
+from app.domain.errors import (
+    AlreadyExists,
     GenerationEnded,
     IdempotencyKeyInProgress,
     InvalidInput,
@@ -34,8 +32,11 @@ from app.services.errors import (
     Overloaded,
     StreamLimitExceeded,
 )
-from app.services.ids import uuid7
-from app.services.models import Generation, Item
+from app.domain.ids import uuid7
+from app.domain.models import Generation, Item
+from app.domain.principal import Principal
+from app.lifecycle import Lifecycle
+from app.providers.base import Chunk, CompletionRequest, Message, Provider, ProviderError
 
 log = logging.getLogger(__name__)
 
@@ -535,7 +536,7 @@ class GenerationService:
             if admitted:
                 assert quota is not None
                 await quota.release(quota_key, 0)
-            if _is_unique_violation(error):
+            if isinstance(error, AlreadyExists):
                 raise IdempotencyKeyInProgress(
                     "a generation for this Idempotency-Key is already running"
                 ) from None
@@ -666,15 +667,3 @@ def _item_prompt(item: Item, instructions: str | None) -> tuple[Message, ...]:
         Message("system", "You write concise product copy. Use only the facts given."),
         Message("user", task + "\n\n" + "\n".join(facts)),
     )
-
-
-def _is_unique_violation(error: BaseException) -> bool:
-    seen: object = error
-    for _ in range(4):  # the driver error, SQLAlchemy's wrapper, and their causes
-        if not isinstance(seen, BaseException):
-            return False
-        sqlstate = getattr(seen, "sqlstate", None) or getattr(seen, "pgcode", None)
-        if sqlstate == "23505" or "UNIQUE constraint failed" in str(seen):
-            return True
-        seen = getattr(seen, "orig", None) or seen.__cause__
-    return False

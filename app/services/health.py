@@ -7,8 +7,8 @@ import logging
 from dataclasses import dataclass
 
 from app.db.engine import Database
-from app.db.errors import DatabaseUnavailable
 from app.db.migrations import database_revision, schema_status
+from app.domain.errors import DatabaseUnavailable
 from app.lifecycle import Lifecycle
 
 log = logging.getLogger(__name__)

@@ -6,17 +6,16 @@ import base64
 import binascii
 import hashlib
 import json
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_type_hints
 from uuid import UUID
 
 from app.db.engine import Database
 from app.db.items import ItemRepository
-from app.db.session import Writer
-from app.services.errors import (
+from app.domain.errors import (
     IdempotencyKeyInProgress,
     IdempotencyKeyReused,
     InvalidQuery,
@@ -24,8 +23,9 @@ from app.services.errors import (
     PreconditionFailed,
     PreconditionRequired,
 )
-from app.services.ids import uuid7
-from app.services.models import Item, ItemFields, ItemFilter, ItemPage, Position, Sort
+from app.domain.ids import uuid7
+from app.domain.models import Item, ItemFields, ItemFilter, ItemPage, Position, Sort
+from app.domain.ports import Writer
 
 ExportFormat = Literal["ndjson", "csv"]
 WRITABLE_FIELDS = frozenset({"name", "description", "price", "is_active"})
@@ -272,24 +272,31 @@ def _snapshot(item: Item) -> str:
     return json.dumps(asdict(item), default=str, separators=(",", ":"))
 
 
+# How a snapshot's JSON value becomes the field's type again; derived from Item, so a field
+# added there is carried without an edit here.
+_DECODERS: dict[type, Callable[[Any], Any]] = {
+    UUID: UUID,
+    datetime: datetime.fromisoformat,
+    Decimal: Decimal,
+}
+
+
+def _decoder(hint: object) -> Callable[[Any], Any]:
+    kinds = [k for k in (get_args(hint) or (hint,)) if k is not type(None)]
+    decode = _DECODERS.get(kinds[0]) if len(kinds) == 1 and isinstance(kinds[0], type) else None
+    return decode or (lambda value: value)
+
+
+_ITEM_FIELDS = {name: _decoder(hint) for name, hint in get_type_hints(Item).items()}
+
+
 def _from_snapshot(text: str) -> Item:
     raw = json.loads(text)
-
-    def when(value: str | None) -> datetime | None:
-        return None if value is None else datetime.fromisoformat(value)
-
-    return Item(
-        id=UUID(raw["id"]),
-        name=raw["name"],
-        description=raw["description"],
-        price=Decimal(raw["price"]),
-        is_active=raw["is_active"],
-        version=raw["version"],
-        created_at=datetime.fromisoformat(raw["created_at"]),
-        updated_at=datetime.fromisoformat(raw["updated_at"]),
-        deleted_at=when(raw["deleted_at"]),
-        created_by=raw.get("created_by"),
-    )
+    values: dict[str, Any] = {
+        name: None if raw.get(name) is None else decode(raw[name])
+        for name, decode in _ITEM_FIELDS.items()
+    }
+    return Item(**values)
 
 
 # --- keyset cursors -----------------------------------------------------------------------

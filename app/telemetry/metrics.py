@@ -7,7 +7,6 @@ variable (tests, `serve --reload`) one in-process registry per app is used."""
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -20,10 +19,6 @@ from app.probes import PROBE_PATHS
 
 NOT_INSTRUMENTED = sorted(PROBE_PATHS)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-
-
-def multiprocess_dir() -> str | None:
-    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
 
 class AppMetrics:

@@ -17,7 +17,7 @@ from app.api.openai_compat import (
 )
 from app.api.security import require
 from app.api.streaming import EventStreamResponse
-from app.security.principals import GENERATE, Principal
+from app.domain.principal import GENERATE, Principal
 from app.telemetry import tracing
 
 router = APIRouter(prefix="/v1", tags=["chat"], route_class=OpenAIRoute)

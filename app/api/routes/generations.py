@@ -17,10 +17,10 @@ from app.api.routes.items import PROBLEMS, IdempotencyKey
 from app.api.schemas import Problem, Text
 from app.api.security import require
 from app.api.streaming import EventStreamResponse, sse_event
-from app.security.principals import GENERATE, READ, Principal
-from app.services.errors import InvalidInput, NotFound
+from app.domain.errors import InvalidInput, NotFound
+from app.domain.models import Generation
+from app.domain.principal import GENERATE, READ, Principal
 from app.services.generations import Finished, Run
-from app.services.models import Generation
 from app.telemetry import tracing
 
 router = APIRouter(prefix="/v1", tags=["generations"])

@@ -21,11 +21,11 @@ from app.api.deps import IfMatch, ItemServiceDep, ServicesDep, etag
 from app.api.schemas import NO_NUL, ItemIn, ItemOut, ItemPageOut, ItemPatch, Money, Problem
 from app.api.security import require
 from app.api.streaming import ExportResponse
-from app.db.session import Writer
-from app.security.principals import READ, WRITE, Principal
-from app.services.errors import InvalidQuery
+from app.domain.errors import InvalidQuery
+from app.domain.models import ItemFilter, Sort
+from app.domain.ports import Writer
+from app.domain.principal import READ, WRITE, Principal
 from app.services.items import ExportFormat
-from app.services.models import ItemFilter, Sort
 
 router = APIRouter(prefix="/v1/items", tags=["items"])
 

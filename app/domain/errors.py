@@ -1,6 +1,9 @@
-"""Domain errors. The API layer maps each to an HTTP status; nothing here knows about HTTP."""
+"""Domain errors. The API layer maps each to an HTTP status; nothing here knows about HTTP
+or about a driver: the database layer raises these."""
 
 from __future__ import annotations
+
+from typing import Literal
 
 
 class ServiceError(Exception):
@@ -76,3 +79,25 @@ class RateLimited(ServiceError):
         super().__init__(detail)
         self.retry_after = retry_after
         self.headers = {"Retry-After": str(retry_after), **(headers or {})}
+
+
+class AlreadyExists(ServiceError):
+    """A unique rule refused the write (e.g. one running generation per Idempotency-Key)."""
+
+
+# What a client can know about its write when the database failed under it: "not-applied"
+# (the failure came before COMMIT was sent, so the transaction rolled back and a retry is safe)
+# or "unknown" (COMMIT was sent and no answer came: retry only with an Idempotency-Key).
+Outcome = Literal["not-applied", "unknown"]
+
+
+class DatabaseUnavailable(Exception):
+    """The database (or the pooler in front of it) cannot serve the request right now."""
+
+    def __init__(self, detail: str, *, outcome: Outcome = "not-applied") -> None:
+        super().__init__(detail)
+        self.outcome: Outcome = outcome
+
+
+class SchemaNotReady(DatabaseUnavailable):
+    """A table the code needs does not exist: the migration has not run (503, not 500)."""

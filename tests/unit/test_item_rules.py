@@ -1,0 +1,104 @@
+"""The pure rules behind items: keyset cursors, idempotency snapshots and fingerprints,
+entity tags and If-Match. No database, no server."""
+
+from __future__ import annotations
+
+from dataclasses import fields, replace
+from datetime import UTC, datetime
+from decimal import Decimal
+from uuid import UUID
+
+import pytest
+from fastapi import HTTPException
+
+from app.api.deps import parse_if_match
+from app.domain.errors import InvalidQuery, PreconditionFailed
+from app.domain.models import Item, ItemFields, ItemFilter, Position, Sort
+from app.services.items import (
+    _check_version,
+    _decode_cursor,
+    _encode_cursor,
+    _fingerprint,
+    _from_snapshot,
+    _snapshot,
+)
+
+ITEM = Item(
+    id=UUID("01a22d06-d5f4-7515-bb0a-3196063f3662"),
+    name="Espresso cup",
+    description="Porcelain, 90 ml",
+    price=Decimal("12.50"),
+    is_active=True,
+    version=3,
+    created_at=datetime(2026, 11, 30, 15, 15, 52, 436942, tzinfo=UTC),
+    updated_at=datetime(2026, 11, 30, 16, 0, tzinfo=UTC),
+    deleted_at=None,
+    generated_text="A sturdy cup.",
+    generation_id=UUID("01a22d07-0c1e-7d2a-9b3f-5c6d7e8f9a0b"),
+    created_by="user-42",
+)
+
+
+@pytest.mark.parametrize("field", ["created_at", "name", "price"])
+def test_a_cursor_resumes_after_the_last_row_of_its_sort(field: str) -> None:
+    sort = Sort(field=field, descending=True)  # type: ignore[arg-type]
+    filters = ItemFilter(is_active=True, q="cup")
+    position = _decode_cursor(_encode_cursor(ITEM, filters, sort), filters, sort)
+    assert position == Position(value=getattr(ITEM, field), id=ITEM.id)
+
+
+def test_a_cursor_is_refused_for_another_sort_or_filter_and_when_forged() -> None:
+    sort, filters = Sort("name"), ItemFilter()
+    cursor = _encode_cursor(ITEM, filters, sort)
+    for other_sort, other_filters in ((Sort("price"), filters), (sort, ItemFilter(q="x"))):
+        with pytest.raises(InvalidQuery, match="different sort or filter") as refused:
+            _decode_cursor(cursor, other_filters, other_sort)
+        assert refused.value.field == "cursor"
+    for forged in ("not base64 at all!", "e30", cursor[:-3]):
+        with pytest.raises(InvalidQuery, match="not valid"):
+            _decode_cursor(forged, filters, sort)
+
+
+def test_an_idempotency_snapshot_gives_back_every_field() -> None:
+    assert _from_snapshot(_snapshot(ITEM)) == ITEM
+    bare = replace(ITEM, description=None, generated_text=None, generation_id=None)
+    assert _from_snapshot(_snapshot(bare)) == bare
+    # Every field is in the snapshot: one added to Item is carried without another edit.
+    assert set(__import__("json").loads(_snapshot(ITEM))) == {f.name for f in fields(Item)}
+
+
+def test_the_request_fingerprint_sees_every_field_and_nothing_else() -> None:
+    base = ItemFields(name="a", description=None, price=Decimal("1.00"), is_active=True)
+    assert _fingerprint(base) == _fingerprint(replace(base))
+    for change in ({"name": "b"}, {"description": ""}, {"price": Decimal("1.01")}):
+        assert _fingerprint(replace(base, **change)) != _fingerprint(base)
+
+
+@pytest.mark.parametrize(
+    ("header", "versions"),
+    [
+        (None, None),
+        ("*", None),
+        (' "3" ', frozenset({3})),
+        ('"3", "5"', frozenset({3, 5})),
+        ('W/"3"', frozenset()),  # weak tags never match under If-Match
+        ('"abc"', frozenset()),  # a tag that is no version of ours matches nothing
+    ],
+)
+def test_if_match_is_parsed_as_rfc_9110_says(header: str | None, versions: object) -> None:
+    assert parse_if_match(header) == versions
+
+
+@pytest.mark.parametrize("header", ["3", '"3" junk', '"3",,', "W/3"])
+def test_a_malformed_if_match_is_a_400(header: str) -> None:
+    with pytest.raises(HTTPException) as refused:
+        parse_if_match(header)
+    assert refused.value.status_code == 400
+
+
+def test_a_stale_version_is_refused_with_the_current_one() -> None:
+    _check_version(ITEM, None)
+    _check_version(ITEM, {2, 3})
+    with pytest.raises(PreconditionFailed) as refused:
+        _check_version(ITEM, {2})
+    assert refused.value.current_version == 3
