@@ -1,4 +1,5 @@
-"""`make bench`: the service against the practical limit and the common pattern, side by side.
+"""`make bench`: the service against the practical limit, bare FastAPI, FastAPI with the standard
+instrumentations, and the common pattern, side by side.
 
 Starts a throwaway PostgreSQL cluster and PgBouncer 1.24 (prepared statements) and < 1.21
 (compatibility mode) on loopback, seeds items, and runs every server under gunicorn with uvicorn
@@ -350,6 +351,25 @@ def main() -> int:
                     {**clean_env(), "LIMIT_DSN": via(modern)},
                 )
             ),
+            "bare FastAPI": stack.enter_context(
+                running(
+                    "bare-fastapi",
+                    gunicorn("bench.bare_fastapi:app", WORKERS),
+                    {**clean_env(), "LIMIT_DSN": via(modern)},
+                )
+            ),
+            "FastAPI + std instrumentation": stack.enter_context(
+                running(
+                    "fastapi-instrumented",
+                    gunicorn("bench.bare_fastapi:app", WORKERS),
+                    {
+                        **clean_env(),
+                        "LIMIT_DSN": via(modern),
+                        "BENCH_INSTRUMENTED": "1",
+                        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink.server_port}",
+                    },
+                )
+            ),
             "itemstream": stack.enter_context(
                 running("itemstream", itemstream(WORKERS), service_env)
             ),
@@ -387,11 +407,12 @@ def main() -> int:
                     bouncer = legacy if "1.18" in name else modern
                     runs[name].append(measure(server, bouncer, path, script))
             route_results[route] = {name: median_run(r) for name, r in runs.items()}
-            limit_rps = route_results[route]["limit"]["rps"]
+            limit = route_results[route]["limit"]
+            usual = route_results[route]["FastAPI + std instrumentation"]
             for summary in route_results[route].values():
-                summary["ratio_to_limit"] = (
-                    round(summary["rps"] / limit_rps, 2) if limit_rps else None
-                )
+                summary["ratio_to_limit"] = _ratio(summary["rps"], limit["rps"])
+                summary["ratio_to_instrumented"] = _ratio(summary["rps"], usual["rps"])
+                summary["p99_to_limit"] = _ratio(summary["p99_ms"], limit["p99_ms"])
             print(
                 f"  {route}: "
                 + ", ".join(f"{n} {s['rps']:.0f} rps" for n, s in route_results[route].items()),
@@ -550,13 +571,20 @@ def measure_export(
     return out
 
 
+def _ratio(value: float, base: float) -> float | None:
+    return round(value / base, 2) if base else None
+
+
 def print_table(results: dict[str, Any]) -> None:
     config = results["config"]
     print(
         f"\n{config['rows']} rows, {config['connections']} connections, {config['duration_s']} s x "
         f"{config['rounds']} rounds (median), {config['workers']} workers, {config['cpus']} CPUs, wrk on the same box"
     )
-    header = f"{'route':<22}{'server':<30}{'rps':>8}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}{'x limit':>9}   cpu cores app/pg/pgb/wrk"
+    header = (
+        f"{'route':<22}{'server':<30}{'rps':>8}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
+        f"{'x limit':>9}{'x instr':>9}{'p99 x lim':>10}   cpu cores app/pg/pgb/wrk"
+    )
     print(header)
     print("-" * len(header))
     for route, by_server in results.get("routes", {}).items():
@@ -567,7 +595,8 @@ def print_table(results: dict[str, Any]) -> None:
             )
             print(
                 f"{route:<22}{name:<30}{s['rps']:>8.0f}{s['p50_ms']:>9.2f}{s['p99_ms']:>9.2f}{s['errors']:>8}"
-                f"{s['ratio_to_limit']:>9.2f}   {split}"
+                f"{s['ratio_to_limit']:>9.2f}{s['ratio_to_instrumented']:>9.2f}"
+                f"{s['p99_to_limit']:>10.2f}   {split}"
             )
     print("\nworker scaling (itemstream):")
     for route, by_workers in results.get("worker_scaling", {}).items():
