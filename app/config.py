@@ -67,6 +67,8 @@ class Settings(BaseSettings):
     # gunicorn workers; unset: one per CPU the container may use (cgroup v2/v1 quota, then
     # affinity), capped by MAX_WORKERS (8). SQLite always runs one.
     web_concurrency: int | None = Field(None, ge=1, le=64)
+    # The most workers sized from the CPU (WEB_CONCURRENCY is taken as given).
+    max_workers: int = Field(8, ge=1, le=64)
     # gunicorn worker heartbeat (seconds): with async workers an event-loop watchdog, not a
     # request timeout.
     gunicorn_timeout: int = Field(60, ge=1)

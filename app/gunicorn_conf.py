@@ -16,7 +16,11 @@ _settings = Settings()
 bind = [f"{_settings.host}:{_settings.port}"]
 worker_class = "app.gunicorn_worker.Worker"
 # The embedded SQLite database takes one writer; Postgres deployments size by CPU.
-workers = 1 if _settings.is_sqlite else worker_count()
+workers = (
+    1
+    if _settings.is_sqlite
+    else worker_count(_settings.web_concurrency, maximum=_settings.max_workers)
+)
 timeout = _settings.gunicorn_timeout
 graceful_timeout = _settings.gunicorn_graceful_timeout
 keepalive = _settings.gunicorn_keepalive

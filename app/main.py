@@ -7,8 +7,10 @@ import asyncio
 import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from fastapi import FastAPI, Request
 from starlette.middleware.cors import CORSMiddleware
@@ -25,6 +27,7 @@ from app.api.security import AccessControl
 from app.config import Settings
 from app.db.engine import Database, create_engine
 from app.lifecycle import Lifecycle, process_lifecycle
+from app.providers.base import Provider
 from app.providers.factory import create_provider
 from app.security.ratelimit import Bucket, LimiterQuota, RateLimiter
 from app.security.tokens import TokenVerifier
@@ -161,105 +164,128 @@ def _add_middleware(app: FastAPI, settings: Settings) -> None:
         app.add_middleware(SecurityHeaders, hsts_seconds=settings.hsts_seconds)
 
 
-def create_app(settings: Settings | None = None, lifecycle: Lifecycle | None = None) -> FastAPI:
-    settings = settings or Settings()
-    lifecycle = lifecycle or process_lifecycle
-    tracing.configure(settings)  # no-op when gunicorn's post_fork already did it
+@dataclass(slots=True)
+class _Opened:
+    """What a worker opens at start and closes at shutdown, besides the services."""
 
+    database: Database
+    probe_db: Database
+    provider: Provider
+    verifier: TokenVerifier | None
+    limiter: RateLimiter | None
+
+    async def close(self) -> None:
+        await self.provider.aclose()
+        if self.verifier is not None:
+            await self.verifier.aclose()
+        if self.limiter is not None:
+            await self.limiter.aclose()
+        await self.database.dispose()
+        await self.probe_db.dispose()
+
+
+def build_services(
+    settings: Settings, lifecycle: Lifecycle, metrics: AppMetrics | None
+) -> tuple[Services, _Opened]:
+    """The services and what they hold open, wired from the settings (no I/O yet)."""
+    database = Database(
+        create_engine(settings),
+        observer=metrics,
+        pooler=settings.db_pooler,
+        request_timeout=settings.db_request_timeout,
+    )
+    # Readiness gets a connection of its own: it must answer within the probe's timeout
+    # whatever the request pool is doing.
+    probe_db = Database(
+        create_engine(settings, pool_size=1),
+        pooler=settings.db_pooler,
+        request_timeout=settings.readiness_timeout,
+    )
+    policy = ItemPolicy(
+        idempotency_ttl=timedelta(seconds=settings.idempotency_ttl_seconds),
+        require_if_match=settings.require_if_match,
+        export_max_seconds=settings.export_max_seconds,
+    )
+    provider = create_provider(settings)
+    verifier, limiter = _access(settings, metrics)
+    generations = GenerationService(
+        database,
+        provider,
+        model=settings.llm_model,
+        limits=StreamLimits(
+            max_concurrent=settings.stream_max_concurrent,
+            max_seconds=settings.stream_max_seconds,
+            max_tokens=settings.stream_max_tokens,
+            max_prompt_chars=settings.max_prompt_chars,
+        ),
+        lifecycle=lifecycle,
+        observer=metrics,
+        quota=LimiterQuota(limiter) if limiter is not None else None,
+        checkpoint_seconds=settings.stream_checkpoint_seconds,
+    )
+    services = Services(
+        settings=settings,
+        items=ItemService(database, policy),
+        health=HealthService(probe_db, lifecycle),
+        generations=generations,
+        lifecycle=lifecycle,
+        access=AccessControl(settings, verifier, limiter),
+    )
+    return services, _Opened(database, probe_db, provider, verifier, limiter)
+
+
+def _background_jobs(
+    services: Services, database: Database, metrics: AppMetrics | None
+) -> list[asyncio.Task[Any]]:
+    jobs: list[asyncio.Task[Any]] = [
+        # Says at once in the log whether the schema serves this release (and which
+        # migration is pending if not), instead of at the first probe.
+        asyncio.create_task(services.health.readiness()),
+        asyncio.create_task(
+            _every(
+                HOUSEKEEPING_INTERVAL,
+                "purge expired idempotency keys",
+                services.items.purge_expired_idempotency_keys,
+            )
+        ),
+        asyncio.create_task(
+            _every(
+                HOUSEKEEPING_INTERVAL,
+                "fail generations abandoned by dead workers",
+                services.generations.sweep_abandoned,
+            )
+        ),
+        asyncio.create_task(services.generations.checkpoints.run_forever()),
+    ]
+    if metrics is not None:
+        jobs.append(asyncio.create_task(_refresh_pool_gauge(database)))
+    return jobs
+
+
+def _lifespan(
+    settings: Settings, lifecycle: Lifecycle
+) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         lifecycle.bind(asyncio.get_running_loop())
-        database = Database(
-            create_engine(settings),
-            observer=metrics,
-            pooler=settings.db_pooler,
-            request_timeout=settings.db_request_timeout,
-        )
-        # Readiness gets a connection of its own: it must answer within the probe's timeout
-        # whatever the request pool is doing.
-        probe_db = Database(
-            create_engine(settings, pool_size=1),
-            pooler=settings.db_pooler,
-            request_timeout=settings.readiness_timeout,
-        )
-        policy = ItemPolicy(
-            idempotency_ttl=timedelta(seconds=settings.idempotency_ttl_seconds),
-            require_if_match=settings.require_if_match,
-            export_max_seconds=settings.export_max_seconds,
-        )
-        provider = create_provider(settings)
-        verifier, limiter = _access(settings, metrics)
-        generations = GenerationService(
-            database,
-            provider,
-            model=settings.llm_model,
-            limits=StreamLimits(
-                max_concurrent=settings.stream_max_concurrent,
-                max_seconds=settings.stream_max_seconds,
-                max_tokens=settings.stream_max_tokens,
-                max_prompt_chars=settings.max_prompt_chars,
-            ),
-            lifecycle=lifecycle,
-            observer=metrics,
-            quota=LimiterQuota(limiter) if limiter is not None else None,
-            checkpoint_seconds=settings.stream_checkpoint_seconds,
-        )
-        services = app.state.services = Services(
-            settings=settings,
-            items=ItemService(database, policy),
-            health=HealthService(probe_db, lifecycle),
-            generations=generations,
-            lifecycle=lifecycle,
-            access=AccessControl(settings, verifier, limiter),
-        )
-        jobs = [
-            # Says at once in the log whether the schema serves this release (and which
-            # migration is pending if not), instead of at the first probe.
-            asyncio.create_task(services.health.readiness()),
-            asyncio.create_task(
-                _every(
-                    HOUSEKEEPING_INTERVAL,
-                    "purge expired idempotency keys",
-                    services.items.purge_expired_idempotency_keys,
-                )
-            ),
-            asyncio.create_task(
-                _every(
-                    HOUSEKEEPING_INTERVAL,
-                    "fail generations abandoned by dead workers",
-                    generations.sweep_abandoned,
-                )
-            ),
-        ]
-        jobs.append(asyncio.create_task(generations.checkpoints.run_forever()))
-        if metrics is not None:
-            jobs.append(asyncio.create_task(_refresh_pool_gauge(database)))
+        metrics: AppMetrics | None = app.state.metrics
+        services, opened = build_services(settings, lifecycle, metrics)
+        app.state.services = services
+        jobs = _background_jobs(services, opened.database, metrics)
         try:
             yield
         finally:
             for job in jobs:
                 job.cancel()
             await asyncio.gather(*jobs, return_exceptions=True)
-            await provider.aclose()
-            if verifier is not None:
-                await verifier.aclose()
-            if limiter is not None:
-                await limiter.aclose()
-            await database.dispose()
-            await probe_db.dispose()
+            await opened.close()
             tracing.flush()
 
-    docs = settings.docs_enabled
-    app = FastAPI(
-        title="itemstream",
-        version="0.1.0",
-        description=DESCRIPTION,
-        lifespan=lifespan,
-        docs_url=None,  # self-hosted below: no CDN
-        redoc_url=None,
-        openapi_url="/openapi.json" if docs else None,
-    )
-    if docs:
+    return lifespan
+
+
+def _add_routes(app: FastAPI, settings: Settings) -> None:
+    if settings.docs_enabled:
         api_docs.install(app, "itemstream")
 
         async def root(request: Request) -> RedirectResponse:
@@ -268,15 +294,31 @@ def create_app(settings: Settings | None = None, lifecycle: Lifecycle | None = N
         app.add_route("/", root, include_in_schema=False)
     problems.install(app, retry_after_seconds=settings.db_retry_after_seconds)
     api_contract.install(app, settings)
-    app.include_router(health.router)
-    app.include_router(items.router)
-    app.include_router(generations_routes.router)
-    app.include_router(chat.router)
+    for module in (health, items, generations_routes, chat):
+        app.include_router(module.router)
 
+
+def create_app(settings: Settings | None = None, lifecycle: Lifecycle | None = None) -> FastAPI:
+    """The app: routes and middleware now; services, pools and jobs in its lifespan."""
+    settings = settings or Settings()
+    lifecycle = lifecycle or process_lifecycle
+    tracing.configure(settings)  # no-op when gunicorn's post_fork already did it
+    app = FastAPI(
+        title="itemstream",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=_lifespan(settings, lifecycle),
+        docs_url=None,  # self-hosted below: no CDN
+        redoc_url=None,
+        openapi_url="/openapi.json" if settings.docs_enabled else None,
+    )
+    _add_routes(app, settings)
     _add_middleware(app, settings)
     app.add_middleware(AccessLog)
-    metrics: AppMetrics | None = None
-    if settings.metrics_enabled:
-        metrics = instrument_metrics(app, expose=settings.metrics_port is None)
+    app.state.metrics = (
+        instrument_metrics(app, expose=settings.metrics_port is None)
+        if settings.metrics_enabled
+        else None
+    )
     tracing.instrument_app(app)
     return app

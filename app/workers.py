@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
 from pathlib import Path
 
 DEFAULT_MAX_WORKERS = 8
@@ -57,18 +56,16 @@ def usable_cpus(root: Path = Path("/sys/fs/cgroup")) -> float:
 
 
 def worker_count(
-    env: Mapping[str, str] | None = None,
+    explicit: int | None = None,
     *,
+    maximum: int = DEFAULT_MAX_WORKERS,
     cgroup_root: Path = Path("/sys/fs/cgroup"),
     per_core: float = 1.0,
-    maximum: int | None = None,
 ) -> int:
-    env = os.environ if env is None else env
-    explicit = env.get("WEB_CONCURRENCY", "").strip()
-    if explicit:
-        count = int(explicit)
-        if count < 1:
+    """`explicit` (WEB_CONCURRENCY) when set, else the usable CPUs, at most `maximum`
+    (MAX_WORKERS); both come from the settings."""
+    if explicit is not None:
+        if explicit < 1:
             raise ValueError("WEB_CONCURRENCY must be at least 1")
-        return count
-    cap = maximum or int(env.get("MAX_WORKERS", "") or DEFAULT_MAX_WORKERS)
-    return max(1, min(cap, math.ceil(usable_cpus(cgroup_root) * per_core)))
+        return explicit
+    return max(1, min(maximum, math.ceil(usable_cpus(cgroup_root) * per_core)))

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Header, HTTPException, Request
+from fastapi import Depends, Header, Request
 
+from app.api.etags import parse_if_match
 from app.api.security import AccessControl
 from app.config import Settings
 from app.lifecycle import Lifecycle
@@ -45,27 +45,6 @@ ServicesDep = Annotated[Services, Depends(_services)]
 ItemServiceDep = Annotated[ItemService, Depends(_items)]
 HealthServiceDep = Annotated[HealthService, Depends(_health)]
 
-_ETAG = re.compile(r'\s*(W/)?"([^"]*)"\s*(?:,|$)')
-
-
-def parse_if_match(value: str | None) -> frozenset[int] | None:
-    """None means "no precondition" (header absent or `*`, which any existing item meets).
-    Weak tags never match under If-Match's strong comparison."""
-    if value is None or value.strip() == "*":
-        return None
-    versions: set[int] = set()
-    position = 0
-    text = value.strip()
-    while position < len(text):
-        match = _ETAG.match(text, position)
-        if match is None or match.end() == position:
-            raise HTTPException(400, "If-Match must be * or a list of quoted entity tags")
-        weak, tag = match.groups()
-        if not weak and tag.isdigit():
-            versions.add(int(tag))
-        position = match.end()
-    return frozenset(versions)
-
 
 async def _if_match(
     if_match: Annotated[
@@ -80,7 +59,3 @@ async def _if_match(
 
 
 IfMatch = Annotated[frozenset[int] | None, Depends(_if_match)]
-
-
-def etag(version: int) -> str:
-    return f'"{version}"'

@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
+from app.api.etags import etag
 from app.api.schemas import NO_NUL, NUL_MESSAGE
 from app.domain import errors
 from app.domain.errors import DatabaseUnavailable, SchemaNotReady
@@ -41,7 +42,7 @@ def status_for(error: BaseException, retry_after: int = 2) -> tuple[int, dict[st
             return next(code for kind, code in _PLAIN.items() if isinstance(error, kind)), {}
         case errors.PreconditionFailed():
             version = error.current_version
-            return 412, ({"ETag": f'"{version}"'} if version else {})
+            return 412, ({"ETag": etag(version)} if version else {})
         case errors.IdempotencyKeyReused() | errors.InvalidInput():
             return 422, {}
         case errors.IdempotencyKeyInProgress():

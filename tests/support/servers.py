@@ -33,6 +33,7 @@ def clean_env(**values: str) -> dict[str, str]:
         "METRICS_",
         "PROMETHEUS_",
         "WEB_CONCURRENCY",
+        "MAX_WORKERS",
         "LLM_",
         "MOCK_",
         "STREAM_",

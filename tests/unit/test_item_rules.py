@@ -11,7 +11,7 @@ from uuid import UUID
 import pytest
 from fastapi import HTTPException
 
-from app.api.deps import parse_if_match
+from app.api.etags import none_match_fails, parse_if_match
 from app.domain.errors import InvalidQuery, PreconditionFailed
 from app.domain.models import Item, ItemFields, ItemFilter, Position, Sort
 from app.services.items import (
@@ -102,3 +102,11 @@ def test_a_stale_version_is_refused_with_the_current_one() -> None:
     with pytest.raises(PreconditionFailed) as refused:
         _check_version(ITEM, {2})
     assert refused.value.current_version == 3
+
+
+@pytest.mark.parametrize(
+    ("header", "fails"),
+    [("*", True), ('"3"', True), ('W/"3"', True), ('"2", "3"', True), ('"2"', False)],
+)
+def test_if_none_match_compares_weakly(header: str, fails: bool) -> None:
+    assert none_match_fails(header, 3) is fails

@@ -23,13 +23,13 @@ def write(root: Path, files: dict[str, str]) -> Path:
 def test_cgroup_v2_quota(tmp_path: Path) -> None:
     root = write(tmp_path, {"cpu.max": "150000 100000"})
     assert workers.cgroup_cpu_limit(root) == 1.5
-    assert workers.worker_count({}, cgroup_root=root) == 2
+    assert workers.worker_count(cgroup_root=root) == 2
 
 
 def test_cgroup_v2_unlimited_falls_back_to_affinity(tmp_path: Path) -> None:
     root = write(tmp_path, {"cpu.max": "max 100000"})
     assert workers.cgroup_cpu_limit(root) is None
-    assert workers.worker_count({}, cgroup_root=root) == 8
+    assert workers.worker_count(cgroup_root=root) == 8
 
 
 def test_cgroup_v1_quota(tmp_path: Path) -> None:
@@ -38,7 +38,7 @@ def test_cgroup_v1_quota(tmp_path: Path) -> None:
         {"cpu,cpuacct/cpu.cfs_quota_us": "50000", "cpu,cpuacct/cpu.cfs_period_us": "100000"},
     )
     assert workers.cgroup_cpu_limit(root) == 0.5
-    assert workers.worker_count({}, cgroup_root=root) == 1
+    assert workers.worker_count(cgroup_root=root) == 1
 
 
 def test_cgroup_v1_unlimited(tmp_path: Path) -> None:
@@ -47,16 +47,16 @@ def test_cgroup_v1_unlimited(tmp_path: Path) -> None:
 
 
 def test_no_cgroup_files(tmp_path: Path) -> None:
-    assert workers.worker_count({}, cgroup_root=tmp_path) == 8
+    assert workers.worker_count(cgroup_root=tmp_path) == 8
 
 
 def test_quota_above_affinity_is_capped_by_affinity(tmp_path: Path) -> None:
     root = write(tmp_path, {"cpu.max": "1600000 100000"})
-    assert workers.worker_count({}, cgroup_root=root) == 8
+    assert workers.worker_count(cgroup_root=root) == 8
 
 
 def test_cap_and_explicit_override(tmp_path: Path) -> None:
-    assert workers.worker_count({"MAX_WORKERS": "3"}, cgroup_root=tmp_path) == 3
-    assert workers.worker_count({"WEB_CONCURRENCY": "5"}, cgroup_root=tmp_path) == 5
+    assert workers.worker_count(maximum=3, cgroup_root=tmp_path) == 3
+    assert workers.worker_count(5, cgroup_root=tmp_path) == 5
     with pytest.raises(ValueError, match="at least 1"):
-        workers.worker_count({"WEB_CONCURRENCY": "0"}, cgroup_root=tmp_path)
+        workers.worker_count(0, cgroup_root=tmp_path)

@@ -17,7 +17,8 @@ from fastapi import (
     status,
 )
 
-from app.api.deps import IfMatch, ItemServiceDep, ServicesDep, etag
+from app.api.deps import IfMatch, ItemServiceDep, ServicesDep
+from app.api.etags import etag, none_match_fails
 from app.api.schemas import NO_NUL, ItemIn, ItemOut, ItemPageOut, ItemPatch, Money, Problem
 from app.api.security import require
 from app.api.streaming import ExportResponse
@@ -218,16 +219,9 @@ async def get_item(
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> ItemOut:
     item = ItemOut.of(await items.get(item_id, include_deleted=include_deleted))
-    if if_none_match is not None and _none_match_fails(if_none_match, etag(item.version)):
+    if if_none_match is not None and none_match_fails(if_none_match, item.version):
         return Response(status_code=304, headers={"ETag": etag(item.version)})  # type: ignore[return-value]
     return _with_etag(response, item)
-
-
-def _none_match_fails(header: str, current: str) -> bool:
-    """RFC 9110 13.1.2: `*` matches any current representation; otherwise a weak comparison
-    against the listed tags."""
-    tags = {part.strip().removeprefix("W/") for part in header.split(",")}
-    return "*" in tags or current in tags
 
 
 @router.put(
