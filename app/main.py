@@ -19,11 +19,11 @@ from starlette.responses import RedirectResponse
 from app.api import docs as api_docs
 from app.api import openapi as api_contract
 from app.api import problems
+from app.api.access import AccessControl
 from app.api.deps import Services
 from app.api.middleware import BodySizeLimit, HeadAsGet, HostAllowlist, SecurityHeaders
 from app.api.routes import chat, health, items
 from app.api.routes import generations as generations_routes
-from app.api.security import AccessControl
 from app.config import Settings
 from app.db.engine import Database, create_engine
 from app.lifecycle import Lifecycle, process_lifecycle

@@ -7,8 +7,8 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
+from app.api.access import AccessControl
 from app.api.etags import parse_if_match
-from app.api.security import AccessControl
 from app.config import Settings
 from app.lifecycle import Lifecycle
 from app.services.generations import GenerationService

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
+from app.api.access import require
 from app.api.deps import ServicesDep
 from app.api.openai_compat import (
     ChatCompletionRequest,
@@ -15,7 +16,6 @@ from app.api.openai_compat import (
     completion_body,
     openai_error,
 )
-from app.api.security import require
 from app.api.streaming import EventStreamResponse
 from app.domain.principal import GENERATE, Principal
 from app.telemetry import tracing

@@ -11,11 +11,11 @@ from uuid import UUID
 from fastapi import APIRouter, Body, Header, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.api.access import require
 from app.api.deps import ServicesDep
 from app.api.problems import PROBLEM_JSON, detail_for, problem_body, status_for
 from app.api.routes.items import PROBLEMS, IdempotencyKey
 from app.api.schemas import Problem, Text
-from app.api.security import require
 from app.api.streaming import EventStreamResponse, sse_event
 from app.domain.errors import InvalidInput, NotFound
 from app.domain.models import Generation

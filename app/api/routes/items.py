@@ -17,10 +17,10 @@ from fastapi import (
     status,
 )
 
+from app.api.access import require
 from app.api.deps import IfMatch, ItemServiceDep, ServicesDep
 from app.api.etags import etag, none_match_fails
 from app.api.schemas import NO_NUL, ItemIn, ItemOut, ItemPageOut, ItemPatch, Money, Problem
-from app.api.security import require
 from app.api.streaming import ExportResponse
 from app.domain.errors import InvalidQuery
 from app.domain.models import ItemFilter, Sort
