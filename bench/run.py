@@ -40,10 +40,10 @@ sys.path.insert(0, str(ROOT))
 
 from app.db.migrations import migrate  # noqa: E402
 from bench.streams import export, hold_streams  # noqa: E402
-from tests.support.pgbouncer import LEGACY, MODERN, PgBouncer, find_binary  # noqa: E402
-from tests.support.postgres import PostgresServer, throwaway_cluster  # noqa: E402
-from tests.support.processes import free_port, run_coroutine, wait_until, worker_pids  # noqa: E402
-from tests.support.servers import clean_env  # noqa: E402
+from harness.pgbouncer import LEGACY, MODERN, PgBouncer, find_binary  # noqa: E402
+from harness.postgres import PostgresServer, throwaway_cluster  # noqa: E402
+from harness.processes import free_port, run_coroutine, wait_until, worker_pids  # noqa: E402
+from harness.servers import clean_env  # noqa: E402
 
 DURATION = int(os.environ.get("BENCH_DURATION", "5"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from tests.support.processes import memory_kib
+from harness.processes import memory_kib
 
 
 @dataclass

@@ -21,9 +21,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.support.pgbouncer import LEGACY, MODERN, PgBouncer, find_binary  # noqa: E402
-from tests.support.postgres import PostgresServer, start_or_find  # noqa: E402
-from tests.support.processes import free_port, run_coroutine, wait_for_port  # noqa: E402
+from harness.pgbouncer import LEGACY, MODERN, PgBouncer, find_binary  # noqa: E402
+from harness.postgres import PostgresServer, start_or_find  # noqa: E402
+from harness.processes import free_port, run_coroutine, wait_for_port  # noqa: E402
 
 DATABASE = "itemstream_local"
 

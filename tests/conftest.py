@@ -8,10 +8,10 @@ import pytest
 
 from app.config import Settings
 from app.db.migrations import migrate
+from harness.pgbouncer import LEGACY, MODERN, PgBouncer
+from harness.postgres import PostgresServer, start_or_find
+from harness.processes import run_coroutine
 from tests.support.app import app_client, make_settings, start_bouncer, through, truncate
-from tests.support.pgbouncer import LEGACY, MODERN, PgBouncer
-from tests.support.postgres import PostgresServer, start_or_find
-from tests.support.processes import run_coroutine
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,9 @@ import pytest
 
 from app.config import Settings
 from app.db.migrations import migrate
+from harness.postgres import PostgresServer
+from harness.processes import free_port, stop, wait_for_port, wait_until
+from harness.servers import clean_env, serve
 from tests.support.app import make_settings
 from tests.support.http_servers import running_app
 from tests.support.identity import (
@@ -28,9 +31,7 @@ from tests.support.identity import (
     local_issuer,
     unsigned_token,
 )
-from tests.support.postgres import PostgresServer
-from tests.support.processes import free_port, missing, stop, wait_for_port, wait_until
-from tests.support.servers import clean_env, serve
+from tests.support.skips import missing
 
 HS_SECRET = "a-development-secret-of-at-least-32-chars"
 

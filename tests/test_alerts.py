@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from tests.support.helm import CHART, helm, rendered_rules
-from tests.support.processes import missing
+from tests.support.skips import missing
 
 RELEASE, NAMESPACE = "itemstream", "apps"
 SEL = f'namespace="{NAMESPACE}", job="{RELEASE}"'

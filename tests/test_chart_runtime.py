@@ -17,16 +17,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from harness.pgbouncer import MODERN, find_binary
+from harness.postgres import PostgresServer
+from harness.processes import free_port, stop, wait_until
 from tests.support.chart_runtime import Cluster, RenderedPgBouncer, base_env, entrypoint
 from tests.support.helm import Rendered, render
-from tests.support.pgbouncer import MODERN, find_binary
-from tests.support.postgres import PostgresServer
-from tests.support.processes import (
-    free_port,
-    missing,
-    stop,
-    wait_until,
-)
+from tests.support.skips import missing
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 

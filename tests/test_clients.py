@@ -16,7 +16,7 @@ import httpx
 
 from tests.support.app import make_settings
 from tests.support.http_servers import running_app
-from tests.support.processes import missing
+from tests.support.skips import missing
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIENT = ROOT / "tests" / "clients" / "ai_sdk.mjs"

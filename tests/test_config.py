@@ -4,7 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.support.servers import clean_env, run_cli
+from harness.servers import clean_env, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,8 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support.postgres import PostgresServer
-from tests.support.processes import free_port, missing, wait_until
+from harness.postgres import PostgresServer
+from harness.processes import free_port, wait_until
+from tests.support.skips import missing
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = "localhost/itemstream:test"

@@ -25,15 +25,16 @@ import httpx
 import pytest
 
 from app.db.migrations import migrate
+from harness.pgbouncer import MODERN, find_binary
+from harness.postgres import PostgresServer, throwaway_cluster
+from harness.processes import free_port, run_coroutine, stop, wait_until
 from tests.support.chart_runtime import (
     Cluster,
     RenderedPgBouncer,
     external_database_cluster,
     start_api,
 )
-from tests.support.pgbouncer import MODERN, find_binary
-from tests.support.postgres import PostgresServer, throwaway_cluster
-from tests.support.processes import free_port, missing, run_coroutine, stop, wait_until
+from tests.support.skips import missing
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 

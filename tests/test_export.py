@@ -17,12 +17,12 @@ import httpx
 import pytest
 
 from app.db.migrations import migrate
+from harness.pgbouncer import LEGACY, MODERN
+from harness.postgres import PostgresServer
+from harness.processes import memory_kib, run_coroutine, worker_pids
+from harness.servers import pooled_env, serve
 from tests.support.app import make_settings, start_bouncer, through
 from tests.support.http_servers import running_app
-from tests.support.pgbouncer import LEGACY, MODERN
-from tests.support.postgres import PostgresServer
-from tests.support.processes import memory_kib, run_coroutine, worker_pids
-from tests.support.servers import pooled_env, serve
 
 BIG = 100_000
 

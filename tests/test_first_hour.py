@@ -26,19 +26,19 @@ import yaml
 from app.config import Settings
 from app.db.migrations import head_revision
 from app.telemetry.logs import ConsoleFormatter, JsonFormatter, logging_config
-from tests.support.pgbouncer import MODERN, find_binary
-from tests.support.postgres import PostgresServer, throwaway_cluster
-from tests.support.processes import (
+from harness.pgbouncer import MODERN, find_binary
+from harness.postgres import PostgresServer, throwaway_cluster
+from harness.processes import (
     free_port,
     hand_over,
-    missing,
     run_coroutine,
     stop,
     unprivileged_user,
     wait_for_port,
     wait_until,
 )
-from tests.support.servers import clean_env, run_cli, serve
+from harness.servers import clean_env, run_cli, serve
+from tests.support.skips import missing
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from harness.pgbouncer import MODERN
+from harness.postgres import PostgresServer
+from harness.servers import ROOT, clean_env, pooled_env, serve
 from tests.support.app import start_bouncer
-from tests.support.pgbouncer import MODERN
-from tests.support.postgres import PostgresServer
-from tests.support.servers import ROOT, clean_env, pooled_env, serve
 
 CONFIG = ROOT / "tests" / "fuzz" / "schemathesis.toml"
 SCHEMATHESIS = Path(sys.executable).with_name("schemathesis")

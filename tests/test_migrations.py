@@ -15,8 +15,8 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from alembic import command
 from app.db.migrations import alembic_config, head_revision, migrate
 from app.db.tables import metadata
-from tests.support.postgres import PostgresServer, throwaway_cluster
-from tests.support.servers import clean_env, run_cli
+from harness.postgres import PostgresServer, throwaway_cluster
+from harness.servers import clean_env, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 

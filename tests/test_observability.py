@@ -20,13 +20,13 @@ import pytest
 import yaml
 
 from app.config import Settings
+from harness.pgbouncer import PgBouncer
+from harness.postgres import PostgresServer
+from harness.processes import free_port, wait_until
+from harness.servers import clean_env
 from tests.support.app import through, truncate
 from tests.support.helm import CHART, helm, rendered_rules
 from tests.support.http_servers import fake_upstream, running_app
-from tests.support.pgbouncer import PgBouncer
-from tests.support.postgres import PostgresServer
-from tests.support.processes import free_port, wait_until
-from tests.support.servers import clean_env
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"

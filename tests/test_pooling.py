@@ -13,10 +13,10 @@ import httpx
 import pytest
 
 from app.config import Settings
+from harness.pgbouncer import LEGACY, MODERN, PgBouncer
+from harness.postgres import PostgresServer
+from harness.processes import free_port
 from tests.support.app import app_client, make_settings, start_bouncer, through, truncate
-from tests.support.pgbouncer import LEGACY, MODERN, PgBouncer
-from tests.support.postgres import PostgresServer
-from tests.support.processes import free_port
 
 pytestmark = pytest.mark.postgres
 

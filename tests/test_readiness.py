@@ -17,10 +17,10 @@ import asyncpg
 import pytest
 
 from app.db.migrations import head_revision, migrate
+from harness.pgbouncer import PgBouncer
+from harness.postgres import PostgresServer
+from harness.servers import clean_env, run_cli
 from tests.support.app import app_client, make_settings, through
-from tests.support.pgbouncer import PgBouncer
-from tests.support.postgres import PostgresServer
-from tests.support.servers import clean_env, run_cli
 
 pytestmark = pytest.mark.postgres
 

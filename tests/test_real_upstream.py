@@ -16,8 +16,8 @@ import httpx
 import pytest
 
 from app.db.migrations import migrate
+from harness.processes import free_port, stop, wait_for_port
 from tests.support.app import app_client, make_settings
-from tests.support.processes import free_port, stop, wait_for_port
 
 LLMOCK = Path(sys.executable).parent / "llmock"
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello there"}]}

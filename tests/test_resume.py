@@ -16,10 +16,10 @@ import pytest
 
 from app.config import Settings
 from app.db.migrations import migrate
+from harness.pgbouncer import PgBouncer
+from harness.postgres import PostgresServer
 from tests.support.app import make_settings, through, truncate
 from tests.support.http_servers import FakeUpstream, fake_upstream, running_app
-from tests.support.pgbouncer import PgBouncer
-from tests.support.postgres import PostgresServer
 
 CHECKPOINT = 0.2
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support.pgbouncer import PgBouncer
-from tests.support.postgres import PostgresServer
-from tests.support.servers import clean_env, pooled_env, serve
+from harness.pgbouncer import PgBouncer
+from harness.postgres import PostgresServer
+from harness.servers import clean_env, pooled_env, serve
 
 pytestmark = pytest.mark.slow
 

@@ -23,12 +23,12 @@ import httpx
 import pytest
 import yaml
 
+from harness.pgbouncer import PgBouncer
+from harness.postgres import PostgresServer
+from harness.processes import free_port, wait_until
+from harness.servers import ROOT, Server, pooled_env, serve
 from tests.support.helm import render
 from tests.support.otlp import OtlpReceiver
-from tests.support.pgbouncer import PgBouncer
-from tests.support.postgres import PostgresServer
-from tests.support.processes import free_port, wait_until
-from tests.support.servers import ROOT, Server, pooled_env, serve
 
 pytestmark = pytest.mark.slow
 

@@ -13,9 +13,9 @@ from sqlalchemy.engine import URL
 
 from app.config import Settings
 from app.main import create_app
-from tests.support.pgbouncer import MODERN, PgBouncer, find_binary
-from tests.support.postgres import PostgresServer
-from tests.support.processes import missing
+from harness.pgbouncer import MODERN, PgBouncer, find_binary
+from harness.postgres import PostgresServer
+from tests.support.skips import missing
 
 
 def make_settings(url: URL | str, **overrides: Any) -> Settings:

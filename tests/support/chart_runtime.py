@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness.processes import hand_over, unprivileged_user, wait_for_port
 from tests.support.helm import Rendered
-from tests.support.processes import hand_over, unprivileged_user, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from tests.support.processes import missing
+from tests.support.skips import missing
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "chart"

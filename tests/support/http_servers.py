@@ -21,7 +21,7 @@ from starlette.types import ASGIApp
 from app.config import Settings
 from app.lifecycle import Lifecycle
 from app.main import create_app
-from tests.support.processes import free_port
+from harness.processes import free_port
 
 
 @asynccontextmanager

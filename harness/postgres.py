@@ -18,7 +18,7 @@ from pathlib import Path
 import asyncpg
 from sqlalchemy.engine import URL, make_url
 
-from tests.support.processes import (
+from harness.processes import (
     free_port,
     hand_over,
     run_as,

@@ -17,7 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.support.processes import free_port, hand_over, unprivileged_user, wait_for_port
+from harness.processes import free_port, hand_over, unprivileged_user, wait_for_port
 
 MODERN = "modern"
 LEGACY = "legacy"

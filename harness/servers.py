@@ -16,11 +16,11 @@ from typing import Any
 
 import httpx
 
-from tests.support.pgbouncer import PgBouncer
-from tests.support.postgres import PostgresServer
-from tests.support.processes import free_port, wait_until
+from harness.pgbouncer import PgBouncer
+from harness.postgres import PostgresServer
+from harness.processes import free_port, wait_until
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def clean_env(**values: str) -> dict[str, str]:

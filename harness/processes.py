@@ -1,4 +1,4 @@
-"""Small helpers for tests that run real processes on loopback."""
+"""Small helpers for running real processes on loopback: ports, waiting, users, memory."""
 
 from __future__ import annotations
 
@@ -14,18 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-import pytest
-
 T = TypeVar("T")
-
-REQUIRE_ALL = os.environ.get("ITEMSTREAM_REQUIRE_ALL", "") == "1" or os.environ.get("CI") == "true"
-
-
-def missing(reason: str) -> None:
-    """Skip for a developer without the tool; fail in CI, where everything must run."""
-    if REQUIRE_ALL:
-        pytest.fail(f"required test dependency missing: {reason}")
-    pytest.skip(reason)
 
 
 def free_port() -> int:
