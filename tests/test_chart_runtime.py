@@ -12,6 +12,7 @@ import signal
 import subprocess
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -51,6 +52,15 @@ def _psql(dsn: str, command: str, user: str | None = None) -> subprocess.Complet
         timeout=30,
         check=False,
     )
+
+
+@contextmanager
+def step(name: str) -> Iterator[None]:
+    """One step of the run: a failure says which step it was, then what failed."""
+    try:
+        yield
+    except AssertionError as error:
+        raise AssertionError(f"step {name!r} failed: {error}") from error
 
 
 @pytest.fixture
@@ -99,108 +109,112 @@ def test_rendered_objects_run(pg: PostgresServer, work_dir: Path) -> None:
     )
     processes: list[subprocess.Popen[bytes]] = []
     try:
-        # --- PgBouncer: its rendered config and its container command -------------------
-        bouncer = RenderedPgBouncer(cluster, binary, tmp_path, bouncer_port).prepare().start()
-        assert bouncer.process is not None
-        processes.append(bouncer.process)
-        userlist = (tmp_path / "run-pgbouncer" / "userlist.txt").read_text()
-        assert userlist.splitlines()[0] == f'"{pg.admin_url.username}" "chart ""pw"" 1"'
-        # The exporter's connection string, as rendered: the stats user, no password, SHOW only.
-        dsn = _exporter_dsn(render(None, "pgbouncer.metrics.enabled=true"))
-        dsn = dsn.replace("127.0.0.1:6432", f"127.0.0.1:{bouncer_port}")
-        stats = _psql(dsn, "SHOW POOLS")
-        assert stats.returncode == 0, stats.stderr
-        assert "cl_active" in stats.stdout
-        # Nobody else gets in without a password.
-        assert _psql(dsn, "SHOW POOLS", user=pg.admin_url.username).returncode != 0
+        with step("PgBouncer runs its rendered config; only the exporter's stats user gets in"):
+            bouncer = RenderedPgBouncer(cluster, binary, tmp_path, bouncer_port).prepare().start()
+            assert bouncer.process is not None
+            processes.append(bouncer.process)
+            userlist = (tmp_path / "run-pgbouncer" / "userlist.txt").read_text()
+            assert userlist.splitlines()[0] == f'"{pg.admin_url.username}" "chart ""pw"" 1"'
+            # The exporter's connection string, as rendered: the stats user, no password, SHOW only.
+            dsn = _exporter_dsn(render(None, "pgbouncer.metrics.enabled=true"))
+            dsn = dsn.replace("127.0.0.1:6432", f"127.0.0.1:{bouncer_port}")
+            stats = _psql(dsn, "SHOW POOLS")
+            assert stats.returncode == 0, stats.stderr
+            assert "cl_active" in stats.stdout
+            # Nobody else gets in without a password.
+            assert _psql(dsn, "SHOW POOLS", user=pg.admin_url.username).returncode != 0
 
-        # --- the migration Job (a pre-install hook with its own hook Secret) -------------
-        job = rendered.one("Job", "migrate")
-        job_container = job["spec"]["template"]["spec"]["containers"][0]
-        job_env = {**base_env(), **cluster.env(job_container)}
-        migrated = subprocess.run(
-            [*entrypoint(), *job_container["args"]],
-            env=job_env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        assert migrated.returncode == 0, migrated.stdout + migrated.stderr
+        # The migration Job is a pre-install hook with its own hook Secret.
+        with step("the migration Job migrates"):
+            job = rendered.one("Job", "migrate")
+            job_container = job["spec"]["template"]["spec"]["containers"][0]
+            job_env = {**base_env(), **cluster.env(job_container)}
+            migrated = subprocess.run(
+                [*entrypoint(), *job_container["args"]],
+                env=job_env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
+            assert migrated.returncode == 0, migrated.stdout + migrated.stderr
 
-        # --- the app pod: init container, then the main container ------------------------
-        pod = rendered.one("Deployment", "api")["spec"]["template"]["spec"]
-        (init,) = pod["initContainers"]
-        waited = subprocess.run(
-            [*entrypoint(), *init["args"]],
-            env={**base_env(), **cluster.env(init)},
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        assert waited.returncode == 0, waited.stdout + waited.stderr
+        # The app pod: the init container, then the main container.
+        with step("the init container waits for the schema"):
+            pod = rendered.one("Deployment", "api")["spec"]["template"]["spec"]
+            (init,) = pod["initContainers"]
+            waited = subprocess.run(
+                [*entrypoint(), *init["args"]],
+                env={**base_env(), **cluster.env(init)},
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
+            assert waited.returncode == 0, waited.stdout + waited.stderr
 
-        api = pod["containers"][0]
-        app_env = {**base_env(), **cluster.env(api)}
-        assert app_env["WEB_CONCURRENCY"] == "2"
-        assert app_env["DATABASE_PASSWORD"] == PASSWORD
-        ports = {p["name"]: p["containerPort"] for p in api["ports"]}
-        # Container ports become free loopback ports (like hostnames); HOST likewise.
-        app_env.update(HOST="127.0.0.1", PORT=str(app_port), METRICS_PORT=str(metrics_port))
-        local = {ports["http"]: app_port, ports["metrics"]: metrics_port}
-        app_log = (tmp_path / "app.log").open("wb")
-        app = subprocess.Popen(
-            [*entrypoint(), *api["args"]],
-            env=app_env,
-            cwd=tmp_path,
-            stdout=app_log,
-            stderr=subprocess.STDOUT,
-        )
-        processes.append(app)
+        with step("the app container starts and passes its probes"):
+            api = pod["containers"][0]
+            app_env = {**base_env(), **cluster.env(api)}
+            assert app_env["WEB_CONCURRENCY"] == "2"
+            assert app_env["DATABASE_PASSWORD"] == PASSWORD
+            ports = {p["name"]: p["containerPort"] for p in api["ports"]}
+            # Container ports become free loopback ports (like hostnames); HOST likewise.
+            app_env.update(HOST="127.0.0.1", PORT=str(app_port), METRICS_PORT=str(metrics_port))
+            local = {ports["http"]: app_port, ports["metrics"]: metrics_port}
+            app_log = (tmp_path / "app.log").open("wb")
+            app = subprocess.Popen(
+                [*entrypoint(), *api["args"]],
+                env=app_env,
+                cwd=tmp_path,
+                stdout=app_log,
+                stderr=subprocess.STDOUT,
+            )
+            processes.append(app)
 
-        def probe(kind: str) -> int:
-            """As the kubelet does: to the pod IP, so with the pod IP as the Host."""
-            get = api[kind]["httpGet"]
-            port = local[ports[get["port"]]]
-            url = f"http://127.0.0.1:{port}{get['path']}"
-            host = f"10.1.2.3:{ports[get['port']]}"
-            try:
-                return httpx.get(url, headers={"Host": host}, timeout=2).status_code
-            except httpx.HTTPError:
-                return 0
+            def probe(kind: str) -> int:
+                """As the kubelet does: to the pod IP, so with the pod IP as the Host."""
+                get = api[kind]["httpGet"]
+                port = local[ports[get["port"]]]
+                url = f"http://127.0.0.1:{port}{get['path']}"
+                host = f"10.1.2.3:{ports[get['port']]}"
+                try:
+                    return httpx.get(url, headers={"Host": host}, timeout=2).status_code
+                except httpx.HTTPError:
+                    return 0
 
-        assert wait_until(lambda: probe("startupProbe") == 200, 60), (
-            tmp_path / "app.log"
-        ).read_text()
-        assert wait_until(lambda: probe("readinessProbe") == 200, 20), (
-            tmp_path / "app.log"
-        ).read_text()
-        assert probe("livenessProbe") == 200
-        base = f"http://127.0.0.1:{app_port}"
-        # The `helm test` pod calls the Service by name.
-        (test_pod,) = rendered.of_kind("Pod")
-        service_url = httpx.URL(test_pod["spec"]["containers"][0]["args"][0])
-        via_service = httpx.get(
-            f"{base}{service_url.path}", headers={"Host": service_url.netloc.decode()}
-        )
-        assert via_service.status_code == 200, via_service.text
-        # Everything else keeps the allowlist.
-        wrong_host = httpx.get(f"{base}/v1/items", headers={"Host": "10.1.2.3"})
-        assert wrong_host.status_code == 400
-        allowed = {"Host": "api.example.com"}
-        created = httpx.post(
-            f"{base}/v1/items", json={"name": "from the chart", "price": 1}, headers=allowed
-        )
-        assert created.status_code == 201, created.text
-        located = httpx.get(f"{base}{created.headers['location']}", headers=allowed)
-        assert located.status_code == 200
-        scrape = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
-        assert "itemstream_db_pool_acquire_seconds_count" in scrape
-        output = (tmp_path / "app.log").read_text()
-        assert output.count("Booting worker") == 2, output[-2000:]
-        app.send_signal(signal.SIGTERM)
-        assert app.wait(60) == 0, (tmp_path / "app.log").read_text()[-3000:]
+            assert wait_until(lambda: probe("startupProbe") == 200, 60), (
+                tmp_path / "app.log"
+            ).read_text()
+            assert wait_until(lambda: probe("readinessProbe") == 200, 20), (
+                tmp_path / "app.log"
+            ).read_text()
+            assert probe("livenessProbe") == 200
+        with step("helm test, the host allowlist, items and metrics, SIGTERM"):
+            base = f"http://127.0.0.1:{app_port}"
+            # The `helm test` pod calls the Service by name.
+            (test_pod,) = rendered.of_kind("Pod")
+            service_url = httpx.URL(test_pod["spec"]["containers"][0]["args"][0])
+            via_service = httpx.get(
+                f"{base}{service_url.path}", headers={"Host": service_url.netloc.decode()}
+            )
+            assert via_service.status_code == 200, via_service.text
+            # Everything else keeps the allowlist.
+            wrong_host = httpx.get(f"{base}/v1/items", headers={"Host": "10.1.2.3"})
+            assert wrong_host.status_code == 400
+            allowed = {"Host": "api.example.com"}
+            created = httpx.post(
+                f"{base}/v1/items", json={"name": "from the chart", "price": 1}, headers=allowed
+            )
+            assert created.status_code == 201, created.text
+            located = httpx.get(f"{base}{created.headers['location']}", headers=allowed)
+            assert located.status_code == 200
+            scrape = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+            assert "itemstream_db_pool_acquire_seconds_count" in scrape
+            output = (tmp_path / "app.log").read_text()
+            assert output.count("Booting worker") == 2, output[-2000:]
+            app.send_signal(signal.SIGTERM)
+            assert app.wait(60) == 0, (tmp_path / "app.log").read_text()[-3000:]
     finally:
         for process in reversed(processes):
             stop(process)
