@@ -21,7 +21,8 @@ import asyncpg
 from fastapi import FastAPI, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-COLUMNS = "id, name, description, price, is_active, version, created_at, updated_at, deleted_at"
+from bench.limit_server import COLUMNS, _noop_reset
+from bench.limit_server import _json as to_json
 
 
 class ItemIn(BaseModel):
@@ -39,22 +40,8 @@ class PricePatch(BaseModel):
     price: Decimal = Field(ge=0, max_digits=12, decimal_places=2)
 
 
-def _default(value: Any) -> Any:
-    if isinstance(value, uuid.UUID):
-        return str(value)
-    if isinstance(value, Decimal):
-        return float(value)
-    if isinstance(value, datetime):
-        return value.isoformat()
-    raise TypeError(type(value))
-
-
 def _json(body: Any, status: int = 200) -> Response:
-    return Response(json.dumps(body, default=_default), status, media_type="application/json")
-
-
-async def _no_reset(connection: asyncpg.Connection) -> None:
-    return None  # nothing here changes session state: no reset round trip per release
+    return Response(json.dumps(body, default=to_json), status, media_type="application/json")
 
 
 pool: asyncpg.Pool | None = None
@@ -64,7 +51,7 @@ pool: asyncpg.Pool | None = None
 async def lifespan(_: FastAPI) -> AsyncIterator[None]:
     global pool  # noqa: PLW0603
     pool = await asyncpg.create_pool(
-        os.environ["LIMIT_DSN"], min_size=10, max_size=10, reset=_no_reset
+        os.environ["LIMIT_DSN"], min_size=10, max_size=10, reset=_noop_reset
     )
     yield
     await pool.close()

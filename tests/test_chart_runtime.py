@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -50,6 +51,18 @@ def _psql(dsn: str, command: str, user: str | None = None) -> subprocess.Complet
         capture_output=True,
         text=True,
         timeout=30,
+        check=False,
+    )
+
+
+def _run_to_end(cluster: Cluster, container: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+    """A container that runs to completion (a Job's, an init container), as its pod would."""
+    return subprocess.run(
+        [*entrypoint(), *container["args"]],
+        env={**base_env(), **cluster.env(container)},
+        capture_output=True,
+        text=True,
+        timeout=120,
         check=False,
     )
 
@@ -127,30 +140,14 @@ def test_rendered_objects_run(pg: PostgresServer, work_dir: Path) -> None:
         # The migration Job is a pre-install hook with its own hook Secret.
         with step("the migration Job migrates"):
             job = rendered.one("Job", "migrate")
-            job_container = job["spec"]["template"]["spec"]["containers"][0]
-            job_env = {**base_env(), **cluster.env(job_container)}
-            migrated = subprocess.run(
-                [*entrypoint(), *job_container["args"]],
-                env=job_env,
-                capture_output=True,
-                text=True,
-                timeout=120,
-                check=False,
-            )
+            migrated = _run_to_end(cluster, job["spec"]["template"]["spec"]["containers"][0])
             assert migrated.returncode == 0, migrated.stdout + migrated.stderr
 
         # The app pod: the init container, then the main container.
         with step("the init container waits for the schema"):
             pod = rendered.one("Deployment", "api")["spec"]["template"]["spec"]
             (init,) = pod["initContainers"]
-            waited = subprocess.run(
-                [*entrypoint(), *init["args"]],
-                env={**base_env(), **cluster.env(init)},
-                capture_output=True,
-                text=True,
-                timeout=120,
-                check=False,
-            )
+            waited = _run_to_end(cluster, init)
             assert waited.returncode == 0, waited.stdout + waited.stderr
 
         with step("the app container starts and passes its probes"):
