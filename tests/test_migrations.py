@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 import time
@@ -9,7 +10,7 @@ import asyncpg
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Connection
+from sqlalchemy import Connection, make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from alembic import command
@@ -186,3 +187,15 @@ def test_migrate_gives_up_after_its_wait() -> None:
         assert time.monotonic() - started < 15
     finally:
         never.close()
+
+
+async def test_a_migrated_sqlite_file_is_in_wal_mode_before_the_app_opens_it(
+    tmp_path: Path,
+) -> None:
+    """Switching to WAL needs an exclusive lock and fails at once ("database is locked") when
+    two connections open the file together, as the app's pool and its readiness probe do at
+    start: the migration leaves the file in WAL, so the app's connections never switch."""
+    path = tmp_path / "wal.db"
+    await migrate(make_url(f"sqlite+aiosqlite:///{path}"))
+    with sqlite3.connect(path) as plain:
+        assert plain.execute("PRAGMA journal_mode").fetchone() == ("wal",)

@@ -61,9 +61,7 @@ def create_engine(
     own (no overflow), e.g. for the readiness probe."""
     url = url or settings.database
     if url.get_backend_name() == "sqlite":
-        engine = create_async_engine(url, connect_args={"timeout": 15})
-        event.listen(engine.sync_engine, "connect", _configure_sqlite)
-        return engine
+        return sqlite_engine(url)
     return PostgresPool(
         url,
         postgres_connect_args(settings),
@@ -73,10 +71,25 @@ def create_engine(
     )
 
 
+def sqlite_engine(url: URL, **kwargs: Any) -> AsyncEngine:
+    """An engine for the embedded SQLite database, every connection configured alike (the
+    app's and the migrations', so the file is in WAL mode before the app opens it)."""
+    engine = create_async_engine(url, connect_args={"timeout": 15}, **kwargs)
+    event.listen(engine.sync_engine, "connect", _configure_sqlite)
+    return engine
+
+
 def _configure_sqlite(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA busy_timeout=15000")
+    # WAL is a property of the file: switch only when it is not in WAL yet. Switching needs an
+    # exclusive lock and gives "database is locked" at once (no busy wait) when another
+    # connection opens the file at the same moment, as the app's pool and its readiness
+    # probe do at start.
+    cursor.execute("PRAGMA journal_mode")
+    row = cursor.fetchone()
+    if row is None or str(row[0]).lower() != "wal":
+        cursor.execute("PRAGMA journal_mode=WAL")
     cursor.close()
     # SQLite's lower() folds ASCII only; ILIKE compiles to lower(x) LIKE lower(y), so give it
     # Unicode case folding to match PostgreSQL.

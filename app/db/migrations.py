@@ -21,7 +21,7 @@ from sqlalchemy.pool import NullPool
 from sqlalchemy.sql import Executable
 
 from alembic import command
-from app.db.engine import Database
+from app.db.engine import Database, sqlite_engine
 from app.db.errors import SchemaNotReady, is_unavailable_error, one_line
 
 log = logging.getLogger(__name__)
@@ -178,7 +178,11 @@ async def migrate(
     """Upgrade to `revision`, waiting up to `wait_seconds` for the database to accept
     connections. Returns True when this call applied something."""
     target = head_revision() if revision == "head" else revision
-    engine = create_async_engine(url, poolclass=NullPool)
+    engine = (
+        sqlite_engine(url, poolclass=NullPool)
+        if url.get_backend_name() == "sqlite"
+        else create_async_engine(url, poolclass=NullPool)
+    )
     try:
         connection = await _connect(engine, wait_seconds)
         try:
