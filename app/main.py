@@ -17,11 +17,11 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import RedirectResponse
 
 from app.api import docs as api_docs
+from app.api import edge, problems
 from app.api import openapi as api_contract
-from app.api import problems
 from app.api.access import AccessControl
 from app.api.deps import Services
-from app.api.middleware import BodySizeLimit, HeadAsGet, HostAllowlist, SecurityHeaders
+from app.api.middleware import BodySizeLimit, HardeningHeaders, HeadAsGet, HostAllowlist
 from app.api.routes import chat, health, items
 from app.api.routes import generations as generations_routes
 from app.config import Settings
@@ -35,7 +35,6 @@ from app.services.generations import GenerationService, StreamLimits
 from app.services.health import HealthService
 from app.services.items import ItemPolicy, ItemService
 from app.telemetry import tracing
-from app.telemetry.access import AccessLog
 from app.telemetry.metrics import AppMetrics
 from app.telemetry.metrics import instrument as instrument_metrics
 
@@ -131,8 +130,8 @@ def _access(
 
 
 def _add_middleware(app: FastAPI, settings: Settings) -> None:
-    # Middleware: added last runs first. Order from the outside in: tracing (server span),
-    # HTTP metrics, access log (inside the span, so it has the trace id), CORS, body limit.
+    # Added last runs first. Outside all of these: the edge (metrics, sampling, access log,
+    # hardening headers; see `create_app`), then the server span for sampled requests.
     app.add_middleware(HeadAsGet)
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
     if settings.cors_allow_origins:
@@ -160,8 +159,6 @@ def _add_middleware(app: FastAPI, settings: Settings) -> None:
         )
     if settings.allowed_hosts:
         app.add_middleware(HostAllowlist, allowed=settings.allowed_hosts)
-    if settings.security_headers:
-        app.add_middleware(SecurityHeaders, hsts_seconds=settings.hsts_seconds)
 
 
 @dataclass(slots=True)
@@ -311,14 +308,23 @@ def create_app(settings: Settings | None = None, lifecycle: Lifecycle | None = N
         docs_url=None,  # self-hosted below: no CDN
         redoc_url=None,
         openapi_url="/openapi.json" if settings.docs_enabled else None,
+        # FastAPI's own OpenTelemetry layer would observe every request a second time: the
+        # edge and the instrumentation below do it once.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     _add_routes(app, settings)
     _add_middleware(app, settings)
-    app.add_middleware(AccessLog)
-    app.state.metrics = (
+    metrics = (
         instrument_metrics(app, expose=settings.metrics_port is None)
         if settings.metrics_enabled
         else None
     )
+    app.state.metrics = metrics
     tracing.instrument_app(app)
+    edge.install(
+        app,
+        metrics=metrics,
+        sampler=tracing.head_sampler(),
+        headers=HardeningHeaders(settings.hsts_seconds) if settings.security_headers else None,
+    )
     return app

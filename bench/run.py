@@ -9,7 +9,9 @@ servers take turns in every round and the table reports the median of the rounds
 
 Environment: BENCH_DURATION (seconds per run, 5), BENCH_ROUNDS (3), BENCH_CONNECTIONS (64),
 BENCH_ROWS (20000), BENCH_WORKERS (2), BENCH_STREAMS (10000 concurrent SSE streams held by one
-worker), BENCH_STREAM_RAMP (500 new streams per second), BENCH_EXPORT_ROWS (1000000), BENCH_SECTIONS (routes,scaling,cold,streams,export)."""
+worker), BENCH_STREAM_RAMP (500 new streams per second), BENCH_EXPORT_ROWS (1000000), BENCH_SECTIONS (routes,scaling,cold,streams,export),
+BENCH_SERVERS (comma-separated names for a quicker inner loop, e.g. `itemstream`; the limit and
+FastAPI + std instrumentation always run, since the ratios are against them)."""
 
 from __future__ import annotations
 
@@ -51,6 +53,8 @@ CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "64"))
 ROWS = int(os.environ.get("BENCH_ROWS", "20000"))
 WORKERS = int(os.environ.get("BENCH_WORKERS", "2"))
 SECTIONS = set(os.environ.get("BENCH_SECTIONS", "routes,scaling,cold,streams,export").split(","))
+BASELINES = ("limit", "FastAPI + std instrumentation")
+ONLY = [name.strip() for name in os.environ.get("BENCH_SERVERS", "").split(",") if name.strip()]
 STREAMS = int(os.environ.get("BENCH_STREAMS", "10000"))
 STREAM_RAMP = int(os.environ.get("BENCH_STREAM_RAMP", "500"))  # new streams per second
 EXPORT_ROWS = int(os.environ.get("BENCH_EXPORT_ROWS", "1000000"))
@@ -343,49 +347,43 @@ def main() -> int:
             OTEL_SERVICE_NAME="itemstream-bench",
         )
         legacy_env = {**service_env, "DATABASE_URL": via(legacy), "DB_POOLER": "pgbouncer-legacy"}
+        # name -> (process label, argv, environment), in the order the table lists them.
+        specs: dict[str, tuple[str, list[str], dict[str, str]]] = {
+            "limit": (
+                "limit",
+                gunicorn("bench.limit_server:app", WORKERS),
+                {**clean_env(), "LIMIT_DSN": via(modern)},
+            ),
+            "bare FastAPI": (
+                "bare-fastapi",
+                gunicorn("bench.bare_fastapi:app", WORKERS),
+                {**clean_env(), "LIMIT_DSN": via(modern)},
+            ),
+            "FastAPI + std instrumentation": (
+                "fastapi-instrumented",
+                gunicorn("bench.bare_fastapi:app", WORKERS),
+                {
+                    **clean_env(),
+                    "LIMIT_DSN": via(modern),
+                    "BENCH_INSTRUMENTED": "1",
+                    "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink.server_port}",
+                },
+            ),
+            "itemstream": ("itemstream", itemstream(WORKERS), service_env),
+            "itemstream (PgBouncer 1.18)": ("itemstream-legacy", itemstream(WORKERS), legacy_env),
+            "common pattern": (
+                "common",
+                gunicorn("bench.common_pattern:app", WORKERS),
+                {
+                    **clean_env(),
+                    "COMMON_URL": via(modern).replace("postgresql:", "postgresql+asyncpg:"),
+                },
+            ),
+        }
         servers = {
-            "limit": stack.enter_context(
-                running(
-                    "limit",
-                    gunicorn("bench.limit_server:app", WORKERS),
-                    {**clean_env(), "LIMIT_DSN": via(modern)},
-                )
-            ),
-            "bare FastAPI": stack.enter_context(
-                running(
-                    "bare-fastapi",
-                    gunicorn("bench.bare_fastapi:app", WORKERS),
-                    {**clean_env(), "LIMIT_DSN": via(modern)},
-                )
-            ),
-            "FastAPI + std instrumentation": stack.enter_context(
-                running(
-                    "fastapi-instrumented",
-                    gunicorn("bench.bare_fastapi:app", WORKERS),
-                    {
-                        **clean_env(),
-                        "LIMIT_DSN": via(modern),
-                        "BENCH_INSTRUMENTED": "1",
-                        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink.server_port}",
-                    },
-                )
-            ),
-            "itemstream": stack.enter_context(
-                running("itemstream", itemstream(WORKERS), service_env)
-            ),
-            "itemstream (PgBouncer 1.18)": stack.enter_context(
-                running("itemstream-legacy", itemstream(WORKERS), legacy_env)
-            ),
-            "common pattern": stack.enter_context(
-                running(
-                    "common",
-                    gunicorn("bench.common_pattern:app", WORKERS),
-                    {
-                        **clean_env(),
-                        "COMMON_URL": via(modern).replace("postgresql:", "postgresql+asyncpg:"),
-                    },
-                )
-            ),
+            name: stack.enter_context(running(label, argv, env))
+            for name, (label, argv, env) in specs.items()
+            if not ONLY or name in ONLY or name in BASELINES
         }
         roots = {"postgres": pg.process.pid if pg.process else 0, "pgbouncer": 0}
 

@@ -186,6 +186,70 @@ def test_spans_reach_otlp_with_db_children_and_log_correlation(
     assert [line["trace_id"] for line in access_lines if line.get("trace_id") == trace_id]
 
 
+def test_head_sampling_decides_once_and_unsampled_requests_keep_their_trace_id(
+    pg: PostgresServer, pgbouncer_modern: PgBouncer, schema_db: str, receiver: OtlpReceiver
+) -> None:
+    """At a ratio of 0.5, each request is sampled or not once, at the edge: every sampled
+    request has exactly one server span whose trace id is the one in its access log line (the
+    SDK is not asked a second time with another trace id), unsampled ones create no span but
+    still log a trace id and are counted; an unsampled incoming parent is followed."""
+    metrics_port = free_port()
+    env = pooled_env(
+        pg,
+        pgbouncer_modern,
+        schema_db,
+        METRICS_PORT=str(metrics_port),
+        OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
+        OTEL_TRACES_SAMPLER_ARG="0.5",
+        OTEL_BSP_SCHEDULE_DELAY="100",
+    )
+    requests = 200
+    unsampled_parent = "0af7651916cd43dd8448eb211c80319c"
+    with serve(env) as server:
+        item = httpx.post(f"{server.base}/v1/items", json={"name": "s", "price": 1}).json()
+        path = f"/v1/items/{item['id']}"
+        assert asyncio.run(hammer(server.base, [path] * requests)) == [200] * requests
+        response = httpx.get(
+            f"{server.base}{path}",
+            headers={"traceparent": f"00-{unsampled_parent}-b7ad6b7169203331-00"},
+        )
+        assert response.status_code == 200
+        time.sleep(1.0)  # let the last batch arrive
+        logged = [
+            line
+            for line in server.json_lines()
+            if line.get("logger") == "itemstream.access"
+            and line["http"]["route"] == "/v1/items/{item_id}"
+        ]
+        scraped = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+    labels = {"handler": "/v1/items/{item_id}", "method": "GET", "status": "200"}
+    assert metric_sum(scraped, "http_requests_total", **labels) == requests + 1
+    assert len(logged) == requests + 1
+    assert all(re.fullmatch("[0-9a-f]{32}", line.get("trace_id", "")) for line in logged)
+    assert len({line["trace_id"] for line in logged}) == requests + 1  # one trace per request
+    server_spans = [
+        s for s in receiver.spans if s.kind == SERVER_KIND and s.name == "GET /v1/items/{item_id}"
+    ]
+    span_traces = [s.trace_id for s in server_spans]
+    assert len(span_traces) == len(set(span_traces))
+    # Every span belongs to a logged request. At p = 0.5 over 200 requests, outside 70..130
+    # has a probability of about 3e-5; asking the sampler twice (with two trace ids) would
+    # keep a quarter, 50 +- 6.
+    assert set(span_traces) <= {line["trace_id"] for line in logged}
+    assert 70 <= len(server_spans) <= 130, len(server_spans)
+    # Database spans exist only under sampled requests.
+    db_traces = {
+        s.trace_id
+        for s in receiver.spans
+        if s.kind == CLIENT_KIND and s.attributes.get("db.system") == "postgresql"
+    }
+    all_server_traces = {s.trace_id for s in receiver.spans if s.kind == SERVER_KIND}
+    assert db_traces and db_traces <= all_server_traces
+    # The caller said "not sampled": no span, and the log line carries the caller's trace id.
+    assert unsampled_parent not in {s.trace_id for s in receiver.spans}
+    assert unsampled_parent in {line["trace_id"] for line in logged}
+
+
 def test_sigterm_lets_in_flight_requests_finish(
     pg: PostgresServer, pgbouncer_modern: PgBouncer, schema_db: str
 ) -> None:

@@ -47,12 +47,11 @@ class BodySizeLimit:
         await self.app(scope, limited_receive, send)
 
 
-class SecurityHeaders:
-    """Pure ASGI: hardening headers on every response (the API serves JSON and event
-    streams; only the self-hosted docs pages need scripts and styles)."""
+class HardeningHeaders:
+    """The headers every response gets (the edge layer adds them): the API serves JSON and
+    event streams; only the self-hosted docs pages need scripts and styles."""
 
-    def __init__(self, app: ASGIApp, hsts_seconds: int = 0) -> None:
-        self.app = app
+    def __init__(self, hsts_seconds: int = 0) -> None:
         common = [
             (b"x-content-type-options", b"nosniff"),
             (b"x-frame-options", b"DENY"),
@@ -73,19 +72,8 @@ class SecurityHeaders:
             ),
         ]
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        path: str = scope["path"]
-        extra = self.docs if path.startswith(("/docs", "/redoc", "/static/docs")) else self.api
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), *extra]
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers)
+    def for_path(self, path: str) -> list[tuple[bytes, bytes]]:
+        return self.docs if path.startswith(("/docs", "/redoc", "/static/docs")) else self.api
 
 
 class HostAllowlist:
@@ -140,4 +128,6 @@ class HeadAsGet:
             else:
                 await send(message)
 
-        await self.app({**scope, "method": "GET"}, receive, headers_only)
+        # In place, so that the layers outside see the route the GET resolved to.
+        scope["method"] = "GET"
+        await self.app(scope, receive, headers_only)

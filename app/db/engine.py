@@ -133,6 +133,7 @@ class Database:
         self._observer = observer
         self._pooler = pooler
         self._request_timeout = request_timeout
+        self._needs_begin = not isinstance(backend, PostgresPool) or pooler == "pgbouncer-legacy"
 
     @property
     def dialect(self) -> str:
@@ -142,42 +143,31 @@ class Database:
     def _one_statement_needs_begin(self) -> bool:
         # Older PgBouncer needs a transaction to pin one server connection between Parse and
         # Execute; SQLite's engine always opens one.
-        return self.dialect != "postgresql" or self._pooler == "pgbouncer-legacy"
+        return self._needs_begin
 
-    @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Session]:
+    def transaction(self) -> AbstractAsyncContextManager[Session]:
         """One connection, one transaction: committed when the block ends, rolled back on any
         error. An unreachable database becomes DatabaseUnavailable."""
-        async with self._session(transactional=True) as session:
-            yield session
+        return self._session(transactional=True)
 
-    @asynccontextmanager
-    async def read(self) -> AsyncIterator[Session]:
+    def read(self) -> AbstractAsyncContextManager[Session]:
         """For a unit of work that is a single read statement: no BEGIN/COMMIT round trips
         where the path allows (direct, or PgBouncer >= 1.21 which keeps prepared statements
         across server connections)."""
-        async with self._session(transactional=self._one_statement_needs_begin) as session:
-            yield session
+        return self._session(transactional=self._one_statement_needs_begin)
 
-    @asynccontextmanager
-    async def write_one(self) -> AsyncIterator[Session]:
+    def write_one(self) -> AbstractAsyncContextManager[Session]:
         """For a unit of work that is a single write statement (atomic by itself): as read(),
         no BEGIN/COMMIT round trips where the path allows. A failure may come after the
         statement was applied, so it is reported as in doubt."""
-        transactional = self._one_statement_needs_begin
-        async with self._session(transactional=transactional, in_doubt=True) as session:
-            yield session
+        return self._session(transactional=self._one_statement_needs_begin, in_doubt=True)
 
-    @asynccontextmanager
-    async def stream(self) -> AsyncIterator[Session]:
+    def stream(self) -> AbstractAsyncContextManager[Session]:
         """For a long read that streams to a client (exports; bounded by its own limit, not
         the request timeout). If it ends early (client gone, error) the connection is closed
         instead of reused: that stops the query on the server at once, and a connection in
         the middle of a COPY is never handed to anyone else."""
-        async with self._session(
-            transactional=True, discard_on_error=True, bounded=False
-        ) as session:
-            yield session
+        return self._session(transactional=True, discard_on_error=True, bounded=False)
 
     @asynccontextmanager
     async def _session(
@@ -188,27 +178,57 @@ class Database:
         bounded: bool = True,
         in_doubt: bool = False,
     ) -> AsyncIterator[Session]:
+        # One generator for the whole unit of work (it runs on every request: each nested
+        # context manager would cost a generator and two more awaits).
         limit = self._request_timeout if bounded else None
         deadline: AbstractAsyncContextManager[Any] = (
             asyncio.timeout(limit) if limit is not None else nullcontext()
         )
-        state = _UnitState()
-        if in_doubt:
-            state.outcome = "unknown"
+        outcome: Outcome = "unknown" if in_doubt else "not-applied"
         try:
-            async with deadline, self._connected(state, transactional, discard_on_error) as s:
-                yield s
+            async with deadline:
+                started = time.perf_counter()
+                if not isinstance(self.backend, PostgresPool):
+                    async with self.backend.begin() as connection:
+                        self._acquired(started)
+                        yield SqlAlchemySession(connection)
+                    return
+                held = _Held(self.backend, await self.backend.acquire())
+                self._acquired(started)
+                discard = False
+                try:
+                    if held.raw.is_closed():  # the peer closed it while pooled (free to check)
+                        await held.replace()
+                    if not transactional:
+                        yield PostgresSession(held.raw, replace=held.replace)
+                        return
+                    transaction = await _begin(held)
+                    try:
+                        yield PostgresSession(held.raw)
+                    except BaseException as error:
+                        if not _in_doubt(error):  # else the connection is closed: rolls back
+                            await transaction.rollback()
+                        raise
+                    outcome = "unknown"  # from here an error leaves the write in doubt
+                    await transaction.commit()
+                except BaseException as error:
+                    # A connection in an unknown state (broken, timed out or cancelled
+                    # mid-statement) is closed, never handed to the next request.
+                    discard = discard_on_error or _in_doubt(error)
+                    raise
+                finally:
+                    await held.release(discard=discard)
         except DatabaseUnavailable:
             raise
         except TimeoutError as error:
             self._unavailable(error)
             raise DatabaseUnavailable(
-                f"no answer from the database within {limit}s", outcome=state.outcome
+                f"no answer from the database within {limit}s", outcome=outcome
             ) from error
         except Exception as error:
             if is_unavailable_error(error):
                 self._unavailable(error)
-                raise DatabaseUnavailable(one_line(error), outcome=state.outcome) from error
+                raise DatabaseUnavailable(one_line(error), outcome=outcome) from error
             if is_missing_table(error):
                 self._schema_missing(error)
                 raise SchemaNotReady(
@@ -233,42 +253,6 @@ class Database:
         if self._observer is not None:
             self._observer.database_unavailable()
 
-    @asynccontextmanager
-    async def _connected(
-        self, state: _UnitState, transactional: bool, discard_on_error: bool
-    ) -> AsyncIterator[Session]:
-        started = time.perf_counter()
-        if not isinstance(self.backend, PostgresPool):
-            async with self.backend.begin() as connection:
-                self._acquired(started)
-                yield SqlAlchemySession(connection)
-            return
-        held = _Held(self.backend, await self.backend.acquire())
-        self._acquired(started)
-        discard = False
-        try:
-            if held.raw.is_closed():  # the peer closed it while pooled (free to check)
-                await held.replace()
-            if not transactional:
-                yield PostgresSession(held.raw, replace=held.replace)
-                return
-            transaction = await _begin(held)
-            try:
-                yield PostgresSession(held.raw)
-            except BaseException as error:
-                if not _in_doubt(error):  # else the connection is closed, which rolls back
-                    await transaction.rollback()
-                raise
-            state.outcome = "unknown"  # from here an error leaves the write in doubt
-            await transaction.commit()
-        except BaseException as error:
-            # A connection in an unknown state (broken, timed out or cancelled mid-statement)
-            # is closed, never handed to the next request.
-            discard = discard_on_error or _in_doubt(error)
-            raise
-        finally:
-            await held.release(discard=discard)
-
     def _acquired(self, started: float) -> None:
         if self._observer is not None:
             self._observer.connection_acquired(time.perf_counter() - started)
@@ -290,13 +274,6 @@ class Database:
 
 
 _schema_warning = {"at": -3600.0}
-
-
-class _UnitState:
-    __slots__ = ("outcome",)
-
-    def __init__(self) -> None:
-        self.outcome: Outcome = "not-applied"
 
 
 def _in_doubt(error: BaseException) -> bool:

@@ -79,7 +79,10 @@ class PostgresPool:
     async def acquire(self) -> Any:
         """A connection, waiting at most `acquire_timeout` for one (then TimeoutError)."""
         pool = await self._started()
-        return await pool.acquire(timeout=self._acquire_timeout)
+        # Bounded here, not with acquire(timeout=): asyncpg's timeout runs the wait in a task
+        # of its own (asyncio.wait_for), one more task and loop turn per unit of work.
+        async with asyncio.timeout(self._acquire_timeout):
+            return await pool.acquire()
 
     async def release(self, connection: Any, *, discard: bool = False) -> None:
         """Give a connection back; `discard` (or old age) closes it instead of reusing it."""

@@ -9,22 +9,96 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary, multiprocess
 from prometheus_fastapi_instrumentator import Instrumentator
-from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.probes import PROBE_PATHS
-
-NOT_INSTRUMENTED = sorted(PROBE_PATHS)
+# Per-route buckets fine enough for p50/p99 panels and the latency SLO (0.5 s is one).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# prometheus-fastapi-instrumentator's defaults for the label-free histogram.
+HIGHR_BUCKETS: tuple[float, ...] = (0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 1.5)
+HIGHR_BUCKETS += (2, 2.5, 3, 3.5, 4, 4.5, 5, 7.5, 10, 30, 60)
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+class HttpMetrics:
+    """The HTTP metrics of prometheus-fastapi-instrumentator's default set, with its names,
+    labels and buckets (the dashboard, the alerts and users' queries use them), observed in
+    one call per request by the edge layer with the route template Starlette resolved.
+    Methods outside the standard ones are labelled `_OTHER`, so a client cannot grow the
+    label set (as in OpenTelemetry's conventions)."""
+
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        self.requests = Counter(
+            "http_requests_total",
+            "Total number of requests by method, status and handler.",
+            ("method", "status", "handler"),
+            registry=registry,
+        )
+        self.request_size = Summary(
+            "http_request_size_bytes",
+            "Content length of incoming requests by handler (from Content-Length).",
+            ("handler",),
+            registry=registry,
+        )
+        self.response_size = Summary(
+            "http_response_size_bytes",
+            "Content length of outgoing responses by handler (from Content-Length).",
+            ("handler",),
+            registry=registry,
+        )
+        self.duration_highr = Histogram(
+            "http_request_duration_highr_seconds",
+            "Latency with many buckets but no labels, for percentiles over all routes.",
+            buckets=HIGHR_BUCKETS,
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "http_request_duration_seconds",
+            "Latency by handler; for streaming responses the time to the first byte.",
+            ("method", "handler"),
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        # Labelled children by (method, handler, status): `.labels()` validates and locks on
+        # every call, a dict lookup does not. Bounded: templates x methods x status codes.
+        self._children: dict[tuple[str, str, int], tuple[Any, Any, Any, Any]] = {}
+
+    def observe(
+        self,
+        method: str,
+        handler: str,
+        status: int,
+        seconds: float,
+        request_bytes: int,
+        response_bytes: int,
+    ) -> None:
+        if method not in KNOWN_METHODS:
+            method = "_OTHER"
+        key = (method, handler, status)
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = (
+                self.requests.labels(method, str(status), handler),
+                self.request_size.labels(handler),
+                self.response_size.labels(handler),
+                self.duration.labels(method, handler),
+            )
+        requests, request_size, response_size, duration = children
+        requests.inc()
+        request_size.observe(request_bytes)
+        response_size.observe(response_bytes)
+        self.duration_highr.observe(seconds)
+        duration.observe(seconds)
 
 
 class AppMetrics:
     """The service's own metrics. Gauges say how they combine across workers."""
 
     def __init__(self, registry: CollectorRegistry | None) -> None:
+        self.http = HttpMetrics(registry)
         self.requests_in_flight = Gauge(
             "itemstream_http_requests_in_flight",
             "HTTP requests being handled, streams included (all workers)",
@@ -118,45 +192,15 @@ class AppMetrics:
 
 
 def instrument(app: FastAPI, *, expose: bool) -> AppMetrics:
-    """Add the HTTP metrics middleware (must happen before the app starts) and /metrics."""
+    """The app's metrics, and /metrics on the app's port when `expose`. The edge layer
+    (app.api.edge) observes HTTP requests; prometheus-fastapi-instrumentator serves the scrape
+    (merging every worker's files under gunicorn)."""
     # Per app, so several apps in one process (tests) do not collide. Under multiprocess mode
     # values go to the shared files whatever the registry, and /metrics reads those.
     registry = CollectorRegistry()
-    instrumentator = Instrumentator(
-        should_group_status_codes=False,
-        # Its in-progress gauge ignores `registry` (always the global one); ours is below.
-        should_instrument_requests_inprogress=False,
-        # Long streams would otherwise dominate the latency histogram: record time to the
-        # first byte for streaming responses.
-        should_exclude_streaming_duration=True,
-        excluded_handlers=NOT_INSTRUMENTED,
-        registry=registry,
-    )
-    # Per-route buckets fine enough for p50/p99 panels and the latency SLO (0.5 s is one).
-    instrumentator.instrument(app, latency_lowr_buckets=LATENCY_BUCKETS)
     if expose:
-        instrumentator.expose(app, endpoint="/metrics", include_in_schema=False)
-    metrics = AppMetrics(registry)
-    app.add_middleware(InFlightRequests, gauge=metrics.requests_in_flight)
-    return metrics
-
-
-class InFlightRequests:
-    """Pure ASGI: counts requests being handled (streams included): the HPA's Pods metric."""
-
-    def __init__(self, app: ASGIApp, gauge: Gauge) -> None:
-        self.app = app
-        self.gauge = gauge
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in NOT_INSTRUMENTED:
-            await self.app(scope, receive, send)
-            return
-        self.gauge.inc()
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.gauge.dec()
+        Instrumentator(registry=registry).expose(app, endpoint="/metrics", include_in_schema=False)
+    return AppMetrics(registry)
 
 
 def scrape_registry() -> CollectorRegistry:

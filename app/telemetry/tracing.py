@@ -8,18 +8,25 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
+from contextvars import ContextVar
 
 import httpx
 from fastapi import FastAPI
+from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
+from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+from opentelemetry.sdk.trace.sampling import ParentBased, Sampler, TraceIdRatioBased
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags
+from starlette.types import ASGIApp
 
 from app.config import Settings
 from app.probes import PROBE_PATHS
@@ -48,12 +55,87 @@ def configure(settings: Settings) -> TracerProvider | None:
     sampler = None
     if settings.otel_traces_sampler is None:
         sampler = ParentBased(TraceIdRatioBased(settings.otel_traces_sampler_arg))
-    provider = TracerProvider(resource=resource, sampler=sampler)
+    provider = TracerProvider(resource=resource, sampler=sampler, id_generator=_HeadIds())
     provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     _provider = provider
     log.info("tracing to %s", settings.otel_traces_exporter)
     return provider
+
+
+def head_sampler() -> HeadSampler | None:
+    """The per-request sampling decision, when this process traces."""
+    return HeadSampler(_provider.sampler) if _provider is not None else None
+
+
+# The trace id a request's head decision was made for; the SDK's id generator hands it to the
+# server span, so that the configured sampler, asked again by the SDK, decides the same way.
+_decided_trace_id: ContextVar[int] = ContextVar("itemstream_decided_trace_id", default=0)
+
+
+class _HeadIds(RandomIdGenerator):
+    def generate_trace_id(self) -> int:
+        decided = _decided_trace_id.get()
+        if decided:
+            _decided_trace_id.set(0)  # once: a later root span in the request gets its own
+            return decided
+        return super().generate_trace_id()
+
+
+_TRACE_CONTEXT_HEADERS = (b"traceparent", b"tracestate", b"baggage")
+
+
+class RequestTrace:
+    """A request's trace identity, decided once at the edge: `sampled` requests go through the
+    OpenTelemetry middleware (full spans); the others run under a non-recording span that
+    carries the trace id (for logs and propagation) and create no span objects at all."""
+
+    __slots__ = ("_token", "sampled", "trace_id")
+
+    def __init__(self, sampled: bool, trace_id: int, token: object | None) -> None:
+        self.sampled = sampled
+        self.trace_id = trace_id
+        self._token = token
+
+    def end(self) -> None:
+        if self._token is not None:
+            otel_context.detach(self._token)  # type: ignore[arg-type]
+
+
+class HeadSampler:
+    """Asks the configured sampler (OTEL_TRACES_SAMPLER, parent-based ratio by default) once
+    per request, before any span exists."""
+
+    def __init__(self, sampler: Sampler) -> None:
+        self._sampler = sampler
+
+    def begin(self, headers: list[tuple[bytes, bytes]]) -> RequestTrace:
+        parent: otel_context.Context | None = None
+        carrier = {
+            name.decode("latin-1"): value.decode("latin-1")
+            for name, value in headers
+            if name in _TRACE_CONTEXT_HEADERS
+        }
+        parent_span = None
+        if carrier:
+            parent = propagate.extract(carrier)
+            found = trace.get_current_span(parent).get_span_context()
+            parent_span = found if found.is_valid else None
+        trace_id = parent_span.trace_id if parent_span else random.getrandbits(128) or 1
+        result = self._sampler.should_sample(parent, trace_id, "HTTP", SpanKind.SERVER)
+        if result.decision.is_recording():  # type: ignore[no-untyped-call]
+            if parent_span is None:
+                _decided_trace_id.set(trace_id)
+            return RequestTrace(True, trace_id, None)
+        unsampled = SpanContext(
+            trace_id,
+            random.getrandbits(64) or 1,
+            is_remote=False,
+            trace_flags=TraceFlags(TraceFlags.DEFAULT),
+            trace_state=parent_span.trace_state if parent_span else result.trace_state,
+        )
+        token = otel_context.attach(trace.set_span_in_context(NonRecordingSpan(unsampled), parent))
+        return RequestTrace(False, trace_id, token)
 
 
 def _exporter(settings: Settings) -> SpanExporter | None:
@@ -77,6 +159,18 @@ def instrument_app(app: FastAPI) -> None:
         # One span per request, not one per body chunk (SSE streams send thousands).
         exclude_spans=["receive", "send"],
     )
+
+
+def without_tracing(stack: ASGIApp) -> ASGIApp | None:
+    """The part of a built middleware stack inside the OpenTelemetry middleware (what an
+    unsampled request runs), or None if the stack is not instrumented."""
+    layer: object = stack
+    for _ in range(3):  # FastAPIInstrumentor: ServerErrorMiddleware(OpenTelemetryMiddleware(...))
+        if isinstance(layer, OpenTelemetryMiddleware):
+            inner: ASGIApp = layer.app
+            return inner
+        layer = getattr(layer, "app", None)
+    return None
 
 
 def untraced() -> AbstractContextManager[None]:

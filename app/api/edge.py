@@ -1,0 +1,170 @@
+"""The outermost layer: what every request pays for observability and hardening, in one pass.
+
+Per request it counts the request in flight, takes the head sampling decision (once, before
+any span exists), and when the response starts adds the hardening headers; when it ends it
+observes the HTTP metrics with the route template Starlette already resolved and writes the
+access log line under the request's trace id. Only sampled requests go through the
+OpenTelemetry middleware (full server span and database spans, with the caller's context);
+the others run the same stack without it, under a non-recording span that carries the trace
+id into logs and outgoing calls. Probes and scrapes are neither counted, traced nor logged
+at INFO."""
+
+from __future__ import annotations
+
+from time import perf_counter
+
+from fastapi import FastAPI
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import NonRecordingSpan, SpanContext
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.api.middleware import HardeningHeaders
+from app.probes import PROBE_PATHS
+from app.telemetry.access import log_request
+from app.telemetry.metrics import AppMetrics
+from app.telemetry.tracing import HeadSampler, RequestTrace, without_tracing
+
+
+class Edge:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        metrics: AppMetrics | None,
+        sampler: HeadSampler | None,
+        headers: HardeningHeaders | None,
+    ) -> None:
+        self.app = app
+        # Without the OpenTelemetry middleware in the stack there is nothing to sample for.
+        self.untraced = without_tracing(app) if sampler is not None else None
+        self.sampler = sampler if self.untraced is not None else None
+        self.metrics = metrics
+        self.headers = headers
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        quiet = path in PROBE_PATHS
+        exchange = _Exchange(send, self.headers.for_path(path) if self.headers else None)
+        exchange.method = scope["method"]  # before HeadAsGet turns a HEAD into a GET
+        app = self.app
+        in_flight = self.metrics.requests_in_flight if self.metrics and not quiet else None
+        if in_flight is not None:
+            in_flight.inc()
+        if quiet:
+            app = self.untraced or app
+        elif self.sampler is not None:
+            exchange.trace = self.sampler.begin(scope["headers"])
+            if not exchange.trace.sampled:
+                app = self.untraced or app
+        try:
+            await app(scope, receive, exchange.send)
+        finally:
+            if in_flight is not None:
+                in_flight.dec()
+            self._finish(scope, exchange, quiet)
+
+    def _finish(self, scope: Scope, exchange: _Exchange, quiet: bool) -> None:
+        ended = perf_counter()
+        template: str | None = getattr(scope.get("route"), "path", None)
+        if self.metrics is not None and not quiet:
+            # Streams are timed to their first byte: their length is the client's.
+            self.metrics.http.observe(
+                exchange.method,
+                template or "none",
+                exchange.status,
+                (exchange.first_byte or ended) - exchange.started,
+                _content_length(scope["headers"]),
+                exchange.response_bytes,
+            )
+        principal = scope.get("state", {}).get("principal")
+        token = None
+        if exchange.server_span is not None:
+            # The server span has ended; its ids still label the line.
+            span = NonRecordingSpan(exchange.server_span)
+            token = otel_context.attach(trace.set_span_in_context(span))
+        try:
+            log_request(
+                quiet=quiet,
+                method=exchange.method,
+                route=template or "unmatched",
+                path=scope["path"],
+                status=exchange.status,
+                seconds=ended - exchange.started,
+                principal=principal.subject if principal is not None else None,
+            )
+        finally:
+            if token is not None:
+                otel_context.detach(token)
+            if exchange.trace is not None:
+                exchange.trace.end()
+
+
+class _Exchange:
+    """One request's observations, filled in as its response starts."""
+
+    __slots__ = (
+        "_extra",
+        "_send",
+        "first_byte",
+        "method",
+        "response_bytes",
+        "server_span",
+        "started",
+        "status",
+        "trace",
+    )
+
+    def __init__(self, send: Send, extra: list[tuple[bytes, bytes]] | None) -> None:
+        self._send = send
+        self._extra = extra
+        self.started = perf_counter()
+        self.method = ""
+        self.status = 500  # what the client sees if the app raises before responding
+        self.response_bytes = 0
+        self.first_byte = 0.0
+        self.server_span: SpanContext | None = None
+        self.trace: RequestTrace | None = None
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.first_byte = perf_counter()
+            self.status = message["status"]
+            headers = message.get("headers", [])
+            for name, value in headers:
+                if name == b"content-length":
+                    self.response_bytes = int(value)
+                    break
+            if self._extra is not None:
+                message["headers"] = [*headers, *self._extra]
+            if self.trace is not None and self.trace.sampled:
+                found = trace.get_current_span().get_span_context()
+                self.server_span = found if found.is_valid else None
+        await self._send(message)
+
+
+def _content_length(headers: list[tuple[bytes, bytes]]) -> int:
+    for name, value in headers:
+        if name == b"content-length":
+            return int(value) if value.isdigit() else 0
+    return 0
+
+
+def install(
+    app: FastAPI,
+    *,
+    metrics: AppMetrics | None,
+    sampler: HeadSampler | None,
+    headers: HardeningHeaders | None,
+) -> None:
+    """Put the edge around the whole middleware stack, outside the OpenTelemetry middleware
+    (which FastAPIInstrumentor wraps around the stack when it is built): call after it."""
+    build = app.build_middleware_stack
+
+    def build_with_edge() -> ASGIApp:
+        return Edge(build(), metrics=metrics, sampler=sampler, headers=headers)
+
+    app.build_middleware_stack = build_with_edge  # type: ignore[method-assign]
