@@ -12,6 +12,7 @@ import pytest
 from app.config import Settings
 from app.db.engine import Database, create_engine
 from app.db.errors import DatabaseUnavailable, is_unavailable_error
+from harness.processes import free_port
 
 pytestmark = pytest.mark.postgres
 
@@ -59,6 +60,44 @@ async def test_connection_lost_at_commit_leaves_the_outcome_unknown(settings: Se
     try:
         with pytest.raises(DatabaseUnavailable) as raised:
             await loses_connection_before_commit()
+        assert raised.value.outcome == "unknown"
+    finally:
+        await db.dispose()
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+async def test_a_single_write_is_in_doubt_only_once_it_may_have_reached_the_server(
+    settings: Settings,
+) -> None:
+    """write_one() (one autocommit statement, no COMMIT to wait for): a failure before a
+    connection is held reports "not-applied" (safe to retry); one after, "unknown"."""
+    nowhere = settings.model_copy(
+        update={"database_url": f"postgresql://postgres@127.0.0.1:{free_port()}/none"}
+    )
+    unreachable = Database(create_engine(nowhere), request_timeout=5)
+
+    async def cannot_connect() -> None:
+        async with unreachable.write_one() as session:
+            await session.scalar("one", _select_one, {})
+
+    try:
+        with pytest.raises(DatabaseUnavailable) as raised:
+            await cannot_connect()
+        assert raised.value.outcome == "not-applied"
+    finally:
+        await unreachable.dispose()
+
+    db = Database(create_engine(settings), request_timeout=5)
+
+    async def loses_connection_between_statements() -> None:
+        async with db.write_one() as session:
+            await session.scalar("one", _select_one, {})
+            session._conn.terminate()  # type: ignore[attr-defined]
+            await session.scalar("one", _select_one, {})
+
+    try:
+        with pytest.raises(DatabaseUnavailable) as raised:
+            await loses_connection_between_statements()
         assert raised.value.outcome == "unknown"
     finally:
         await db.dispose()

@@ -157,9 +157,11 @@ class Database:
         return self._session(transactional=self._one_statement_needs_begin)
 
     def write_one(self) -> AbstractAsyncContextManager[Session]:
-        """For a unit of work that is a single write statement (atomic by itself): as read(),
-        no BEGIN/COMMIT round trips where the path allows. A failure may come after the
-        statement was applied, so it is reported as in doubt."""
+        """For a unit of work whose only write is a single statement (atomic by itself),
+        possibly followed by reads (under READ COMMITTED a transaction would give them no
+        other snapshot): as read(), no BEGIN/COMMIT round trips where the path allows. A
+        failure once the connection is held may come after the write was applied, so it is
+        reported as in doubt; one before (no connection) as not applied."""
         return self._session(transactional=self._one_statement_needs_begin, in_doubt=True)
 
     def stream(self) -> AbstractAsyncContextManager[Session]:
@@ -184,7 +186,7 @@ class Database:
         deadline: AbstractAsyncContextManager[Any] = (
             asyncio.timeout(limit) if limit is not None else nullcontext()
         )
-        outcome: Outcome = "unknown" if in_doubt else "not-applied"
+        outcome: Outcome = "not-applied"
         try:
             async with deadline:
                 started = time.perf_counter()
@@ -200,6 +202,8 @@ class Database:
                     if held.raw.is_closed():  # the peer closed it while pooled (free to check)
                         await held.replace()
                     if not transactional:
+                        if in_doubt:
+                            outcome = "unknown"  # the statement may reach the server from here
                         yield PostgresSession(held.raw, replace=held.replace)
                         return
                     transaction = await _begin(held)
@@ -218,23 +222,30 @@ class Database:
                     raise
                 finally:
                     await held.release(discard=discard)
-        except DatabaseUnavailable:
-            raise
-        except TimeoutError as error:
-            self._unavailable(error)
-            raise DatabaseUnavailable(
-                f"no answer from the database within {limit}s", outcome=outcome
-            ) from error
         except Exception as error:
-            if is_unavailable_error(error):
-                self._unavailable(error)
-                raise DatabaseUnavailable(one_line(error), outcome=outcome) from error
-            if is_missing_table(error):
-                self._schema_missing(error)
-                raise SchemaNotReady(
-                    "the database schema is not migrated; run `itemstream migrate`"
-                ) from error
-            raise
+            explained = self._explained(error, limit, outcome)
+            if explained is None:
+                raise
+            raise explained from error
+
+    def _explained(
+        self, error: Exception, limit: float | None, outcome: Outcome
+    ) -> Exception | None:
+        """The domain error a driver or pool failure means, if any."""
+        if isinstance(error, DatabaseUnavailable):
+            return None
+        if isinstance(error, TimeoutError):
+            self._unavailable(error)
+            return DatabaseUnavailable(
+                f"no answer from the database within {limit}s", outcome=outcome
+            )
+        if is_unavailable_error(error):
+            self._unavailable(error)
+            return DatabaseUnavailable(one_line(error), outcome=outcome)
+        if is_missing_table(error):
+            self._schema_missing(error)
+            return SchemaNotReady("the database schema is not migrated; run `itemstream migrate`")
+        return None
 
     def _schema_missing(self, error: BaseException) -> None:
         # Once a minute per process at most: every request fails the same way until the

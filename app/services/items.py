@@ -67,10 +67,11 @@ class ItemService:
         values = {**asdict(fields), "id": uuid7(), "created_at": now, "updated_at": now}
         if created_by is not None:
             values["created_by"] = created_by
+        if idempotency_key is None:  # one INSERT: atomic by itself, one round trip
+            async with self._db.write_one() as session:
+                return Created(await ItemRepository(session).insert(values))
         async with self._db.transaction() as session:
             repo = ItemRepository(session)
-            if idempotency_key is None:
-                return Created(await repo.insert(values))
             fingerprint = _fingerprint(fields)
             expired_before = now - self._policy.idempotency_ttl
             if await repo.claim_key(idempotency_key, fingerprint, now, expired_before):
@@ -182,7 +183,9 @@ class ItemService:
     ) -> Item:
         self._check_precondition_given(expected_versions)
         values["updated_at"] = _now()
-        async with self._db.transaction() as session:
+        # One conditional UPDATE; the read that explains a miss (404 or 412) needs no
+        # transaction: under READ COMMITTED it would see a new snapshot anyway.
+        async with self._db.write_one() as session:
             repo = ItemRepository(session)
             item = await repo.update(
                 item_id, values, expected_versions=expected_versions, deleted=deleted
@@ -200,7 +203,7 @@ class ItemService:
 
     async def restore(self, item_id: UUID, expected_versions: Collection[int] | None) -> Item:
         self._check_precondition_given(expected_versions)
-        async with self._db.transaction() as session:
+        async with self._db.write_one() as session:  # as _update
             repo = ItemRepository(session)
             values = {"deleted_at": None, "updated_at": _now()}
             item = await repo.update(
@@ -217,7 +220,7 @@ class ItemService:
     async def hard_delete(self, item_id: UUID, expected_versions: Collection[int] | None) -> None:
         """Remove the row for good, whether or not it was soft-deleted first."""
         self._check_precondition_given(expected_versions)
-        async with self._db.transaction() as session:
+        async with self._db.write_one() as session:  # as _update
             repo = ItemRepository(session)
             if await repo.delete(item_id, expected_versions=expected_versions):
                 return

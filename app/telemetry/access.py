@@ -32,4 +32,9 @@ def log_request(
     }
     if principal is not None:
         fields["principal"] = principal
-    log.log(level, "%s %s %s", method, route, status, extra={"http": fields})
+    # As log.log() would, minus its search of the call stack for a file and line that would
+    # always name this function.
+    args = (method, route, status)
+    record = log.makeRecord(log.name, level, __file__, 0, "%s %s %s", args, None, "log_request")
+    record.http = fields
+    log.handle(record)
