@@ -4,6 +4,7 @@ created in the lifespan, once per worker process."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -269,6 +270,10 @@ def _lifespan(
         services, opened = build_services(settings, lifecycle, metrics)
         app.state.services = services
         jobs = _background_jobs(services, opened.database, metrics)
+        # What start-up created (modules, routes, schemas: most of the heap) lives as long as
+        # the process: keep it out of the collector's full passes, which otherwise traverse
+        # all of it every few hundred requests (tens of milliseconds each, seen in p99).
+        gc.freeze()
         try:
             yield
         finally:

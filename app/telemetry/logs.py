@@ -7,7 +7,8 @@ import json
 import logging
 import logging.config
 import sys
-from datetime import UTC, datetime
+import time
+from datetime import datetime
 from typing import Any
 
 from opentelemetry import trace
@@ -25,8 +26,23 @@ def _extras(record: logging.LogRecord) -> dict[str, Any]:
     return {
         key: value
         for key, value in record.__dict__.items()
-        if key not in _STANDARD and not key.startswith("_")
+        if key not in _STANDARD and key[0] != "_"
     }
+
+
+# One encoder for every line (json.dumps with options builds a new one per call).
+_encode = json.JSONEncoder(default=str, ensure_ascii=False).encode
+_last_second: tuple[int, str] = (0, "1970-01-01T00:00:00")
+
+
+def _timestamp(created: float) -> str:
+    """RFC 3339 UTC with milliseconds; the text up to the second is reused within it."""
+    global _last_second  # noqa: PLW0603 - a one-entry cache, replaced whole (thread-safe)
+    second = int(created)
+    cached = _last_second
+    if cached[0] != second:
+        cached = _last_second = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+    return f"{cached[1]}.{int((created - second) * 1000):03d}+00:00"
 
 
 def _trace_ids() -> tuple[str, str] | None:
@@ -39,7 +55,7 @@ def _trace_ids() -> tuple[str, str] | None:
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "ts": _timestamp(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -51,7 +67,7 @@ class JsonFormatter(logging.Formatter):
         entry.update(_extras(record))
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str, ensure_ascii=False)
+        return _encode(entry)
 
 
 class ConsoleFormatter(logging.Formatter):
