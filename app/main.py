@@ -203,6 +203,8 @@ def build_services(
         idempotency_ttl=timedelta(seconds=settings.idempotency_ttl_seconds),
         require_if_match=settings.require_if_match,
         export_max_seconds=settings.export_max_seconds,
+        default_page_size=settings.default_page_size,
+        max_page_size=settings.max_page_size,
     )
     provider = create_provider(settings)
     verifier, limiter = _access(settings, metrics)

@@ -1,13 +1,15 @@
 """Authentication, scopes and request rate limits as FastAPI dependencies.
 
-Every protected route declares the scope it needs (`Depends(require(READ))`). The principal
+Every protected route declares the scope it needs (`require(READ)`, or a dependency made with
+`scoped()` such as app.api.deps.ItemsReader, which also hands over the service). The principal
 is kept on the request (`request.state.principal`) for the access log, and its subject is set
 on the request span. No token is ever logged."""
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from fastapi import Depends, HTTPException, Request
 from opentelemetry import trace
@@ -19,6 +21,7 @@ from app.security.ratelimit import RateLimitBackendDown, RateLimiter, headers_fo
 from app.security.tokens import InvalidToken, KeySourceUnavailable, TokenVerifier
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 REALM = 'Bearer realm="itemstream"'
 
 
@@ -76,23 +79,35 @@ def _bearer(request: Request) -> str | None:
     return token.strip()
 
 
+async def authorize(request: Request, scope: str) -> Principal:
+    """The caller's principal, who must hold `scope` and be within the rate limit; kept on
+    the request for the access log and set on the request span."""
+    access: AccessControl = request.app.state.services.access
+    principal = await access.principal(request, scope)
+    request.state.principal = principal
+    span = trace.get_current_span()
+    if span.is_recording():
+        span.set_attribute("enduser.id", principal.subject)
+    if scope not in principal.scopes:
+        challenge = f'{REALM}, error="insufficient_scope", scope="{scope}"'
+        raise HTTPException(
+            403, f"the token lacks the {scope!r} scope", {"WWW-Authenticate": challenge}
+        )
+    await access.check_rate(principal)
+    return principal
+
+
+def scoped(dependency: Callable[[Request], Awaitable[T]], scope: str) -> Any:
+    """`Depends(dependency)`, marked with the scope it enforces (app.api.openapi documents
+    it on every operation that depends on it)."""
+    dependency.required_scope = scope  # type: ignore[attr-defined]
+    return Depends(dependency)
+
+
 def require(scope: str) -> Any:
     """A dependency: the caller's principal, who must hold `scope`."""
 
-    async def dependency(request: Request) -> Principal:
-        access: AccessControl = request.app.state.services.access
-        principal = await access.principal(request, scope)
-        request.state.principal = principal
-        span = trace.get_current_span()
-        if span.is_recording():
-            span.set_attribute("enduser.id", principal.subject)
-        if scope not in principal.scopes:
-            challenge = f'{REALM}, error="insufficient_scope", scope="{scope}"'
-            raise HTTPException(
-                403, f"the token lacks the {scope!r} scope", {"WWW-Authenticate": challenge}
-            )
-        await access.check_rate(principal)
-        return principal
+    async def principal(request: Request) -> Principal:
+        return await authorize(request, scope)
 
-    dependency.required_scope = scope  # type: ignore[attr-defined]  # read by app.api.openapi
-    return Depends(dependency)
+    return scoped(principal, scope)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Header, Request
 
-from app.api.access import AccessControl
+from app.api.access import AccessControl, authorize, scoped
 from app.api.etags import parse_if_match
 from app.config import Settings
+from app.domain.principal import READ, WRITE
 from app.lifecycle import Lifecycle
 from app.services.generations import GenerationService
 from app.services.health import HealthService
@@ -36,13 +37,27 @@ async def _items(request: Request) -> ItemService:
     return services.items
 
 
+def _items_for(scope: str) -> Any:
+    # One dependency for access and the service: each one FastAPI solves costs per request.
+    async def items_for_caller(request: Request) -> ItemService:
+        await authorize(request, scope)
+        services: Services = request.app.state.services
+        return services.items
+
+    return scoped(items_for_caller, scope)
+
+
 async def _health(request: Request) -> HealthService:
     services: Services = request.app.state.services
     return services.health
 
 
 ServicesDep = Annotated[Services, Depends(_services)]
+# The items service, for a route that declares its access itself (and needs the principal).
 ItemServiceDep = Annotated[ItemService, Depends(_items)]
+# The items service, for a caller allowed to read (write) items and within the rate limit.
+ItemsReader = Annotated[ItemService, _items_for(READ)]
+ItemsWriter = Annotated[ItemService, _items_for(WRITE)]
 HealthServiceDep = Annotated[HealthService, Depends(_health)]
 
 

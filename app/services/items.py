@@ -36,6 +36,8 @@ class ItemPolicy:
     idempotency_ttl: timedelta = timedelta(hours=24)
     require_if_match: bool = False
     export_max_seconds: float = 3600.0
+    default_page_size: int = 20
+    max_page_size: int = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +118,7 @@ class ItemService:
         filters: ItemFilter,
         sort: Sort,
         *,
-        per_page: int,
+        per_page: int | None = None,
         page: int | None = None,
         cursor: str | None = None,
         include_total: bool = False,
@@ -124,6 +126,9 @@ class ItemService:
         """Offset pages or keyset pages (cursor, stable under inserts); both return next_cursor
         when more rows follow. The total costs a COUNT over every matching row, so it is only
         computed when asked for (free on the last page)."""
+        per_page = per_page or self._policy.default_page_size
+        if per_page > self._policy.max_page_size:
+            raise InvalidQuery(f"per_page must be at most {self._policy.max_page_size}", "per_page")
         if cursor is not None:
             page = None  # a cursor says where the page starts: it wins over a page number
         after = _decode_cursor(cursor, filters, sort) if cursor is not None else None

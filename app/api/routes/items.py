@@ -18,14 +18,14 @@ from fastapi import (
 )
 
 from app.api.access import require
-from app.api.deps import IfMatch, ItemServiceDep, ServicesDep
+from app.api.deps import IfMatch, ItemServiceDep, ItemsReader, ItemsWriter
 from app.api.etags import etag, none_match_fails
+from app.api.responses import ModelResponse
 from app.api.schemas import NO_NUL, ItemIn, ItemOut, ItemPageOut, ItemPatch, Money, Problem
 from app.api.streaming import ExportResponse
-from app.domain.errors import InvalidQuery
-from app.domain.models import ItemFilter, Sort
+from app.domain.models import Item, ItemFilter, Sort
 from app.domain.ports import Writer
-from app.domain.principal import READ, WRITE, Principal
+from app.domain.principal import WRITE, Principal
 from app.services.items import ExportFormat
 
 router = APIRouter(prefix="/v1/items", tags=["items"])
@@ -75,9 +75,8 @@ def _sort(param: SortParam) -> Sort:
     return Sort(field=param.lstrip("-"), descending=param.startswith("-"))  # type: ignore[arg-type]
 
 
-def _with_etag(response: Response, item: ItemOut) -> ItemOut:
-    response.headers["ETag"] = etag(item.version)
-    return item
+def _item(item: Item, status_code: int = 200, **headers: str) -> ModelResponse:
+    return ModelResponse(ItemOut.of(item), status_code, {"ETag": etag(item.version), **headers})
 
 
 @router.post(
@@ -89,22 +88,22 @@ def _with_etag(response: Response, item: ItemOut) -> ItemOut:
         "first response (marked `Idempotent-Replayed: true`) and stores nothing new; reusing the "
         "key with a different body gets 422. Keys expire after IDEMPOTENCY_TTL_SECONDS."
     ),
+    response_model=ItemOut,
     responses={409: PROBLEMS[422], 422: PROBLEMS[422], 503: PROBLEMS[503]},
 )
 async def create_item(
     body: ItemIn,
-    response: Response,
     items: ItemServiceDep,
     caller: Annotated[Principal, require(WRITE)],
     idempotency_key: IdempotencyKey = None,
-) -> ItemOut:
+) -> ModelResponse:
     created_by = None if caller.anonymous else caller.subject
     created = await items.create(body.to_fields(), idempotency_key, created_by)
     # Not request.url_for(): it searches every route of the app on each create.
-    response.headers["Location"] = f"{router.prefix}/{created.item.id}"
+    headers = {"Location": f"{router.prefix}/{created.item.id}"}
     if created.replayed:
-        response.headers["Idempotent-Replayed"] = "true"
-    return _with_etag(response, ItemOut.of(created.item))
+        headers["Idempotent-Replayed"] = "true"
+    return _item(created.item, 201, **headers)
 
 
 @router.get(
@@ -117,13 +116,12 @@ async def create_item(
         "case-insensitively and literally (`%` and `_` are not wildcards). Soft-deleted items "
         "are hidden unless `include_deleted=true`."
     ),
+    response_model=ItemPageOut,
     responses={422: PROBLEMS[422], 503: PROBLEMS[503]},
-    dependencies=[require(READ)],
 )
 async def list_items(
     request: Request,
-    response: Response,
-    services: ServicesDep,
+    items: ItemsReader,
     filters: Filters,
     page: Annotated[
         int | None, Query(ge=1, le=1_000_000, description="ignored with a cursor")
@@ -134,25 +132,22 @@ async def list_items(
     include_total: Annotated[
         bool, Query(description="also count all matching items (a COUNT over them: costly)")
     ] = False,
-) -> ItemPageOut:
-    settings = services.settings
-    size = per_page or settings.default_page_size
-    if size > settings.max_page_size:
-        raise InvalidQuery(f"per_page must be at most {settings.max_page_size}", "per_page")
-    result = await services.items.list(
+) -> ModelResponse:
+    result = await items.list(
         filters,
         _sort(sort),
-        per_page=size,
+        per_page=per_page,
         page=page,
         cursor=cursor or None,
         include_total=include_total,
     )
+    headers = {}
     if result.next_cursor:
         next_url = request.url.remove_query_params(["page", "cursor"]).include_query_params(
             cursor=result.next_cursor
         )
-        response.headers["Link"] = f'<{next_url.path}?{next_url.query}>; rel="next"'
-    return ItemPageOut.of(result)
+        headers["Link"] = f'<{next_url.path}?{next_url.query}>; rel="next"'
+    return ModelResponse(ItemPageOut.of(result), headers=headers)
 
 
 EXPORT_TYPES = {"ndjson": "application/x-ndjson", "csv": "text/csv; charset=utf-8"}
@@ -174,11 +169,10 @@ EXPORT_TYPES = {"ndjson": "application/x-ndjson", "csv": "text/csv; charset=utf-
         422: PROBLEMS[422],
         503: PROBLEMS[503],
     },
-    dependencies=[require(READ)],
 )
 async def export_items(
     request: Request,
-    items: ItemServiceDep,
+    items: ItemsReader,
     filters: Filters,
     sort: SortParam = "-created_at",
     format: Annotated[ExportFormat | None, Query(description="default: from Accept")] = None,
@@ -208,59 +202,55 @@ async def export_is_read_only() -> NoReturn:
     name="get_item",
     summary="Get an item",
     description="Soft-deleted items are 404 unless `include_deleted=true`.",
+    response_model=ItemOut,
     responses={304: {"description": "If-None-Match matched"}, 404: PROBLEMS[404]},
-    dependencies=[require(READ)],
 )
 async def get_item(
     item_id: UUID,
-    response: Response,
-    items: ItemServiceDep,
+    items: ItemsReader,
     include_deleted: bool = False,
     if_none_match: Annotated[str | None, Header()] = None,
-) -> ItemOut:
-    item = ItemOut.of(await items.get(item_id, include_deleted=include_deleted))
+) -> Response:
+    item = await items.get(item_id, include_deleted=include_deleted)
     if if_none_match is not None and none_match_fails(if_none_match, item.version):
-        return Response(status_code=304, headers={"ETag": etag(item.version)})  # type: ignore[return-value]
-    return _with_etag(response, item)
+        return Response(status_code=304, headers={"ETag": etag(item.version)})
+    return _item(item)
 
 
 @router.put(
     "/{item_id}",
     summary="Replace an item",
+    response_model=ItemOut,
     description=(
         "Full replacement: every field takes the body's value; omitted optional fields are reset "
         "to their defaults (`description` null, `is_active` true). Send `If-Match` with the ETag "
         "you read to avoid overwriting someone else's change (412 on mismatch)."
     ),
     responses={404: PROBLEMS[404], 412: PROBLEMS[412], 428: PROBLEMS[428]},
-    dependencies=[require(WRITE)],
 )
 async def replace_item(
-    item_id: UUID, body: ItemIn, response: Response, items: ItemServiceDep, if_match: IfMatch
-) -> ItemOut:
-    item = await items.replace(item_id, body.to_fields(), if_match)
-    return _with_etag(response, ItemOut.of(item))
+    item_id: UUID, body: ItemIn, items: ItemsWriter, if_match: IfMatch
+) -> ModelResponse:
+    return _item(await items.replace(item_id, body.to_fields(), if_match))
 
 
 @router.patch(
     "/{item_id}",
     summary="Partially update an item",
+    response_model=ItemOut,
     description=(
         "JSON Merge Patch (RFC 7396, `application/merge-patch+json` or `application/json`): only "
         "the fields present change; `description: null` clears it. `If-Match` as for PUT."
     ),
     responses={404: PROBLEMS[404], 412: PROBLEMS[412], 428: PROBLEMS[428]},
-    dependencies=[require(WRITE)],
 )
 async def patch_item(
     item_id: UUID,
     body: Annotated[ItemPatch, Body(media_type="application/merge-patch+json")],
-    response: Response,
-    items: ItemServiceDep,
+    items: ItemsWriter,
     if_match: IfMatch,
-) -> ItemOut:
-    item = await items.patch(item_id, body.changes(), if_match)
-    return _with_etag(response, ItemOut.of(item))
+) -> ModelResponse:
+    return _item(await items.patch(item_id, body.changes(), if_match))
 
 
 @router.delete(
@@ -273,10 +263,9 @@ async def patch_item(
         "good (also for a soft-deleted item) and cannot be undone."
     ),
     responses={404: PROBLEMS[404], 412: PROBLEMS[412], 428: PROBLEMS[428]},
-    dependencies=[require(WRITE)],
 )
 async def delete_item(
-    item_id: UUID, items: ItemServiceDep, if_match: IfMatch, permanent: bool = False
+    item_id: UUID, items: ItemsWriter, if_match: IfMatch, permanent: bool = False
 ) -> Response:
     if permanent:
         await items.hard_delete(item_id, if_match)
@@ -288,12 +277,9 @@ async def delete_item(
 @router.post(
     "/{item_id}/restore",
     summary="Restore a soft-deleted item",
+    response_model=ItemOut,
     description="Idempotent: restoring a live item returns it unchanged.",
     responses={404: PROBLEMS[404], 412: PROBLEMS[412], 428: PROBLEMS[428]},
-    dependencies=[require(WRITE)],
 )
-async def restore_item(
-    item_id: UUID, response: Response, items: ItemServiceDep, if_match: IfMatch
-) -> ItemOut:
-    item = await items.restore(item_id, if_match)
-    return _with_etag(response, ItemOut.of(item))
+async def restore_item(item_id: UUID, items: ItemsWriter, if_match: IfMatch) -> ModelResponse:
+    return _item(await items.restore(item_id, if_match))
