@@ -21,7 +21,7 @@ from app.api import docs as api_docs
 from app.api import edge, problems
 from app.api import openapi as api_contract
 from app.api.access import AccessControl
-from app.api.deps import Services
+from app.api.deps import Components
 from app.api.middleware import BodySizeLimit, HardeningHeaders, HeadAsGet, HostAllowlist
 from app.api.routes import chat, health, items
 from app.api.routes import generations as generations_routes
@@ -164,7 +164,7 @@ def _add_middleware(app: FastAPI, settings: Settings) -> None:
 
 @dataclass(slots=True)
 class _Opened:
-    """What a worker opens at start and closes at shutdown, besides the services."""
+    """What a worker opens at start and closes at shutdown, besides the components."""
 
     database: Database
     probe_db: Database
@@ -182,10 +182,10 @@ class _Opened:
         await self.probe_db.dispose()
 
 
-def build_services(
+def build_components(
     settings: Settings, lifecycle: Lifecycle, metrics: AppMetrics | None
-) -> tuple[Services, _Opened]:
-    """The services and what they hold open, wired from the settings (no I/O yet)."""
+) -> tuple[Components, _Opened]:
+    """The components and what they hold open, wired from the settings (no I/O yet)."""
     database = Database(
         create_engine(settings),
         observer=metrics,
@@ -223,7 +223,7 @@ def build_services(
         quota=LimiterQuota(limiter) if limiter is not None else None,
         checkpoint_seconds=settings.stream_checkpoint_seconds,
     )
-    services = Services(
+    components = Components(
         settings=settings,
         items=ItemService(database, policy),
         health=HealthService(probe_db, lifecycle),
@@ -231,31 +231,31 @@ def build_services(
         lifecycle=lifecycle,
         access=AccessControl(settings, verifier, limiter),
     )
-    return services, _Opened(database, probe_db, provider, verifier, limiter)
+    return components, _Opened(database, probe_db, provider, verifier, limiter)
 
 
 def _background_jobs(
-    services: Services, database: Database, metrics: AppMetrics | None
+    components: Components, database: Database, metrics: AppMetrics | None
 ) -> list[asyncio.Task[Any]]:
     jobs: list[asyncio.Task[Any]] = [
         # Says at once in the log whether the schema serves this release (and which
         # migration is pending if not), instead of at the first probe.
-        asyncio.create_task(services.health.readiness()),
+        asyncio.create_task(components.health.readiness()),
         asyncio.create_task(
             _every(
                 HOUSEKEEPING_INTERVAL,
                 "purge expired idempotency keys",
-                services.items.purge_expired_idempotency_keys,
+                components.items.purge_expired_idempotency_keys,
             )
         ),
         asyncio.create_task(
             _every(
                 HOUSEKEEPING_INTERVAL,
                 "fail generations abandoned by dead workers",
-                services.generations.sweep_abandoned,
+                components.generations.sweep_abandoned,
             )
         ),
-        asyncio.create_task(services.generations.checkpoints.run_forever()),
+        asyncio.create_task(components.generations.checkpoints.run_forever()),
     ]
     if metrics is not None:
         jobs.append(asyncio.create_task(_refresh_pool_gauge(database)))
@@ -269,9 +269,9 @@ def _lifespan(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         lifecycle.bind(asyncio.get_running_loop())
         metrics: AppMetrics | None = app.state.metrics
-        services, opened = build_services(settings, lifecycle, metrics)
-        app.state.services = services
-        jobs = _background_jobs(services, opened.database, metrics)
+        components, opened = build_components(settings, lifecycle, metrics)
+        app.state.components = components
+        jobs = _background_jobs(components, opened.database, metrics)
         # What start-up created (modules, routes, schemas: most of the heap) lives as long as
         # the process: keep it out of the collector's full passes, which otherwise traverse
         # all of it every few hundred requests (tens of milliseconds each, seen in p99).
@@ -303,7 +303,7 @@ def _add_routes(app: FastAPI, settings: Settings) -> None:
 
 
 def create_app(settings: Settings | None = None, lifecycle: Lifecycle | None = None) -> FastAPI:
-    """The app: routes and middleware now; services, pools and jobs in its lifespan."""
+    """The app: routes and middleware now; components, pools and jobs in its lifespan."""
     settings = settings or Settings()
     lifecycle = lifecycle or process_lifecycle
     tracing.configure(settings)  # no-op when gunicorn's post_fork already did it

@@ -34,7 +34,7 @@ async def test_driver_state_error_discards_the_connection(settings: Settings) ->
     async def fails_mid_transaction() -> None:
         async with db.transaction() as session:
             await session.scalar("one", _select_one, {})
-            seen.append(session._conn._con)  # type: ignore[attr-defined]  # under the pool proxy
+            seen.append(session._conn)  # type: ignore[attr-defined]
             raise asyncpg.InternalClientError(STATE_ERROR)
 
     try:

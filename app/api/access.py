@@ -82,7 +82,7 @@ def _bearer(request: Request) -> str | None:
 async def authorize(request: Request, scope: str) -> Principal:
     """The caller's principal, who must hold `scope` and be within the rate limit; kept on
     the request for the access log and set on the request span."""
-    access: AccessControl = request.app.state.services.access
+    access: AccessControl = request.app.state.components.access
     principal = await access.principal(request, scope)
     request.state.principal = principal
     span = trace.get_current_span()

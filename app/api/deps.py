@@ -18,7 +18,10 @@ from app.services.items import ItemService
 
 
 @dataclass(slots=True)
-class Services:
+class Components:
+    """What a worker wires at start (app.main.build_components) and routes reach through the
+    dependencies below: the services, and the settings, lifecycle and access control."""
+
     settings: Settings
     items: ItemService
     health: HealthService
@@ -27,32 +30,32 @@ class Services:
     access: AccessControl
 
 
-async def _services(request: Request) -> Services:
-    services: Services = request.app.state.services
-    return services
+async def _components(request: Request) -> Components:
+    components: Components = request.app.state.components
+    return components
 
 
 async def _items(request: Request) -> ItemService:
-    services: Services = request.app.state.services
-    return services.items
+    components: Components = request.app.state.components
+    return components.items
 
 
 def _items_for(scope: str) -> Any:
     # One dependency for access and the service: each one FastAPI solves costs per request.
     async def items_for_caller(request: Request) -> ItemService:
         await authorize(request, scope)
-        services: Services = request.app.state.services
-        return services.items
+        components: Components = request.app.state.components
+        return components.items
 
     return scoped(items_for_caller, scope)
 
 
 async def _health(request: Request) -> HealthService:
-    services: Services = request.app.state.services
-    return services.health
+    components: Components = request.app.state.components
+    return components.health
 
 
-ServicesDep = Annotated[Services, Depends(_services)]
+ComponentsDep = Annotated[Components, Depends(_components)]
 # The items service, for a route that declares its access itself (and needs the principal).
 ItemServiceDep = Annotated[ItemService, Depends(_items)]
 # The items service, for a caller allowed to read (write) items and within the rate limit.

@@ -221,7 +221,7 @@ class Database:
                     discard = discard_on_error or _in_doubt(error)
                     raise
                 finally:
-                    await held.release(discard=discard)
+                    held.release(discard=discard)
         except Exception as error:
             explained = self._explained(error, limit, outcome)
             if explained is None:
@@ -301,12 +301,12 @@ class _Held:
         self.pool = pool
         self.raw = raw
 
-    async def release(self, *, discard: bool) -> None:
-        await self.pool.release(self.raw, discard=discard)
+    def release(self, *, discard: bool) -> None:
+        self.pool.release(self.raw, discard=discard)
 
     async def replace(self) -> Any:
         """Close this connection and take a fresh one in its place."""
-        await self.pool.release(self.raw, discard=True)
+        self.pool.release(self.raw, discard=True)
         self.raw = await self.pool.acquire()
         return self.raw
 

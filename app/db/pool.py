@@ -1,23 +1,34 @@
-"""PostgreSQL connections: asyncpg's own pool, with the two things a pooler in front needs.
+"""PostgreSQL connections for one worker: a small pool of asyncpg connections, made for a
+pooler in front and for a checkout on every request.
 
-- No reset round trip on release. asyncpg's default release runs `RESET ALL; CLOSE ALL; ...`
-  (one more round trip per unit of work, which PgBouncer's transaction mode makes pointless:
-  the next transaction may land on another server connection anyway). A transaction left
-  open is still rolled back, and a connection in doubt is closed by the caller.
-- A maximum age. A connection older than `recycle_seconds` is closed when released, and one
-  idle that long is closed by the pool. That is what lets a PgBouncer >= 1.23, which on
-  SIGTERM waits for its clients to leave, go away during a rolling restart without one
-  failed request; it also spreads clients over new pooler pods after a scale-out.
+- No reset round trip on release (asyncpg's pool runs `RESET ALL; CLOSE ALL; ...`, one more
+  round trip per unit of work, which PgBouncer's transaction mode makes pointless: the next
+  transaction may land on another server connection anyway). A connection released inside a
+  transaction, or in doubt (the caller says so), is closed instead of reused.
+- A maximum age. A connection older than `recycle_seconds` is closed when released, and an
+  idle one is closed by a sweep at a quarter of that age. That is what lets a PgBouncer
+  >= 1.23, which on SIGTERM waits for its clients to leave, go away during a rolling restart
+  without one failed request; it also spreads clients over new pooler pods after a scale-out.
+- Fair under contention: a released connection goes to the longest waiter, never to a request
+  that arrives later; idle connections are reused most recent first (warm, and the rest age
+  out).
+- Cheap: a checkout is a list pop when a connection is idle (asyncpg's pool also wraps each
+  connection in a proxy and re-arms an idle timer on every release).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
+from collections import deque
 from typing import Any
 
 import asyncpg
 from sqlalchemy.engine import URL
+
+log = logging.getLogger(__name__)
 
 CLOSE_TIMEOUT_SECONDS = 5.0
 
@@ -30,10 +41,6 @@ class _Connection(asyncpg.Connection):  # type: ignore[misc]
         self.born = time.monotonic()
 
 
-async def _keep_session(connection: asyncpg.Connection) -> None:
-    """Release hook: nothing to reset (asyncpg has already rolled back an open transaction)."""
-
-
 def connect_kwargs(url: URL) -> dict[str, Any]:
     """asyncpg.connect() arguments from a SQLAlchemy URL (its query, e.g. ?ssl=require,
     passes through)."""
@@ -43,7 +50,8 @@ def connect_kwargs(url: URL) -> dict[str, Any]:
 
 
 class PostgresPool:
-    """Created idle (no connection is opened until the first unit of work)."""
+    """Created idle: no connection is opened until the first unit of work. Connections in use
+    are the caller's; `release` gives each back exactly once."""
 
     def __init__(
         self,
@@ -59,51 +67,151 @@ class PostgresPool:
         self._max_size = max_size
         self._acquire_timeout = acquire_timeout
         self._recycle = recycle_seconds if recycle_seconds > 0 else None
-        self._pool: asyncpg.Pool | None = None
-        self._lock = asyncio.Lock()
+        self._idle: list[_Connection] = []  # most recently released last
+        self._in_use: set[_Connection] = set()
+        self._opening = 0
+        # Each gets a connection, or None: a slot is free, open one.
+        self._waiters: deque[asyncio.Future[_Connection | None]] = deque()
+        self._sweeper: asyncio.Task[None] | None = None
+        self._closed = False
+        self._drained: asyncio.Event | None = None  # set at close once nothing is in use
 
-    async def _started(self) -> asyncpg.Pool:
-        if self._pool is None:
-            async with self._lock:
-                if self._pool is None:
-                    self._pool = await asyncpg.create_pool(
-                        min_size=0,
-                        max_size=self._max_size,
-                        max_inactive_connection_lifetime=self._recycle or 0,
-                        reset=_keep_session,
-                        connection_class=_Connection,
-                        **self._kwargs,
-                    )
-        return self._pool
+    @property
+    def _size(self) -> int:
+        return len(self._idle) + len(self._in_use) + self._opening
 
     async def acquire(self) -> Any:
         """A connection, waiting at most `acquire_timeout` for one (then TimeoutError)."""
-        pool = await self._started()
-        # Bounded here, not with acquire(timeout=): asyncpg's timeout runs the wait in a task
-        # of its own (asyncio.wait_for), one more task and loop turn per unit of work.
+        if self._closed:
+            raise asyncpg.InterfaceError("the connection pool is closed")
+        if self._recycle is not None and self._sweeper is None:
+            self._sweeper = asyncio.create_task(self._sweep_forever(self._recycle))
+        while self._idle:  # the common case: no timer, no await
+            connection = self._idle.pop()
+            if self._fresh(connection):
+                self._in_use.add(connection)
+                return connection
+            self._close(connection)
         async with asyncio.timeout(self._acquire_timeout):
-            return await pool.acquire()
+            return await self._wait_or_open()
 
-    async def release(self, connection: Any, *, discard: bool = False) -> None:
-        """Give a connection back; `discard` (or old age) closes it instead of reusing it."""
-        if discard or (
-            self._recycle is not None and time.monotonic() - connection.born > self._recycle
-        ):
-            # terminate(): a graceful close would wait on a connection mid-statement.
-            connection.terminate()
-        assert self._pool is not None
-        await self._pool.release(connection)
+    async def _wait_or_open(self) -> _Connection:
+        while True:
+            while self._idle:
+                connection = self._idle.pop()
+                if self._fresh(connection):
+                    self._in_use.add(connection)
+                    return connection
+                self._close(connection)
+            if self._size < self._max_size:
+                return await self._open()
+            waiter: asyncio.Future[_Connection | None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                handed = await waiter
+            except BaseException:
+                if waiter.done() and not waiter.cancelled():
+                    # Handed something just as the wait ended (timeout, cancel): pass it on.
+                    self._hand_on(waiter.result())
+                else:
+                    with contextlib.suppress(ValueError):
+                        self._waiters.remove(waiter)
+                raise
+            if handed is not None:
+                return handed  # already counted in use by whoever released it
+
+    async def _open(self) -> _Connection:
+        self._opening += 1
+        try:
+            connection: _Connection = await asyncpg.connect(
+                connection_class=_Connection, **self._kwargs
+            )
+        except BaseException:
+            self._opening -= 1
+            self._hand_on(None)  # the slot is free again
+            raise
+        self._opening -= 1
+        self._in_use.add(connection)
+        return connection
+
+    def release(self, connection: Any, *, discard: bool = False) -> None:
+        """Give a connection back; `discard` (or old age, or an open transaction) closes it
+        instead of reusing it."""
+        self._in_use.discard(connection)
+        if self._drained is not None and not self._in_use:
+            self._drained.set()
+        if discard or self._closed or not self._fresh(connection) or connection.is_in_transaction():
+            self._close(connection)
+            self._hand_on(None)
+            return
+        self._hand_on(connection)
+
+    def _hand_on(self, connection: _Connection | None) -> None:
+        """To the longest waiter if any (a connection, or None for a free slot)."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                if connection is not None:
+                    self._in_use.add(connection)
+                waiter.set_result(connection)
+                return
+        if connection is not None:
+            if self._closed:
+                self._close(connection)
+            else:
+                self._idle.append(connection)
+
+    def _fresh(self, connection: _Connection) -> bool:
+        if connection.is_closed():
+            return False
+        return self._recycle is None or time.monotonic() - connection.born <= self._recycle
+
+    @staticmethod
+    def _close(connection: _Connection) -> None:
+        # terminate(): a graceful close would wait on a connection mid-statement.
+        connection.terminate()
+
+    async def _sweep_forever(self, recycle: float) -> None:
+        interval = max(recycle / 4, 0.25)
+        while True:
+            await asyncio.sleep(interval)
+            keep = [c for c in self._idle if self._fresh(c)]
+            if len(keep) != len(self._idle):
+                for connection in self._idle:
+                    if connection not in keep:
+                        self._close(connection)
+                self._idle = keep
 
     def checked_out(self) -> int:
-        if self._pool is None:
-            return 0
-        return int(self._pool.get_size() - self._pool.get_idle_size())
+        return len(self._in_use) + self._opening
 
     async def close(self) -> None:
         """Close gracefully; connections still checked out after a few seconds are cut."""
-        if self._pool is not None:
-            pool, self._pool = self._pool, None
-            try:
-                await asyncio.wait_for(pool.close(), CLOSE_TIMEOUT_SECONDS)
-            except TimeoutError:
-                pool.terminate()
+        if self._closed:
+            return
+        self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_exception(asyncpg.InterfaceError("the connection pool is closed"))
+        self._waiters.clear()
+        idle, self._idle = self._idle, []
+        deadline = time.monotonic() + CLOSE_TIMEOUT_SECONDS  # for the whole close
+        self._drained = asyncio.Event()
+        if not self._in_use:
+            self._drained.set()
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(c.close() for c in idle), return_exceptions=True),
+                CLOSE_TIMEOUT_SECONDS,
+            )
+        except TimeoutError:
+            for connection in idle:
+                connection.terminate()
+        with contextlib.suppress(TimeoutError):  # units of work finishing; release() closes theirs
+            await asyncio.wait_for(self._drained.wait(), max(deadline - time.monotonic(), 0))
+        for connection in list(self._in_use):
+            log.warning("closing a database connection still in use at shutdown")
+            connection.terminate()
+        self._in_use.clear()

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
 from app.api.access import require
-from app.api.deps import ServicesDep
+from app.api.deps import ComponentsDep
 from app.api.openai_compat import (
     ChatCompletionRequest,
     ChunkFormat,
@@ -37,7 +37,7 @@ router = APIRouter(prefix="/v1", tags=["chat"], route_class=OpenAIRoute)
 async def create_chat_completion(
     body: ChatCompletionRequest,
     request: Request,
-    services: ServicesDep,
+    services: ComponentsDep,
     caller: Annotated[Principal, require(GENERATE)],
 ) -> Response:
     run = await services.generations.start_chat(
@@ -67,7 +67,7 @@ async def create_chat_completion(
     summary="The models this service serves (OpenAI-compatible)",
     description="Many clients and UIs call it first. Lists the configured model (`LLM_MODEL`).",
 )
-async def list_models(services: ServicesDep) -> dict[str, Any]:
+async def list_models(services: ComponentsDep) -> dict[str, Any]:
     return {"object": "list", "data": [_model(services.settings.llm_model)]}
 
 
@@ -76,7 +76,7 @@ async def list_models(services: ServicesDep) -> dict[str, Any]:
     summary="One model (OpenAI-compatible)",
     responses={404: {"description": "No such model"}},
 )
-async def get_model(model_id: str, services: ServicesDep) -> Response:
+async def get_model(model_id: str, services: ComponentsDep) -> Response:
     if model_id != services.settings.llm_model:
         return openai_error(404, f"The model '{model_id}' does not exist", param="model")
     return JSONResponse(_model(model_id))

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Body, Header, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.api.access import require
-from app.api.deps import ServicesDep
+from app.api.deps import ComponentsDep
 from app.api.problems import PROBLEM_JSON, detail_for, problem_body, status_for
 from app.api.routes.items import PROBLEMS, IdempotencyKey
 from app.api.schemas import Problem, Text
@@ -155,7 +155,7 @@ EVENT_STREAM: dict[str, Any] = {
 async def generate_for_item(
     item_id: UUID,
     request: Request,
-    services: ServicesDep,
+    services: ComponentsDep,
     caller: Annotated[Principal, require(GENERATE)],
     body: Annotated[GenerateIn | None, Body()] = None,
     idempotency_key: IdempotencyKey = None,
@@ -204,7 +204,7 @@ async def get_generation(
         str,
         Path(description="the generation's id, or a chat completion's id (`chatcmpl-...`)"),
     ],
-    services: ServicesDep,
+    services: ComponentsDep,
 ) -> GenerationOut:
     return GenerationOut.of(await services.generations.get(_generation_uuid(generation_id)))
 
@@ -244,7 +244,7 @@ async def resume_generation(
     generation_id: Annotated[
         str, Path(description="the generation's id, or a chat completion's id (`chatcmpl-...`)")
     ],
-    services: ServicesDep,
+    services: ComponentsDep,
     last_event_id_header: Annotated[
         str | None,
         Header(
@@ -282,6 +282,6 @@ async def resume_generation(
 )
 async def cancel_generation(
     generation_id: Annotated[str, Path(description="as for GET")],
-    services: ServicesDep,
+    services: ComponentsDep,
 ) -> GenerationOut:
     return GenerationOut.of(await services.generations.cancel(_generation_uuid(generation_id)))
