@@ -42,6 +42,11 @@ from app.telemetry.metrics import instrument as instrument_metrics
 log = logging.getLogger(__name__)
 
 HOUSEKEEPING_INTERVAL = 900.0
+# The collector's young generation every 10,000 net allocations instead of 700, and each older
+# one 20 times less often than the one below instead of 10: with thousands of open streams
+# every collection walks all their objects. `bench/profile.py streams` (10,000 streams at
+# 500/s on one worker): time to first token p99 1.1 s -> 0.2 s, a quarter less worker CPU.
+GC_THRESHOLDS = (10_000, 20, 20)
 
 
 async def _every(interval: float, what: str, job: Callable[[], Awaitable[int]]) -> None:
@@ -276,6 +281,7 @@ def _lifespan(
         # the process: keep it out of the collector's full passes, which otherwise traverse
         # all of it every few hundred requests (tens of milliseconds each, seen in p99).
         gc.freeze()
+        gc.set_threshold(*GC_THRESHOLDS)
         try:
             yield
         finally:

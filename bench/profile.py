@@ -7,11 +7,13 @@ share of samples and keeps the collapsed stacks under bench/results/ (speedscope
 flame graph tool reads them).
 
     uv run python bench/profile.py "get by id"     # any route of bench/run.py's ROUTES
+    uv run python bench/profile.py streams         # one worker while BENCH_STREAMS open
 
 Environment: BENCH_DURATION (seconds, 10), BENCH_CONNECTIONS (64), BENCH_ROWS (20000)."""
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import os
 import subprocess
@@ -27,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from app.db.migrations import migrate  # noqa: E402
 from bench import run  # noqa: E402
+from bench.streams import hold_streams  # noqa: E402
 from harness.pgbouncer import MODERN, PgBouncer, find_binary  # noqa: E402
 from harness.postgres import throwaway_cluster  # noqa: E402
 from harness.processes import run_coroutine, worker_pids  # noqa: E402
@@ -68,7 +71,8 @@ def summarize(raw: Path) -> tuple[int, list[tuple[str, int]], list[tuple[str, in
 
 def main() -> int:
     route = sys.argv[1] if len(sys.argv) > 1 else "get by id"
-    path, script = run.ROUTES[route]
+    streams = route == "streams"
+    path, script = ("", None) if streams else run.ROUTES[route]
     binary = find_binary(MODERN)
     if binary is None:
         sys.exit("profile: needs PgBouncer >= 1.21 (PGBOUNCER_MODERN)")
@@ -97,22 +101,33 @@ def main() -> int:
             OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{sink.server_port}",
             OTEL_SERVICE_NAME="itemstream-profile",
         )
-        server = stack.enter_context(run.running("itemstream", run.itemstream(2), env))
+        workers, seconds = (1, run.STREAMS // run.STREAM_RAMP + 5) if streams else (2, DURATION)
+        if streams:
+            env = run.streams_env(env)
+        server = stack.enter_context(run.running("itemstream", run.itemstream(workers), env))
         worker = worker_pids(server.proc.pid)[0]
         run.DURATION = DURATION
         spy_bin = str(Path(sys.executable).with_name("py-spy"))
-        record = ["record", "--pid", str(worker), "--duration", str(DURATION), "--rate", "250"]
+        record = ["record", "--pid", str(worker), "--duration", str(seconds), "--rate", "250"]
         spy = subprocess.Popen(
             [spy_bin, *record, "--format", "raw", "--output", str(raw), "--nonblocking"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        result = run.wrk(server.url + path, script, ids_file, {"app": server.proc.pid})
-        spy.wait(DURATION + 30)
+        if streams:
+            held = asyncio.run(
+                hold_streams(server.port, worker, run.STREAMS, ramp_per_s=run.STREAM_RAMP)
+            )
+            summary = (
+                f"{held.established}/{held.requested} streams, {held.failed} failed, time to "
+                f"first token p50 {held.ttft_p50_ms} ms, p99 {held.ttft_p99_ms} ms"
+            )
+        else:
+            result = run.wrk(server.url + path, script, ids_file, {"app": server.proc.pid})
+            summary = f"{result.rps:.0f} rps, p99 {result.p99_ms:.1f} ms"
+        spy.wait(seconds + 30)
     total, inclusive, own = summarize(raw)
-    print(
-        f"{route}: {result.rps:.0f} rps, p99 {result.p99_ms:.1f} ms; {total} samples of one worker"
-    )
+    print(f"{route}: {summary}; {total} samples of one worker")
     print("\ninclusive (share of samples with the frame on the stack):")
     for label, count in inclusive:
         print(f"  {100 * count / total:5.1f}%  {label}")

@@ -475,12 +475,9 @@ def main() -> int:
     return 0
 
 
-def measure_streams(service_env: dict[str, str]) -> dict[str, Any]:
-    import asyncio
-
-    out: dict[str, Any] = {}
-    # Long streams (a token every 2 s for 60 s): all `STREAMS` are open at the same time.
-    held_env = {
+def streams_env(service_env: dict[str, str]) -> dict[str, str]:
+    """Long streams (a token every 2 s for 60 s): all `STREAMS` are open at the same time."""
+    return {
         **service_env,
         "MOCK_TOKENS": "30",
         "MOCK_TOKEN_DELAY": "2",
@@ -490,6 +487,13 @@ def measure_streams(service_env: dict[str, str]) -> dict[str, Any]:
         "DB_POOL_TIMEOUT": "30",
         "LOG_LEVEL": "WARNING",
     }
+
+
+def measure_streams(service_env: dict[str, str]) -> dict[str, Any]:
+    import asyncio
+
+    out: dict[str, Any] = {}
+    held_env = streams_env(service_env)
     for label, count, env in (
         (
             "ttft at 100 concurrent",
