@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import httpx
 import pytest
@@ -56,6 +57,16 @@ def metric_sum(text: str, name: str, **labels: str) -> float:
     return total
 
 
+def logged_requests(server: Server, route: str | None = None) -> list[dict[str, Any]]:
+    """The server's access log lines (for `route`, a template, if given)."""
+    return [
+        line
+        for line in server.json_lines()
+        if line.get("logger") == "itemstream.access"
+        and (route is None or line["http"]["route"] == route)
+    ]
+
+
 def worker_pids(server: Server) -> set[int]:
     return {int(pid) for pid in re.findall(r"Booting worker with pid: (\d+)", server.output())}
 
@@ -81,11 +92,7 @@ def test_metrics_are_exact_across_workers_and_survive_a_dead_worker(
         for _ in range(4):  # the kernel picks the accepting worker; usually one round spreads
             assert asyncio.run(hammer(server.base, [path] * 50)) == [200] * 50
             first += 50
-            served_by = {
-                line["pid"]
-                for line in server.json_lines()
-                if line.get("logger") == "itemstream.access"
-            }
+            served_by = {line["pid"] for line in logged_requests(server)}
             if len(served_by) == 2:
                 break
         assert len(served_by) == 2, "both workers should have served requests"
@@ -155,12 +162,7 @@ def test_spans_reach_otlp_with_db_children_and_log_correlation(
 
         assert wait_until(server_span_arrived, 15), receiver.spans
         time.sleep(0.5)  # let the rest of the batch arrive
-        access_lines = [
-            line
-            for line in server.json_lines()
-            if line.get("logger") == "itemstream.access"
-            and line["http"]["route"] == "/v1/items/{item_id}"
-        ]
+        access_lines = logged_requests(server, "/v1/items/{item_id}")
     request_span = next(
         s for s in receiver.spans if s.trace_id == trace_id and s.kind == SERVER_KIND
     )
@@ -215,12 +217,7 @@ def test_head_sampling_decides_once_and_unsampled_requests_keep_their_trace_id(
         )
         assert response.status_code == 200
         time.sleep(1.0)  # let the last batch arrive
-        logged = [
-            line
-            for line in server.json_lines()
-            if line.get("logger") == "itemstream.access"
-            and line["http"]["route"] == "/v1/items/{item_id}"
-        ]
+        logged = logged_requests(server, "/v1/items/{item_id}")
         scraped = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
     labels = {"handler": "/v1/items/{item_id}", "method": "GET", "status": "200"}
     assert metric_sum(scraped, "http_requests_total", **labels) == requests + 1

@@ -44,8 +44,7 @@ def _items_for(scope: str) -> Any:
     # One dependency for access and the service: each one FastAPI solves costs per request.
     async def items_for_caller(request: Request) -> ItemService:
         await authorize(request, scope)
-        components: Components = request.app.state.components
-        return components.items
+        return await _items(request)
 
     return scoped(items_for_caller, scope)
 

@@ -134,10 +134,7 @@ class _Exchange:
             self.first_byte = perf_counter()
             self.status = message["status"]
             headers = message.get("headers", [])
-            for name, value in headers:
-                if name == b"content-length":
-                    self.response_bytes = int(value)
-                    break
+            self.response_bytes = _content_length(headers)
             if self._extra is not None:
                 message["headers"] = [*headers, *self._extra]
             if self.trace is not None and self.trace.sampled:

@@ -133,17 +133,14 @@ class Database:
         self._observer = observer
         self._pooler = pooler
         self._request_timeout = request_timeout
+        # Whether a one-statement unit of work still needs BEGIN/COMMIT: older PgBouncer needs a
+        # transaction to pin one server connection between Parse and Execute; SQLite's engine
+        # always opens one.
         self._needs_begin = not isinstance(backend, PostgresPool) or pooler == "pgbouncer-legacy"
 
     @property
     def dialect(self) -> str:
         return "postgresql" if isinstance(self.backend, PostgresPool) else "sqlite"
-
-    @property
-    def _one_statement_needs_begin(self) -> bool:
-        # Older PgBouncer needs a transaction to pin one server connection between Parse and
-        # Execute; SQLite's engine always opens one.
-        return self._needs_begin
 
     def transaction(self) -> AbstractAsyncContextManager[Session]:
         """One connection, one transaction: committed when the block ends, rolled back on any
@@ -154,7 +151,7 @@ class Database:
         """For a unit of work that is a single read statement: no BEGIN/COMMIT round trips
         where the path allows (direct, or PgBouncer >= 1.21 which keeps prepared statements
         across server connections)."""
-        return self._session(transactional=self._one_statement_needs_begin)
+        return self._session(transactional=self._needs_begin)
 
     def write_one(self) -> AbstractAsyncContextManager[Session]:
         """For a unit of work whose only write is a single statement (atomic by itself),
@@ -162,7 +159,7 @@ class Database:
         other snapshot): as read(), no BEGIN/COMMIT round trips where the path allows. A
         failure once the connection is held may come after the write was applied, so it is
         reported as in doubt; one before (no connection) as not applied."""
-        return self._session(transactional=self._one_statement_needs_begin, in_doubt=True)
+        return self._session(transactional=self._needs_begin, in_doubt=True)
 
     def stream(self) -> AbstractAsyncContextManager[Session]:
         """For a long read that streams to a client (exports; bounded by its own limit, not

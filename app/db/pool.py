@@ -86,23 +86,26 @@ class PostgresPool:
             raise asyncpg.InterfaceError("the connection pool is closed")
         if self._recycle is not None and self._sweeper is None:
             self._sweeper = asyncio.create_task(self._sweep_forever(self._recycle))
-        while self._idle:  # the common case: no timer, no await
+        connection = self._take_idle()  # the common case: no timer, no await
+        if connection is not None:
+            return connection
+        async with asyncio.timeout(self._acquire_timeout):
+            return await self._wait_or_open()
+
+    def _take_idle(self) -> _Connection | None:
+        while self._idle:
             connection = self._idle.pop()
             if self._fresh(connection):
                 self._in_use.add(connection)
                 return connection
             self._close(connection)
-        async with asyncio.timeout(self._acquire_timeout):
-            return await self._wait_or_open()
+        return None
 
     async def _wait_or_open(self) -> _Connection:
         while True:
-            while self._idle:
-                connection = self._idle.pop()
-                if self._fresh(connection):
-                    self._in_use.add(connection)
-                    return connection
-                self._close(connection)
+            connection = self._take_idle()
+            if connection is not None:
+                return connection
             if self._size < self._max_size:
                 return await self._open()
             waiter: asyncio.Future[_Connection | None] = asyncio.get_running_loop().create_future()
@@ -175,12 +178,13 @@ class PostgresPool:
         interval = max(recycle / 4, 0.25)
         while True:
             await asyncio.sleep(interval)
-            keep = [c for c in self._idle if self._fresh(c)]
-            if len(keep) != len(self._idle):
-                for connection in self._idle:
-                    if connection not in keep:
-                        self._close(connection)
-                self._idle = keep
+            keep: list[_Connection] = []
+            for connection in self._idle:
+                if self._fresh(connection):
+                    keep.append(connection)
+                else:
+                    self._close(connection)
+            self._idle = keep
 
     def checked_out(self) -> int:
         return len(self._in_use) + self._opening

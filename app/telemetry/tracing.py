@@ -90,11 +90,10 @@ class RequestTrace:
     OpenTelemetry middleware (full spans); the others run under a non-recording span that
     carries the trace id (for logs and propagation) and create no span objects at all."""
 
-    __slots__ = ("_token", "sampled", "trace_id")
+    __slots__ = ("_token", "sampled")
 
-    def __init__(self, sampled: bool, trace_id: int, token: object | None) -> None:
+    def __init__(self, sampled: bool, token: object | None) -> None:
         self.sampled = sampled
-        self.trace_id = trace_id
         self._token = token
 
     def end(self) -> None:
@@ -126,7 +125,7 @@ class HeadSampler:
         if result.decision.is_recording():  # type: ignore[no-untyped-call]
             if parent_span is None:
                 _decided_trace_id.set(trace_id)
-            return RequestTrace(True, trace_id, None)
+            return RequestTrace(True, None)
         unsampled = SpanContext(
             trace_id,
             random.getrandbits(64) or 1,
@@ -135,7 +134,7 @@ class HeadSampler:
             trace_state=parent_span.trace_state if parent_span else result.trace_state,
         )
         token = otel_context.attach(trace.set_span_in_context(NonRecordingSpan(unsampled), parent))
-        return RequestTrace(False, trace_id, token)
+        return RequestTrace(False, token)
 
 
 def _exporter(settings: Settings) -> SpanExporter | None:
