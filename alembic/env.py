@@ -28,7 +28,7 @@ def run_with(connection: Connection) -> None:
 
 
 async def run_standalone() -> None:
-    engine = create_async_engine(Settings().migration_database, poolclass=NullPool)
+    engine = create_async_engine(Settings().db.migrations_url, poolclass=NullPool)
     async with engine.connect() as connection:
         await connection.run_sync(run_with)
         await connection.commit()
@@ -36,7 +36,7 @@ async def run_standalone() -> None:
 
 
 if context.is_offline_mode():
-    context.configure(url=Settings().migration_database, target_metadata=metadata)
+    context.configure(url=Settings().db.migrations_url, target_metadata=metadata)
     with context.begin_transaction():
         context.run_migrations()
 elif (shared := config.attributes.get("connection")) is not None:

@@ -12,7 +12,7 @@ from typing import NoReturn
 
 from pydantic import ValidationError
 
-from app.config import Settings
+from app.config import Settings, env_variable
 from app.db import migrations
 from app.telemetry.logs import configure_logging
 
@@ -23,9 +23,7 @@ def _load_settings() -> Settings:
     try:
         return Settings()
     except ValidationError as error:
-        lines = [
-            f"  {'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in error.errors()
-        ]
+        lines = [f"  {env_variable(e['loc'])}: {e['msg']}" for e in error.errors()]
         sys.stderr.write("itemstream: invalid configuration\n" + "\n".join(lines) + "\n")
         raise SystemExit(2) from None
 
@@ -34,10 +32,10 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
     try:
         applied = asyncio.run(
             migrations.migrate(
-                settings.migration_database,
+                settings.db.migrations_url,
                 revision=args.revision,
-                lock_timeout=settings.migration_lock_timeout,
-                wait_seconds=settings.migration_wait_seconds,
+                lock_timeout=settings.db.migration_lock_timeout,
+                wait_seconds=settings.db.migration_wait_seconds,
             )
         )
     except migrations.MigrationLockTimeout as error:
@@ -49,9 +47,7 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_wait(settings: Settings, args: argparse.Namespace) -> int:
     try:
-        asyncio.run(
-            migrations.wait_for_head(settings.migration_database, wait_seconds=args.timeout)
-        )
+        asyncio.run(migrations.wait_for_head(settings.db.migrations_url, wait_seconds=args.timeout))
     except TimeoutError as error:
         log.error("schema not at head after %ss: %s", args.timeout, error)
         return 1
@@ -61,7 +57,7 @@ def cmd_wait(settings: Settings, args: argparse.Namespace) -> int:
 def _serve_metrics_beside_reloader(settings: Settings) -> None:
     """`serve --reload` (the dev loop) has no gunicorn master: serve METRICS_PORT from the
     reloader process instead, reading the app process's multiprocess files."""
-    if not (settings.metrics_enabled and settings.metrics_port):
+    if not (settings.telemetry.metrics_enabled and settings.telemetry.metrics_port):
         return
     import tempfile
 
@@ -71,7 +67,7 @@ def _serve_metrics_beside_reloader(settings: Settings) -> None:
         "PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="itemstream-metrics-")
     )
     prepare_multiprocess_dir(directory)
-    start_metrics_server(settings.metrics_port, settings.host)
+    start_metrics_server(settings.telemetry.metrics_port, settings.server.host)
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
@@ -91,14 +87,14 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         import uvicorn
 
         _serve_metrics_beside_reloader(settings)
-        base = f"http://{args.host or settings.host}:{args.port or settings.port}"
+        base = f"http://{args.host or settings.server.host}:{args.port or settings.server.port}"
         log.info("itemstream API at %s, docs at %s/docs (reloading on changes)", base, base)
 
         uvicorn.run(
             "app.main:create_app",
             factory=True,
-            host=args.host or settings.host,
-            port=args.port or settings.port,
+            host=args.host or settings.server.host,
+            port=args.port or settings.server.port,
             reload=True,
             reload_dirs=["app"],
         )
@@ -122,16 +118,15 @@ def _exec_gunicorn() -> NoReturn:
 
 
 def cmd_check_config(settings: Settings, args: argparse.Namespace) -> int:
-    safe = settings.model_dump(exclude={"database_password", "migration_database_password"})
-    for key in ("database_url", "migration_database_url"):
-        if safe.get(key):
-            safe[key] = (
-                settings.database.render_as_string(hide_password=True)
-                if key == "database_url"
-                else settings.migration_database.render_as_string(hide_password=True)
-            )
-    for key, value in sorted(safe.items()):
-        print(f"{key}={value}")
+    """Every variable with the value the app uses; URLs without, and secrets as, ***."""
+    shown = settings.variables()
+    shown["DATABASE_URL"] = settings.db.app_url.render_as_string(hide_password=True)
+    if settings.db.migration_url is not None:
+        shown["MIGRATION_DATABASE_URL"] = settings.db.migrations_url.render_as_string(
+            hide_password=True
+        )
+    for name, value in sorted(shown.items()):
+        print(f"{name}={'' if value is None else value}")
     return 0
 
 
@@ -168,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = _load_settings()
-    configure_logging(settings.log_level, settings.effective_log_format)
+    configure_logging(settings.telemetry.log_level, settings.telemetry.log_format)
     result: int = args.func(settings, args)
     return result
 

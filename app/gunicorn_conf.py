@@ -13,29 +13,26 @@ from app.workers import worker_count
 
 _settings = Settings()
 
-bind = [f"{_settings.host}:{_settings.port}"]
+bind = [f"{_settings.server.host}:{_settings.server.port}"]
 worker_class = "app.gunicorn_worker.Worker"
 # The embedded SQLite database takes one writer; Postgres deployments size by CPU.
 workers = (
     1
-    if _settings.is_sqlite
-    else worker_count(_settings.web_concurrency, maximum=_settings.max_workers)
+    if _settings.db.is_sqlite
+    else worker_count(_settings.server.web_concurrency, maximum=_settings.server.max_workers)
 )
-timeout = _settings.gunicorn_timeout
-graceful_timeout = _settings.gunicorn_graceful_timeout
-keepalive = _settings.gunicorn_keepalive
-max_requests = _settings.gunicorn_max_requests
-max_requests_jitter = (
-    _settings.gunicorn_max_requests_jitter
-    if _settings.gunicorn_max_requests_jitter is not None
-    else max_requests // 10
-)
+_gunicorn = _settings.server.gunicorn
+timeout = _gunicorn.timeout
+graceful_timeout = _gunicorn.graceful_timeout
+keepalive = _gunicorn.keepalive
+max_requests = _gunicorn.max_requests
+max_requests_jitter = _gunicorn.effective_max_requests_jitter
 # Heartbeat file on tmpfs: fchmod on a disk-backed /tmp can block the worker.
 worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None  # noqa: S108
 preload_app = False  # engines and telemetry must be created after the fork
-forwarded_allow_ips = _settings.forwarded_allow_ips
+forwarded_allow_ips = _settings.server.forwarded_allow_ips
 accesslog = None  # the app writes its own access log (route template, trace id)
-logconfig_dict = logging_config(_settings.log_level, _settings.effective_log_format)
+logconfig_dict = logging_config(_settings.telemetry.log_level, _settings.telemetry.log_format)
 proc_name = "itemstream"
 # The control socket (gunicorn >= 24) would need a writable home; we do not use it.
 control_socket_disable = True
@@ -43,7 +40,7 @@ control_socket_disable = True
 # Must be in the environment before any worker imports prometheus_client. In Kubernetes the
 # chart points it at an emptyDir; elsewhere a private temporary directory is made and removed.
 _own_metrics_dir: str | None = None
-if _settings.metrics_enabled and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+if _settings.telemetry.metrics_enabled and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     _own_metrics_dir = tempfile.mkdtemp(prefix="itemstream-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = _own_metrics_dir
 
@@ -57,20 +54,22 @@ def on_starting(server: Any) -> None:
 
 
 def when_ready(server: Any) -> None:
-    base = f"http://{_settings.host}:{_settings.port}"
-    docs = f", docs at {base}/docs" if _settings.docs_enabled else ""
+    base = f"http://{_settings.server.host}:{_settings.server.port}"
+    docs = f", docs at {base}/docs" if _settings.server.docs_enabled else ""
     server.log.info("itemstream API at %s%s", base, docs)
-    if _settings.metrics_enabled and _settings.metrics_port is not None:
+    if _settings.telemetry.metrics_enabled and _settings.telemetry.metrics_port is not None:
         from app.telemetry.metrics import start_metrics_server
 
-        start_metrics_server(_settings.metrics_port, _settings.host)
-        server.log.info("metrics on %s:%s/metrics", _settings.host, _settings.metrics_port)
+        start_metrics_server(_settings.telemetry.metrics_port, _settings.server.host)
+        server.log.info(
+            "metrics on %s:%s/metrics", _settings.server.host, _settings.telemetry.metrics_port
+        )
 
 
 def post_fork(server: Any, worker: Any) -> None:
     from app.telemetry import tracing
 
-    tracing.configure(_settings)
+    tracing.configure(_settings.telemetry.otel)
 
 
 def worker_exit(server: Any, worker: Any) -> None:

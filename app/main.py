@@ -84,24 +84,24 @@ def _access(
     settings: Settings, metrics: AppMetrics | None
 ) -> tuple[TokenVerifier | None, RateLimiter | None]:
     verifier = None
-    if settings.auth_mode == "jwt":
+    if settings.auth.mode == "jwt":
         verifier = TokenVerifier(
-            issuer=settings.auth_issuer,
-            audience=settings.auth_audience,
-            jwks_url=settings.auth_jwks_url,
-            algorithms=tuple(settings.auth_algorithms),
-            leeway_seconds=settings.auth_leeway_seconds,
-            jwks_cache_seconds=settings.auth_jwks_cache_seconds,
-            jwks_min_refresh_seconds=settings.auth_jwks_min_refresh_seconds,
+            issuer=settings.auth.issuer,
+            audience=settings.auth.audience,
+            jwks_url=settings.auth.jwks_url,
+            algorithms=tuple(settings.auth.algorithms),
+            leeway_seconds=settings.auth.leeway_seconds,
+            jwks_cache_seconds=settings.auth.jwks_cache_seconds,
+            jwks_min_refresh_seconds=settings.auth.jwks_min_refresh_seconds,
         )
-    elif settings.auth_mode == "hs256":
-        assert settings.auth_hs256_secret is not None
+    elif settings.auth.mode == "hs256":
+        assert settings.auth.hs256_secret is not None
         log.warning("AUTH_MODE=hs256: shared-secret tokens, for development only")
         verifier = TokenVerifier(
-            issuer=settings.auth_issuer,
-            audience=settings.auth_audience,
-            hs256_secret=settings.auth_hs256_secret.get_secret_value(),
-            leeway_seconds=settings.auth_leeway_seconds,
+            issuer=settings.auth.issuer,
+            audience=settings.auth.audience,
+            hs256_secret=settings.auth.hs256_secret.get_secret_value(),
+            leeway_seconds=settings.auth.leeway_seconds,
         )
     else:
         log.warning(
@@ -109,27 +109,27 @@ def _access(
             "(and AUTH_ISSUER) for anything but local development"
         )
     limiter = None
-    if settings.rate_limit_enabled:
+    if settings.rate_limit.enabled:
         redis_client = None
-        if settings.redis_url:
+        if settings.rate_limit.redis_url:
             from redis.asyncio import Redis
 
             redis_client = Redis.from_url(
-                settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5
+                settings.rate_limit.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5
             )
         else:
             log.warning("rate limits without REDIS_URL are counted per worker process")
         limiter = RateLimiter(
             redis_client,
             requests=Bucket(
-                "requests", settings.rate_limit_requests, settings.rate_limit_window_seconds
+                "requests", settings.rate_limit.requests, settings.rate_limit.window_seconds
             ),
             tokens=Bucket(
-                "tokens", settings.rate_limit_tokens, settings.rate_limit_tokens_window_seconds
+                "tokens", settings.rate_limit.tokens, settings.rate_limit.tokens_window_seconds
             ),
-            max_streams=settings.rate_limit_streams,
-            stream_ttl_seconds=int(settings.stream_max_seconds) + 60,
-            fail_mode=settings.rate_limit_fail_mode,
+            max_streams=settings.rate_limit.streams,
+            stream_ttl_seconds=int(settings.streams.max_seconds) + 60,
+            fail_mode=settings.rate_limit.fail_mode,
             observer=metrics,
         )
     return verifier, limiter
@@ -139,12 +139,12 @@ def _add_middleware(app: FastAPI, settings: Settings) -> None:
     # Added last runs first. Outside all of these: the edge (metrics, sampling, access log,
     # hardening headers; see `create_app`), then the server span for sampled requests.
     app.add_middleware(HeadAsGet)
-    app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
-    if settings.cors_allow_origins:
+    app.add_middleware(BodySizeLimit, limit=settings.server.max_body_bytes)
+    if settings.server.cors.allow_origins:
         app.add_middleware(
             CORSMiddleware,
-            allow_origins=settings.cors_allow_origins,
-            allow_credentials=settings.cors_allow_credentials,
+            allow_origins=settings.server.cors.allow_origins,
+            allow_credentials=settings.server.cors.allow_credentials,
             allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
             allow_headers=[
                 "Authorization",
@@ -163,8 +163,8 @@ def _add_middleware(app: FastAPI, settings: Settings) -> None:
                 "RateLimit-Policy",
             ],
         )
-    if settings.allowed_hosts:
-        app.add_middleware(HostAllowlist, allowed=settings.allowed_hosts)
+    if settings.server.allowed_hosts:
+        app.add_middleware(HostAllowlist, allowed=settings.server.allowed_hosts)
 
 
 @dataclass(slots=True)
@@ -192,41 +192,41 @@ def build_components(
 ) -> tuple[Components, _Opened]:
     """The components and what they hold open, wired from the settings (no I/O yet)."""
     database = Database(
-        create_engine(settings),
+        create_engine(settings.db),
         observer=metrics,
-        pooler=settings.db_pooler,
-        request_timeout=settings.db_request_timeout,
+        pooler=settings.db.pooler,
+        request_timeout=settings.db.request_timeout,
     )
     # Readiness gets a connection of its own: it must answer within the probe's timeout
     # whatever the request pool is doing.
     probe_db = Database(
-        create_engine(settings, pool_size=1),
-        pooler=settings.db_pooler,
-        request_timeout=settings.readiness_timeout,
+        create_engine(settings.db, pool_size=1),
+        pooler=settings.db.pooler,
+        request_timeout=settings.db.readiness_timeout,
     )
     policy = ItemPolicy(
-        idempotency_ttl=timedelta(seconds=settings.idempotency_ttl_seconds),
-        require_if_match=settings.require_if_match,
-        export_max_seconds=settings.export_max_seconds,
-        default_page_size=settings.default_page_size,
-        max_page_size=settings.max_page_size,
+        idempotency_ttl=timedelta(seconds=settings.items.idempotency_ttl_seconds),
+        require_if_match=settings.items.require_if_match,
+        export_max_seconds=settings.items.export_max_seconds,
+        default_page_size=settings.items.default_page_size,
+        max_page_size=settings.items.max_page_size,
     )
-    provider = create_provider(settings)
+    provider = create_provider(settings.llm)
     verifier, limiter = _access(settings, metrics)
     generations = GenerationService(
         database,
         provider,
-        model=settings.llm_model,
+        model=settings.llm.model,
         limits=StreamLimits(
-            max_concurrent=settings.stream_max_concurrent,
-            max_seconds=settings.stream_max_seconds,
-            max_tokens=settings.stream_max_tokens,
-            max_prompt_chars=settings.max_prompt_chars,
+            max_concurrent=settings.streams.max_concurrent,
+            max_seconds=settings.streams.max_seconds,
+            max_tokens=settings.streams.max_tokens,
+            max_prompt_chars=settings.streams.max_prompt_chars,
         ),
         lifecycle=lifecycle,
         observer=metrics,
         quota=LimiterQuota(limiter) if limiter is not None else None,
-        checkpoint_seconds=settings.stream_checkpoint_seconds,
+        checkpoint_seconds=settings.streams.checkpoint_seconds,
     )
     components = Components(
         settings=settings,
@@ -234,7 +234,7 @@ def build_components(
         health=HealthService(probe_db, lifecycle),
         generations=generations,
         lifecycle=lifecycle,
-        access=AccessControl(settings, verifier, limiter),
+        access=AccessControl(settings.auth, verifier, limiter),
     )
     return components, _Opened(database, probe_db, provider, verifier, limiter)
 
@@ -295,14 +295,14 @@ def _lifespan(
 
 
 def _add_routes(app: FastAPI, settings: Settings) -> None:
-    if settings.docs_enabled:
+    if settings.server.docs_enabled:
         api_docs.install(app, "itemstream")
 
         async def root(request: Request) -> RedirectResponse:
             return RedirectResponse("/docs")  # a first look at the address finds the docs
 
         app.add_route("/", root, include_in_schema=False)
-    problems.install(app, retry_after_seconds=settings.db_retry_after_seconds)
+    problems.install(app, retry_after_seconds=settings.db.retry_after_seconds)
     api_contract.install(app, settings)
     for module in (health, items, generations_routes, chat):
         app.include_router(module.router)
@@ -312,7 +312,7 @@ def create_app(settings: Settings | None = None, lifecycle: Lifecycle | None = N
     """The app: routes and middleware now; components, pools and jobs in its lifespan."""
     settings = settings or Settings()
     lifecycle = lifecycle or process_lifecycle
-    tracing.configure(settings)  # no-op when gunicorn's post_fork already did it
+    tracing.configure(settings.telemetry.otel)  # no-op when gunicorn's post_fork already did it
     app = FastAPI(
         title="itemstream",
         version="0.1.0",
@@ -320,7 +320,7 @@ def create_app(settings: Settings | None = None, lifecycle: Lifecycle | None = N
         lifespan=_lifespan(settings, lifecycle),
         docs_url=None,  # self-hosted below: no CDN
         redoc_url=None,
-        openapi_url="/openapi.json" if settings.docs_enabled else None,
+        openapi_url="/openapi.json" if settings.server.docs_enabled else None,
         # FastAPI's own OpenTelemetry layer would observe every request a second time: the
         # edge and the instrumentation below do it once.
         telemetry={"tracing": False, "metrics": False, "logs": False},
@@ -328,8 +328,8 @@ def create_app(settings: Settings | None = None, lifecycle: Lifecycle | None = N
     _add_routes(app, settings)
     _add_middleware(app, settings)
     metrics = (
-        instrument_metrics(app, expose=settings.metrics_port is None)
-        if settings.metrics_enabled
+        instrument_metrics(app, expose=settings.telemetry.metrics_port is None)
+        if settings.telemetry.metrics_enabled
         else None
     )
     app.state.metrics = metrics
@@ -338,6 +338,8 @@ def create_app(settings: Settings | None = None, lifecycle: Lifecycle | None = N
         app,
         metrics=metrics,
         sampler=tracing.head_sampler(),
-        headers=HardeningHeaders(settings.hsts_seconds) if settings.security_headers else None,
+        headers=HardeningHeaders(settings.server.hsts_seconds)
+        if settings.server.security_headers
+        else None,
     )
     return app

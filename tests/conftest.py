@@ -58,7 +58,7 @@ def backend(request: pytest.FixtureRequest) -> str:
 async def settings(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
     if backend == "sqlite":
         url = f"sqlite+aiosqlite:///{tmp_path / 'items.db'}"
-        await migrate(make_settings(url).database)
+        await migrate(make_settings(url).db.app_url)
         return make_settings(url)
     pg: PostgresServer = request.getfixturevalue("pg")
     bouncer: PgBouncer = request.getfixturevalue("pgbouncer_modern")

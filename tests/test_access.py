@@ -39,7 +39,7 @@ HS_SECRET = "a-development-secret-of-at-least-32-chars"
 @pytest.fixture
 async def sqlite_url(tmp_path: Path) -> str:
     url = f"sqlite+aiosqlite:///{tmp_path / 'access.db'}"
-    await migrate(make_settings(url).database)
+    await migrate(make_settings(url).db.app_url)
     return url
 
 

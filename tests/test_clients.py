@@ -37,7 +37,7 @@ async def test_vercel_ai_sdk_against_the_service(tmp_path: Path) -> None:
     settings = make_settings(url, mock_tokens=20, mock_token_delay=0.05, max_prompt_chars=30_000)
     from app.db.migrations import migrate
 
-    await migrate(settings.database)
+    await migrate(settings.db.app_url)
     async with running_app(settings) as base:
         # Node resolves bare imports from a node_modules beside the script: link the cached one.
         work = tmp_path / "client"

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_cli_reports_bad_configuration_clearly() -> None:
     done = run_cli("check-config", env=clean_env(DB_POOL_SIZE="many", ENVIRONMENT="production"))
     assert done.returncode == 2
-    assert "invalid configuration" in done.stderr and "db_pool_size" in done.stderr
+    assert "invalid configuration" in done.stderr and "DB_POOL_SIZE" in done.stderr
     assert "Traceback" not in done.stderr
 
 
@@ -23,7 +23,7 @@ def test_cli_check_config_hides_secrets() -> None:
     done = run_cli("check-config", env=env)
     assert done.returncode == 0, done.stderr
     assert "hunter2" not in done.stdout and "other-secret" not in done.stdout
-    assert "database_url=postgresql+asyncpg://app:***@db/app" in done.stdout
+    assert "DATABASE_URL=postgresql+asyncpg://app:***@db/app" in done.stdout
 
 
 def test_serve_refuses_settings_that_could_only_fail_at_runtime() -> None:

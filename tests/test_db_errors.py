@@ -13,6 +13,7 @@ from app.config import Settings
 from app.db.engine import Database, create_engine
 from app.db.errors import DatabaseUnavailable, is_unavailable_error
 from harness.processes import free_port
+from tests.support.app import changed
 
 pytestmark = pytest.mark.postgres
 
@@ -28,7 +29,7 @@ def test_internal_client_error_means_unavailable() -> None:
 
 @pytest.mark.parametrize("backend", ["postgres"])
 async def test_driver_state_error_discards_the_connection(settings: Settings) -> None:
-    db = Database(create_engine(settings), request_timeout=5)
+    db = Database(create_engine(settings.db), request_timeout=5)
     seen: list[Any] = []
 
     async def fails_mid_transaction() -> None:
@@ -50,7 +51,7 @@ async def test_driver_state_error_discards_the_connection(settings: Settings) ->
 
 @pytest.mark.parametrize("backend", ["postgres"])
 async def test_connection_lost_at_commit_leaves_the_outcome_unknown(settings: Settings) -> None:
-    db = Database(create_engine(settings), request_timeout=5)
+    db = Database(create_engine(settings.db), request_timeout=5)
 
     async def loses_connection_before_commit() -> None:
         async with db.transaction() as session:
@@ -71,10 +72,8 @@ async def test_a_single_write_is_in_doubt_only_once_it_may_have_reached_the_serv
 ) -> None:
     """write_one() (one autocommit statement, no COMMIT to wait for): a failure before a
     connection is held reports "not-applied" (safe to retry); one after, "unknown"."""
-    nowhere = settings.model_copy(
-        update={"database_url": f"postgresql://postgres@127.0.0.1:{free_port()}/none"}
-    )
-    unreachable = Database(create_engine(nowhere), request_timeout=5)
+    nowhere = changed(settings, database_url=f"postgresql://postgres@127.0.0.1:{free_port()}/none")
+    unreachable = Database(create_engine(nowhere.db), request_timeout=5)
 
     async def cannot_connect() -> None:
         async with unreachable.write_one() as session:
@@ -87,7 +86,7 @@ async def test_a_single_write_is_in_doubt_only_once_it_may_have_reached_the_serv
     finally:
         await unreachable.dispose()
 
-    db = Database(create_engine(settings), request_timeout=5)
+    db = Database(create_engine(settings.db), request_timeout=5)
 
     async def loses_connection_between_statements() -> None:
         async with db.write_one() as session:

@@ -84,7 +84,7 @@ def _instant(text: str) -> float:
 
 async def test_export_on_sqlite(tmp_path: Path) -> None:
     url = f"sqlite+aiosqlite:///{tmp_path / 'e.db'}"
-    await migrate(make_settings(url).database)
+    await migrate(make_settings(url).db.app_url)
     async with running_app(make_settings(url)) as base, httpx.AsyncClient(base_url=base) as c:
         await _check_export(c)
 
@@ -252,7 +252,7 @@ async def _export_of(settings: Any) -> dict[str, bytes]:
     from app.db.tables import items
     from tests.support.app import app_client
 
-    direct = create_async_engine(settings.migration_database)
+    direct = create_async_engine(settings.db.migrations_url)
     try:
         async with direct.begin() as conn:
             await conn.execute(items.insert(), _rows())
@@ -270,7 +270,7 @@ async def test_the_same_rows_export_to_the_same_bytes_on_both_backends(
     pg: PostgresServer, tmp_path: Path
 ) -> None:
     sqlite_url = f"sqlite+aiosqlite:///{tmp_path / 'same.db'}"
-    await migrate(make_settings(sqlite_url).database)
+    await migrate(make_settings(sqlite_url).db.app_url)
     database = pg.create_database("itemstream_same")
     bouncer = start_bouncer(MODERN, pg)
     try:

@@ -15,8 +15,8 @@ from app.services.items import ItemPolicy, ItemService
 
 
 async def test_expired_keys_are_purged_and_live_ones_kept(settings: Settings) -> None:
-    db = Database(create_engine(settings))
-    direct = create_async_engine(settings.database)
+    db = Database(create_engine(settings.db))
+    direct = create_async_engine(settings.db.app_url)
     service = ItemService(db, ItemPolicy(idempotency_ttl=timedelta(hours=1)))
     fields = ItemFields(name="x", description=None, price=Decimal(1), is_active=True)
     try:
@@ -42,8 +42,8 @@ async def test_expired_keys_are_purged_and_live_ones_kept(settings: Settings) ->
 
 @pytest.mark.parametrize("backend", ["sqlite"])
 async def test_expired_key_is_taken_over_without_purge(settings: Settings) -> None:
-    db = Database(create_engine(settings))
-    direct = create_async_engine(settings.database)
+    db = Database(create_engine(settings.db))
+    direct = create_async_engine(settings.db.app_url)
     service = ItemService(db, ItemPolicy(idempotency_ttl=timedelta(hours=1)))
     try:
         first = await service.create(ItemFields("a", None, Decimal(1), True), "k")

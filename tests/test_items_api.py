@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from app.config import Settings
-from tests.support.app import app_client
+from tests.support.app import app_client, changed
 
 PROBLEM = "application/problem+json"
 
@@ -428,7 +428,7 @@ async def test_hard_delete(client: httpx.AsyncClient) -> None:
 
 
 async def test_require_if_match_setting(settings: Settings) -> None:
-    strict = settings.model_copy(update={"require_if_match": True})
+    strict = changed(settings, require_if_match=True)
     async with app_client(strict) as client:
         item = await create(client)
         assert_problem(await client.patch(f"/v1/items/{item['id']}", json={"price": 1}), 428)
@@ -477,7 +477,7 @@ async def test_openapi_documents_the_semantics(client: httpx.AsyncClient) -> Non
 
 @pytest.mark.parametrize("backend", ["sqlite"])
 async def test_cors_only_for_allowed_origins(settings: Settings) -> None:
-    allowed = settings.model_copy(update={"cors_allow_origins": ["https://app.example"]})
+    allowed = changed(settings, cors_allow_origins=["https://app.example"])
     async with app_client(allowed) as client:
         ok = await client.get("/v1/items", headers={"Origin": "https://app.example"})
         assert ok.headers["access-control-allow-origin"] == "https://app.example"

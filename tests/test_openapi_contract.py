@@ -20,7 +20,7 @@ HS = "a-development-secret-of-at-least-32-chars"
 
 async def _document(tmp_path: Path, **overrides: Any) -> tuple[dict[str, Any], httpx.Response]:
     url = f"sqlite+aiosqlite:///{tmp_path / 'doc.db'}"
-    await migrate(make_settings(url).database)
+    await migrate(make_settings(url).db.app_url)
     async with app_client(make_settings(url, **overrides)) as client:
         document = (await client.get("/openapi.json")).json()
         root = await client.get("/", follow_redirects=False)
@@ -103,7 +103,7 @@ async def test_bearer_tokens_and_scopes_per_operation(tmp_path: Path) -> None:
 
 async def test_method_not_allowed_lists_every_method_of_the_resource(tmp_path: Path) -> None:
     url = f"sqlite+aiosqlite:///{tmp_path / 'allow.db'}"
-    await migrate(make_settings(url).database)
+    await migrate(make_settings(url).db.app_url)
     async with app_client(make_settings(url)) as client:
         items = await client.request("OPTIONS", "/v1/items")
         assert items.status_code == 405 and items.headers["allow"] == "GET, HEAD, POST"
@@ -147,7 +147,7 @@ async def test_every_operation_shows_valid_request_and_response_examples(tmp_pat
 
 async def test_a_path_segment_of_a_literal_route_is_never_an_item_id(tmp_path: Path) -> None:
     url = f"sqlite+aiosqlite:///{tmp_path / 'doc.db'}"
-    await migrate(make_settings(url).database)
+    await migrate(make_settings(url).db.app_url)
     async with app_client(make_settings(url)) as client:
         for method in ("PUT", "PATCH", "DELETE"):
             response = await client.request(method, "/v1/items/export", json={"name": "x"})

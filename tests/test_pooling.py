@@ -16,7 +16,7 @@ from app.config import Settings
 from harness.pgbouncer import LEGACY, MODERN, PgBouncer
 from harness.postgres import PostgresServer
 from harness.processes import free_port
-from tests.support.app import app_client, make_settings, start_bouncer, through, truncate
+from tests.support.app import app_client, changed, make_settings, start_bouncer, through, truncate
 
 pytestmark = pytest.mark.postgres
 
@@ -146,7 +146,7 @@ async def test_control_default_mode_fails_on_old_pgbouncer(
     """Why DB_POOLER=pgbouncer-legacy exists: with prepared-statement caching on, PgBouncer
     < 1.21 hands statements to server connections that never prepared them."""
     await truncate(pg, schema_db)
-    wrong = through(pgbouncer_legacy, pg, schema_db).model_copy(update={"db_pooler": "pgbouncer"})
+    wrong = changed(through(pgbouncer_legacy, pg, schema_db), db_pooler="pgbouncer")
     async with app_client(wrong) as client:
         statuses = await mixed_workload(client, rounds=10)
     assert set(statuses) - {200, 201}, statuses

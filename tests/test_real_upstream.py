@@ -47,7 +47,7 @@ def llmock(*options: str) -> Iterator[str]:
 async def _client(tmp_path: Path, base_url: str) -> AsyncIterator[httpx.AsyncClient]:
     tmp_path.mkdir(parents=True, exist_ok=True)
     url = f"sqlite+aiosqlite:///{tmp_path / 'up.db'}"
-    await migrate(make_settings(url).database)
+    await migrate(make_settings(url).db.app_url)
     settings = make_settings(
         url, llm_provider="openai", llm_base_url=base_url, llm_model="gpt-4o-mini", llm_retries=0
     )

@@ -76,9 +76,9 @@ async def record(client: httpx.AsyncClient, generation_id: str, status: str) -> 
 
 def upstream_settings(settings: Settings, upstream_url: str, **overrides: Any) -> Settings:
     return make_settings(
-        settings.database_url,
-        db_pooler=settings.db_pooler,
-        migration_database_url=settings.migration_database_url,
+        settings.db.url,
+        db_pooler=settings.db.pooler,
+        migration_database_url=settings.db.migration_url,
         llm_provider="openai",
         llm_base_url=upstream_url,
         llm_model="endless",  # a token every 50 ms: 40 tokens take about 2 s
@@ -151,7 +151,7 @@ async def test_a_generation_outlives_its_client_and_resumes_on_another_instance(
 
 async def test_resume_on_sqlite(tmp_path: Path) -> None:
     url = f"sqlite+aiosqlite:///{tmp_path / 'resume.db'}"
-    await migrate(make_settings(url).database)
+    await migrate(make_settings(url).db.app_url)
     async with fake_upstream() as (upstream, upstream_url):
         await _resume_elsewhere(make_settings(url), upstream, upstream_url)
 
@@ -193,7 +193,7 @@ async def test_cancel_stops_a_running_generation_from_another_instance(
 
 async def test_resume_answers_clear_errors(tmp_path: Path) -> None:
     url = f"sqlite+aiosqlite:///{tmp_path / 'errors.db'}"
-    await migrate(make_settings(url).database)
+    await migrate(make_settings(url).db.app_url)
     async with running_app(make_settings(url)) as base, httpx.AsyncClient(base_url=base) as client:
         missing = await client.get("/v1/generations/01a22d07-0c1e-7d2a-9b3f-5c6d7e8f9a0b/events")
         assert missing.status_code == 404

@@ -26,7 +26,7 @@ async def test_past_the_limit_new_streams_get_503_at_once_and_admitted_ones_keep
     tmp_path: Path,
 ) -> None:
     url = f"sqlite+aiosqlite:///{tmp_path / 'admission.db'}"
-    await migrate(make_settings(url).database)
+    await migrate(make_settings(url).db.app_url)
     settings = make_settings(
         url,
         stream_max_concurrent=ADMITTED,

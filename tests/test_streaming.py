@@ -32,13 +32,13 @@ async def pg_settings(pg: PostgresServer, pgbouncer_modern: PgBouncer, schema_db
 
 
 def with_(settings: Settings, **overrides: Any) -> Settings:
-    return make_settings(settings.database_url, **{**_carry(settings), **overrides})
+    return make_settings(settings.db.url, **{**_carry(settings), **overrides})
 
 
 def _carry(settings: Settings) -> dict[str, Any]:
     return {
-        "db_pooler": settings.db_pooler,
-        "migration_database_url": settings.migration_database_url,
+        "db_pooler": settings.db.pooler,
+        "migration_database_url": settings.db.migration_url,
     }
 
 
@@ -288,7 +288,7 @@ async def test_item_generation_is_stored_exactly_once(
         from app.db.migrations import migrate
 
         url = f"sqlite+aiosqlite:///{tmp_path / 'g.db'}"
-        await migrate(make_settings(url).database)
+        await migrate(make_settings(url).db.app_url)
         settings = make_settings(url, mock_tokens=20, mock_token_delay=0.01)
     async with running_app(settings) as base, httpx.AsyncClient(base_url=base) as client:
         item = (await client.post("/v1/items", json={"name": "Lamp", "price": 20})).json()
@@ -386,7 +386,7 @@ async def test_a_client_that_stops_reading_is_dropped(tmp_path: Path) -> None:
     full (memory stays bounded), and after STREAM_SEND_TIMEOUT the stream is given up and
     recorded `cancelled`, not left open forever."""
     url = f"sqlite+aiosqlite:///{tmp_path / 'slow.db'}"
-    await migrate(make_settings(url).database)
+    await migrate(make_settings(url).db.app_url)
     settings = make_settings(
         url,
         mock_tokens=100_000,

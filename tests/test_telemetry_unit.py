@@ -59,13 +59,13 @@ def test_grpc_exporter_is_refused_with_a_clear_message() -> None:
 
 
 def test_tracing_is_off_without_an_endpoint() -> None:
-    assert not Settings(_env_file=None).tracing_enabled
+    assert not Settings(_env_file=None).telemetry.otel.tracing_enabled
     on = Settings(_env_file=None, otel_exporter_otlp_endpoint="http://c:4318")
-    assert on.tracing_enabled
+    assert on.telemetry.otel.tracing_enabled
     off = Settings(
         _env_file=None, otel_exporter_otlp_endpoint="http://c:4318", otel_sdk_disabled=True
     )
-    assert not off.tracing_enabled
+    assert not off.telemetry.otel.tracing_enabled
 
 
 def test_json_log_lines_carry_trace_ids_and_extras() -> None:

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 from fastapi import Depends, HTTPException, Request
 from opentelemetry import trace
 
-from app.config import Settings
+from app.config import AuthSettings
 from app.domain.errors import Overloaded, RateLimited
 from app.domain.principal import ALL_SCOPES, READ, Principal
 from app.security.ratelimit import RateLimitBackendDown, RateLimiter, headers_for
@@ -29,10 +29,10 @@ class AccessControl:
     """Turns a request into a principal, or refuses it."""
 
     def __init__(
-        self, settings: Settings, verifier: TokenVerifier | None, limiter: RateLimiter | None
+        self, auth: AuthSettings, verifier: TokenVerifier | None, limiter: RateLimiter | None
     ) -> None:
-        self._mode = settings.auth_mode
-        self._anonymous_read = settings.auth_anonymous_read
+        self._mode = auth.mode
+        self._anonymous_read = auth.anonymous_read
         self.verifier = verifier
         self.limiter = limiter
 

@@ -179,7 +179,7 @@ def _model_examples() -> dict[str, list[Any]]:
 
 def _component_examples(settings: Settings) -> dict[str, list[Any]]:
     """Examples of the schemas written here (the Pydantic models carry their own)."""
-    model = {"id": settings.llm_model, "object": "model", "created": 0, "owned_by": "itemstream"}
+    model = {"id": settings.llm.model, "object": "model", "created": 0, "owned_by": "itemstream"}
     completion_id = "chatcmpl-0f1e2d3c4b5a69788796a5b4c3d2e1f0"
     usage = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
     examples = {
@@ -189,7 +189,7 @@ def _component_examples(settings: Settings) -> dict[str, list[Any]]:
             "id": completion_id,
             "object": "chat.completion",
             "created": 1796051752,
-            "model": settings.llm_model,
+            "model": settings.llm.model,
             "choices": [
                 {
                     "index": 0,
@@ -203,7 +203,7 @@ def _component_examples(settings: Settings) -> dict[str, list[Any]]:
             "id": completion_id,
             "object": "chat.completion.chunk",
             "created": 1796051752,
-            "model": settings.llm_model,
+            "model": settings.llm.model,
             "choices": [{"index": 0, "delta": {"content": "Hello"}, "finish_reason": None}],
         },
         "OpenAIError": {
@@ -292,7 +292,7 @@ def complete(document: dict[str, Any], app: FastAPI, settings: Settings) -> dict
     for name, examples in {**_model_examples(), **_component_examples(settings)}.items():
         if name in schemas:
             schemas[name] = {**schemas[name], "examples": examples}
-    if settings.auth_mode != "none":
+    if settings.auth.mode != "none":
         components["securitySchemes"] = {
             "bearer": {
                 "type": "http",
@@ -354,8 +354,8 @@ def _complete_operation(
     if scope is not None:
         description = operation.get("description", "")
         operation["description"] = f"{description}\n\nScope: `{scope}`.".strip()
-        if settings.auth_mode != "none":
-            anonymous = settings.auth_anonymous_read and scope == "items:read"
+        if settings.auth.mode != "none":
+            anonymous = settings.auth.anonymous_read and scope == "items:read"
             operation["security"] = ([{}] if anonymous else []) + [{"bearer": []}]
             operation["x-required-scope"] = scope
 

@@ -116,9 +116,9 @@ class EventStreamResponse(Response):
         return cls(
             run,
             stream_format,
-            heartbeat_seconds=settings.stream_heartbeat_seconds,
-            drain_seconds=settings.stream_drain_seconds,
-            send_timeout=settings.stream_send_timeout,
+            heartbeat_seconds=settings.streams.heartbeat_seconds,
+            drain_seconds=settings.streams.drain_seconds,
+            send_timeout=settings.streams.send_timeout,
             lifecycle=lifecycle,
             headers=headers,
             detach=detach,

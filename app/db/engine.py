@@ -16,7 +16,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 
-from app.config import Settings
+from app.config import DatabaseSettings
 from app.db.errors import (
     DatabaseUnavailable,
     Outcome,
@@ -32,18 +32,18 @@ from app.db.session import PostgresSession, Session, SqlAlchemySession
 log = logging.getLogger(__name__)
 
 
-def postgres_connect_args(settings: Settings) -> dict[str, Any]:
+def postgres_connect_args(db: DatabaseSettings) -> dict[str, Any]:
     args: dict[str, Any] = {
-        "timeout": settings.db_connect_timeout,
+        "timeout": db.connect_timeout,
         # Client-side guard that also sends a cancel request; unlike a `statement_timeout`
         # startup parameter it passes through every PgBouncer version.
-        "command_timeout": settings.db_statement_timeout,
+        "command_timeout": db.statement_timeout,
         "server_settings": {"application_name": "itemstream"},
     }
-    if settings.db_pooler == "none":
-        timeout_ms = int(settings.db_statement_timeout * 1000)
+    if db.pooler == "none":
+        timeout_ms = int(db.statement_timeout * 1000)
         args["server_settings"]["statement_timeout"] = str(timeout_ms)
-    elif settings.db_pooler == "pgbouncer-legacy":
+    elif db.pooler == "pgbouncer-legacy":
         # No named statements (asyncpg >= 0.31 sends every statement unnamed with its cache
         # off): PgBouncer < 1.21 hands each transaction a different server connection.
         args["statement_cache_size"] = 0
@@ -54,20 +54,20 @@ Backend = AsyncEngine | PostgresPool
 
 
 def create_engine(
-    settings: Settings, url: URL | None = None, *, pool_size: int | None = None
+    db: DatabaseSettings, url: URL | None = None, *, pool_size: int | None = None
 ) -> Backend:
     """Create the app's connection pool: SQLAlchemy's engine for SQLite, asyncpg's pool for
     PostgreSQL. Call once per process, after any fork. `pool_size` gives a small pool of its
     own (no overflow), e.g. for the readiness probe."""
-    url = url or settings.database
+    url = url or db.app_url
     if url.get_backend_name() == "sqlite":
         return sqlite_engine(url)
     return PostgresPool(
         url,
-        postgres_connect_args(settings),
-        max_size=pool_size or settings.db_pool_size + settings.db_max_overflow,
-        acquire_timeout=settings.db_pool_timeout,
-        recycle_seconds=settings.db_pool_recycle,
+        postgres_connect_args(db),
+        max_size=pool_size or db.pool_size + db.max_overflow,
+        acquire_timeout=db.pool_timeout,
+        recycle_seconds=db.pool_recycle,
     )
 
 

@@ -28,7 +28,7 @@ from opentelemetry.sdk.trace.sampling import ParentBased, Sampler, TraceIdRatioB
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags
 from starlette.types import ASGIApp
 
-from app.config import Settings
+from app.config import OtelSettings
 from app.probes import PROBE_PATHS
 
 log = logging.getLogger(__name__)
@@ -39,27 +39,27 @@ _provider: TracerProvider | None = None
 _configured_pid: int | None = None
 
 
-def configure(settings: Settings) -> TracerProvider | None:
+def configure(otel: OtelSettings) -> TracerProvider | None:
     """Install the global tracer provider for this process (idempotent per PID)."""
     global _provider, _configured_pid  # noqa: PLW0603 - one provider per process, by design
     if _configured_pid == os.getpid():
         return _provider
     _configured_pid = os.getpid()
     _provider = None
-    exporter = _exporter(settings)
+    exporter = _exporter(otel)
     if exporter is None:
         return None
     # Resource.create reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES; with
     # OTEL_TRACES_SAMPLER set, TracerProvider reads it (and _ARG) itself.
-    resource = Resource.create({SERVICE_NAME: settings.otel_service_name})
+    resource = Resource.create({SERVICE_NAME: otel.service_name})
     sampler = None
-    if settings.otel_traces_sampler is None:
-        sampler = ParentBased(TraceIdRatioBased(settings.otel_traces_sampler_arg))
+    if otel.traces_sampler is None:
+        sampler = ParentBased(TraceIdRatioBased(otel.traces_sampler_arg))
     provider = TracerProvider(resource=resource, sampler=sampler, id_generator=_HeadIds())
     provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     _provider = provider
-    log.info("tracing to %s", settings.otel_traces_exporter)
+    log.info("tracing to %s", otel.traces_exporter)
     return provider
 
 
@@ -137,10 +137,10 @@ class HeadSampler:
         return RequestTrace(False, token)
 
 
-def _exporter(settings: Settings) -> SpanExporter | None:
-    if not settings.tracing_enabled:
+def _exporter(otel: OtelSettings) -> SpanExporter | None:
+    if not otel.tracing_enabled:
         return None
-    if settings.otel_traces_exporter == "console":
+    if otel.traces_exporter == "console":
         return ConsoleSpanExporter()
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 

@@ -32,6 +32,13 @@ def make_settings(url: URL | str, **overrides: Any) -> Settings:
     return Settings(_env_file=None, **values)
 
 
+def changed(settings: Settings, **variables: Any) -> Settings:
+    """`settings` with some variables (flat names, as in the environment) set otherwise,
+    validated again."""
+    current = {name.lower(): value for name, value in settings.variables().items()}
+    return Settings(_env_file=None, **{**current, **variables})
+
+
 @asynccontextmanager
 async def app_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     """The real app with its lifespan, over ASGI (no network)."""

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
-from app.config import Settings
+from app.config import ENV_VARS, Settings, _variables, env_variable
 
 
 def settings(**values: object) -> Settings:
@@ -23,13 +24,13 @@ def settings(**values: object) -> Settings:
     ],
 )
 def test_plain_postgres_urls_get_the_async_driver(raw: str) -> None:
-    assert settings(database_url=raw).database.drivername == "postgresql+asyncpg"
+    assert settings(database_url=raw).db.app_url.drivername == "postgresql+asyncpg"
 
 
 def test_password_from_its_own_variable() -> None:
     s = settings(database_url="postgresql://app@db/app", database_password="s3cr:t/@x")
-    assert s.database.password == "s3cr:t/@x"
-    assert s.migration_database.password == "s3cr:t/@x"
+    assert s.db.app_url.password == "s3cr:t/@x"
+    assert s.db.migrations_url.password == "s3cr:t/@x"
     assert "s3cr" not in repr(s)
 
 
@@ -48,7 +49,7 @@ def test_password_from_its_own_variable() -> None:
             "MIGRATION_DATABASE_URL must point straight at PostgreSQL",
         ),
         ({"db_pooler": "pgbouncer"}, "applies to PostgreSQL only"),
-        ({"db_pooler": "pgbouncer-1.18"}, "db_pooler"),
+        ({"db_pooler": "pgbouncer-1.18"}, "'none', 'pgbouncer' or 'pgbouncer-legacy'"),
         ({"default_page_size": 500}, "DEFAULT_PAGE_SIZE"),
         ({"db_statement_timeout": 10}, "DB_STATEMENT_TIMEOUT (10) must not exceed"),
         (
@@ -65,7 +66,69 @@ def test_unsafe_configuration_is_refused(values: dict[str, object], message: str
 def test_cors_origins_from_comma_list() -> None:
     assert settings(
         cors_allow_origins="https://a.example, https://b.example"
-    ).cors_allow_origins == [
+    ).server.cors.allow_origins == [
         "https://a.example",
         "https://b.example",
     ]
+
+
+# --- the tree and its variables ------------------------------------------------------------
+
+
+def test_every_variable_has_one_place_and_every_leaf_one_variable() -> None:
+    places = list(_variables(Settings, "", ()))
+    assert len(places) == len(ENV_VARS), "two fields claim the same variable"
+    assert len({path for _, path in places}) == len(places)
+    for name, path in ENV_VARS.items():
+        assert re.fullmatch(r"[A-Z][A-Z0-9_]*", name), name
+        node: object = Settings(_env_file=None)
+        for part in path:
+            node = getattr(node, part)  # the path names a real attribute
+
+
+def test_the_environment_fills_the_tree(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DB_POOL_SIZE", "7")
+    monkeypatch.setenv("database_url", "postgres://app@db/app")  # names are case-insensitive
+    monkeypatch.setenv("STREAM_MAX_SECONDS", "12.5")
+    monkeypatch.setenv("MOCK_TOKENS", "3")
+    monkeypatch.setenv("AUTH_ALGORITHMS", '["ES256"]')
+    monkeypatch.setenv("CORS_ALLOW_ORIGINS", "https://a.example,https://b.example")
+    monkeypatch.setenv("REDIS_URL", "")  # empty is unset
+    s = Settings(_env_file=None)
+    assert s.db.pool_size == 7 and s.db.url == "postgresql+asyncpg://app@db/app"
+    assert s.streams.max_seconds == 12.5 and s.llm.mock.tokens == 3
+    assert s.auth.algorithms == ["ES256"]
+    assert s.server.cors.allow_origins == ["https://a.example", "https://b.example"]
+    assert s.rate_limit.redis_url is None
+
+
+def test_keywords_beat_the_environment_and_the_environment_beats_dotenv(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("DB_POOL_SIZE=3\nDB_MAX_OVERFLOW=4\nLLM_MODEL=from-dotenv\n")
+    monkeypatch.setenv("DB_MAX_OVERFLOW", "6")
+    s = Settings(_env_file=dotenv, llm_model="from-keyword")
+    assert (s.db.pool_size, s.db.max_overflow, s.llm.model) == (3, 6, "from-keyword")
+    nested = Settings(_env_file=dotenv, db={"pool_size": 9})
+    assert (nested.db.pool_size, nested.db.max_overflow) == (9, 6)
+
+
+def test_log_format_follows_the_environment_unless_set() -> None:
+    assert settings().telemetry.log_format == "console"
+    production = {"environment": "production", "database_url": "postgresql://a@b/c"}
+    assert settings(**production).telemetry.log_format == "json"
+    assert settings(**production, log_format="console").telemetry.log_format == "console"
+
+
+def test_a_wrong_value_is_reported_by_its_variable() -> None:
+    with pytest.raises(ValidationError) as caught:
+        settings(db_pool_size="many", mock_tokens=0)
+    named = {env_variable(error["loc"]) for error in caught.value.errors()}
+    assert named == {"DB_POOL_SIZE", "MOCK_TOKENS"}
+
+
+def test_variables_round_trip() -> None:
+    s = settings(database_url="postgresql://a@b/c", db_pool_size=4, mock_fail_after=2)
+    again = Settings(_env_file=None, **{k.lower(): v for k, v in s.variables().items()})
+    assert again == s and again.variables()["DB_POOL_SIZE"] == 4

@@ -68,7 +68,7 @@ async def create_chat_completion(
     description="Many clients and UIs call it first. Lists the configured model (`LLM_MODEL`).",
 )
 async def list_models(services: ComponentsDep) -> dict[str, Any]:
-    return {"object": "list", "data": [_model(services.settings.llm_model)]}
+    return {"object": "list", "data": [_model(services.settings.llm.model)]}
 
 
 @router.get(
@@ -77,7 +77,7 @@ async def list_models(services: ComponentsDep) -> dict[str, Any]:
     responses={404: {"description": "No such model"}},
 )
 async def get_model(model_id: str, services: ComponentsDep) -> Response:
-    if model_id != services.settings.llm_model:
+    if model_id != services.settings.llm.model:
         return openai_error(404, f"The model '{model_id}' does not exist", param="model")
     return JSONResponse(_model(model_id))
 
