@@ -8,6 +8,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 
+from app.config import ENV_VARS, Settings
 from tests.support.helm import CHART, Rendered, helm, render, render_error, values_args
 
 VALUE_SETS = [
@@ -296,3 +297,39 @@ def test_every_value_is_documented_in_the_chart_readme() -> None:
         if not any(leaf == key or leaf.startswith(key + ".") for key in documented)
     ]
     assert not missing, f"undocumented values: {missing}"
+
+
+# Read by others than the app's settings: gunicorn, prometheus_client, the OpenTelemetry SDK,
+# and the downward API values OTEL_RESOURCE_ATTRIBUTES refers to.
+NOT_SETTINGS = {
+    "GUNICORN_CMD_ARGS",
+    "PROMETHEUS_MULTIPROC_DIR",
+    "OTEL_RESOURCE_ATTRIBUTES",
+    "POD_NAME",
+    "POD_NAMESPACE",
+    "NODE_NAME",
+}
+
+
+@pytest.mark.parametrize("values_file", VALUE_SETS)
+def test_the_app_is_configured_only_with_variables_its_settings_read(
+    values_file: str | None,
+) -> None:
+    """A variable the chart sets under a name the settings tree does not know would be
+    ignored without a word; and what the chart sets is a configuration the app accepts."""
+    rendered = render(values_file)
+    config = rendered.one("ConfigMap", "api")["data"]
+    config_name = rendered.one("ConfigMap", "api")["metadata"]["name"]
+    names = set(config)
+    app_containers = 0
+    for _, spec in pod_specs(rendered):
+        for container in spec.get("initContainers", []) + spec["containers"]:
+            sources = [s.get("configMapRef", {}).get("name") for s in container.get("envFrom", [])]
+            if config_name in sources:  # the app's image, in any role
+                app_containers += 1
+                names |= {e["name"] for e in container.get("env", [])}
+    assert app_containers >= 1, "the app"
+    unknown = names - set(ENV_VARS) - NOT_SETTINGS
+    assert not unknown, f"not read by app.config: {sorted(unknown)}"
+    secrets = {"DATABASE_PASSWORD": "x", "AUTH_HS256_SECRET": "x" * 32, "LLM_API_KEY": "x"}
+    Settings(_env_file=None, **{k.lower(): v for k, v in {**config, **secrets}.items()})
