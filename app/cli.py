@@ -23,7 +23,12 @@ def _load_settings() -> Settings:
     try:
         return Settings()
     except ValidationError as error:
-        lines = [f"  {env_variable(e['loc'])}: {e['msg']}" for e in error.errors()]
+        lines = []
+        for problem in error.errors():
+            # A rule across settings names its variables in the message itself.
+            message = problem["msg"].removeprefix("Value error, ")
+            variable = env_variable(problem["loc"])
+            lines.append(f"  {variable}: {message}" if variable else f"  {message}")
         sys.stderr.write("itemstream: invalid configuration\n" + "\n".join(lines) + "\n")
         raise SystemExit(2) from None
 
@@ -126,8 +131,19 @@ def cmd_check_config(settings: Settings, args: argparse.Namespace) -> int:
             hide_password=True
         )
     for name, value in sorted(shown.items()):
-        print(f"{name}={'' if value is None else value}")
+        print(f"{name}={_as_variable(value)}")
     return 0
+
+
+def _as_variable(value: object) -> str:
+    """A value as the environment would give it."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return str(value)
 
 
 def build_parser() -> argparse.ArgumentParser:

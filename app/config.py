@@ -556,7 +556,7 @@ class Settings(BaseSettings):
         if not problems:
             problems += self._pooler_problems()
         if problems:
-            raise ValueError("invalid configuration: " + "; ".join(problems))
+            raise ValueError("; ".join(problems))
         return self
 
     def _pooler_problems(self) -> list[str]:
@@ -582,13 +582,11 @@ class Settings(BaseSettings):
         return values
 
 
-def env_variable(loc: tuple[int | str, ...]) -> str:
-    """The environment variable behind a validation error's location in the tree."""
+def env_variable(loc: tuple[int | str, ...]) -> str | None:
+    """The environment variable behind a validation error's location in the tree, if any (a
+    rule across settings is located at their branch)."""
     path = tuple(str(part) for part in loc)
-    for name, where in ENV_VARS.items():
-        if where == path:
-            return name
-    return ".".join(path) or "settings"
+    return next((name for name, where in ENV_VARS.items() if where == path), None)
 
 
 class _FlatVariables(PydanticBaseSettingsSource):
