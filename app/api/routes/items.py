@@ -34,6 +34,8 @@ PROBLEMS = {
     code: {"model": Problem, "content": {"application/problem+json": {}}}
     for code in (404, 412, 422, 428, 503)
 }
+# What a write to an existing item may answer: it is gone, or If-Match is stale or missing.
+CONDITIONAL_WRITE = {code: PROBLEMS[code] for code in (404, 412, 428)}
 
 SortParam = Literal["created_at", "-created_at", "name", "-name", "price", "-price"]
 IdempotencyKey = Annotated[
@@ -226,7 +228,7 @@ async def get_item(
         "to their defaults (`description` null, `is_active` true). Send `If-Match` with the ETag "
         "you read to avoid overwriting someone else's change (412 on mismatch)."
     ),
-    responses={404: PROBLEMS[404], 412: PROBLEMS[412], 428: PROBLEMS[428]},
+    responses=CONDITIONAL_WRITE,
 )
 async def replace_item(
     item_id: UUID, body: ItemIn, items: ItemsWriter, if_match: IfMatch
@@ -242,7 +244,7 @@ async def replace_item(
         "JSON Merge Patch (RFC 7396, `application/merge-patch+json` or `application/json`): only "
         "the fields present change; `description: null` clears it. `If-Match` as for PUT."
     ),
-    responses={404: PROBLEMS[404], 412: PROBLEMS[412], 428: PROBLEMS[428]},
+    responses=CONDITIONAL_WRITE,
 )
 async def patch_item(
     item_id: UUID,
@@ -262,7 +264,7 @@ async def patch_item(
         "`POST /v1/items/{id}/restore` brings it back. `permanent=true` removes the row for "
         "good (also for a soft-deleted item) and cannot be undone."
     ),
-    responses={404: PROBLEMS[404], 412: PROBLEMS[412], 428: PROBLEMS[428]},
+    responses=CONDITIONAL_WRITE,
 )
 async def delete_item(
     item_id: UUID, items: ItemsWriter, if_match: IfMatch, permanent: bool = False
@@ -279,7 +281,7 @@ async def delete_item(
     summary="Restore a soft-deleted item",
     response_model=ItemOut,
     description="Idempotent: restoring a live item returns it unchanged.",
-    responses={404: PROBLEMS[404], 412: PROBLEMS[412], 428: PROBLEMS[428]},
+    responses=CONDITIONAL_WRITE,
 )
 async def restore_item(item_id: UUID, items: ItemsWriter, if_match: IfMatch) -> ModelResponse:
     return _item(await items.restore(item_id, if_match))
