@@ -609,7 +609,10 @@ class _FlatVariables(PydanticBaseSettingsSource):
 
 
 def _as_dict(value: Any) -> Any:
-    return dict(value) if isinstance(value, Mapping) else value
+    """A copy of a branch given as a mapping, to fill in without touching the caller's."""
+    if isinstance(value, Mapping):
+        return {key: _as_dict(inner) for key, inner in value.items()}
+    return value
 
 
 def _variables(

@@ -112,6 +112,11 @@ def test_keywords_beat_the_environment_and_the_environment_beats_dotenv(
     assert (s.db.pool_size, s.db.max_overflow, s.llm.model) == (3, 6, "from-keyword")
     nested = Settings(_env_file=dotenv, db={"pool_size": 9})
     assert (nested.db.pool_size, nested.db.max_overflow) == (9, 6)
+    monkeypatch.setenv("CORS_ALLOW_ORIGINS", "https://a.example")
+    cors: dict[str, object] = {"allow_credentials": True}
+    server = Settings(_env_file=None, server={"cors": cors}).server
+    assert server.cors.allow_origins == ["https://a.example"] and server.cors.allow_credentials
+    assert cors == {"allow_credentials": True}, "the caller's mapping is left as it was"
 
 
 def test_log_format_follows_the_environment_unless_set() -> None:
