@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, NoReturn
+from typing import Annotated, Any, Literal, NoReturn
 from uuid import UUID
 
 from fastapi import (
@@ -35,7 +35,9 @@ PROBLEMS = {
     for code in (404, 412, 422, 428, 503)
 }
 # What a write to an existing item may answer: it is gone, or If-Match is stale or missing.
-CONDITIONAL_WRITE = {code: PROBLEMS[code] for code in (404, 412, 428)}
+CONDITIONAL_WRITE: dict[int | str, dict[str, Any]] = {
+    code: PROBLEMS[code] for code in (404, 412, 428)
+}
 
 SortParam = Literal["created_at", "-created_at", "name", "-name", "price", "-price"]
 IdempotencyKey = Annotated[
