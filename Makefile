@@ -1,5 +1,5 @@
 HELM ?= helm
-# uv from PATH, `python3 -m uv`, or installed on first use (scripts/uv.sh says which).
+# uv from PATH, ~/.local/bin, `python3 -m uv`, or installed on first use (scripts/uv.sh).
 UV ?= ./scripts/uv.sh
 
 .PHONY: run stack test-fast test-sqlite test bench lint fmt typecheck check migrate k8s-rules

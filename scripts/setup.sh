@@ -9,10 +9,9 @@ say() { printf '==> %s\n' "$*" >&2; }
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else return 1; fi; }
 
 if ! command -v uv >/dev/null 2>&1; then
-  say "installing uv"
-  python3 -m pip install --quiet --user uv 2>/dev/null || python3 -m pip install --quiet uv
-  # Where pip put the binary depends on the Python (user base, venv, pyenv): ask the package.
-  export PATH="$(dirname "$(python3 -c 'import uv; print(uv.find_uv_bin())')"):$PATH"
+  # scripts/uv.sh finds uv off PATH or installs it (also where pip may not install: PEP 668).
+  uv_binary=$("$root/scripts/uv.sh" --which)
+  export PATH="$(dirname "$uv_binary"):$PATH"
 fi
 
 say "syncing Python dependencies (uv.lock)"
