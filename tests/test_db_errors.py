@@ -4,6 +4,7 @@ its write may have been stored."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -51,19 +52,12 @@ async def test_driver_state_error_discards_the_connection(settings: Settings) ->
 
 @pytest.mark.parametrize("backend", ["postgres"])
 async def test_connection_lost_at_commit_leaves_the_outcome_unknown(settings: Settings) -> None:
-    db = Database(create_engine(settings.db), request_timeout=5)
-
-    async def loses_connection_before_commit() -> None:
+    async def loses_connection_before_commit(db: Database) -> None:
         async with db.transaction() as session:
             await session.scalar("one", _select_one, {})
             session._conn.terminate()  # type: ignore[attr-defined]
 
-    try:
-        with pytest.raises(DatabaseUnavailable) as raised:
-            await loses_connection_before_commit()
-        assert raised.value.outcome == "unknown"
-    finally:
-        await db.dispose()
+    assert await _outcome(settings, loses_connection_before_commit) == "unknown"
 
 
 @pytest.mark.parametrize("backend", ["postgres"])
@@ -73,33 +67,30 @@ async def test_a_single_write_is_in_doubt_only_once_it_may_have_reached_the_serv
     """write_one() (one autocommit statement, no COMMIT to wait for): a failure before a
     connection is held reports "not-applied" (safe to retry); one after, "unknown"."""
     nowhere = changed(settings, database_url=f"postgresql://postgres@127.0.0.1:{free_port()}/none")
-    unreachable = Database(create_engine(nowhere.db), request_timeout=5)
 
-    async def cannot_connect() -> None:
-        async with unreachable.write_one() as session:
+    async def cannot_connect(db: Database) -> None:
+        async with db.write_one() as session:
             await session.scalar("one", _select_one, {})
 
-    try:
-        with pytest.raises(DatabaseUnavailable) as raised:
-            await cannot_connect()
-        assert raised.value.outcome == "not-applied"
-    finally:
-        await unreachable.dispose()
-
-    db = Database(create_engine(settings.db), request_timeout=5)
-
-    async def loses_connection_between_statements() -> None:
+    async def loses_connection_between_statements(db: Database) -> None:
         async with db.write_one() as session:
             await session.scalar("one", _select_one, {})
             session._conn.terminate()  # type: ignore[attr-defined]
             await session.scalar("one", _select_one, {})
 
+    assert await _outcome(nowhere, cannot_connect) == "not-applied"
+    assert await _outcome(settings, loses_connection_between_statements) == "unknown"
+
+
+async def _outcome(settings: Settings, work: Callable[[Database], Awaitable[None]]) -> str:
+    """The outcome the DatabaseUnavailable raised by `work` reports."""
+    db = Database(create_engine(settings.db), request_timeout=5)
     try:
         with pytest.raises(DatabaseUnavailable) as raised:
-            await loses_connection_between_statements()
-        assert raised.value.outcome == "unknown"
+            await work(db)
     finally:
         await db.dispose()
+    return raised.value.outcome
 
 
 def _select_one(dialect: str) -> Any:

@@ -16,7 +16,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -80,11 +80,24 @@ async def hammer(base: str, paths: list[str]) -> list[int]:
     return [response.status_code for response in responses]
 
 
+def metrics_env(
+    pg: PostgresServer, bouncer: PgBouncer, database: str, **extra: str
+) -> tuple[dict[str, str], Callable[[], str]]:
+    """The service's environment (through `bouncer`) with /metrics on a port of its own, and
+    a scrape of that port."""
+    port = free_port()
+    env = pooled_env(pg, bouncer, database, METRICS_PORT=str(port), **extra)
+
+    def scrape() -> str:
+        return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+
+    return env, scrape
+
+
 def test_metrics_are_exact_across_workers_and_survive_a_dead_worker(
     pg: PostgresServer, pgbouncer_modern: PgBouncer, schema_db: str
 ) -> None:
-    metrics_port = free_port()
-    env = pooled_env(pg, pgbouncer_modern, schema_db, METRICS_PORT=str(metrics_port))
+    env, scrape = metrics_env(pg, pgbouncer_modern, schema_db)
     with serve(env) as server:
         item = httpx.post(f"{server.base}/v1/items", json={"name": "m", "price": 1}).json()
         path = f"/v1/items/{item['id']}"
@@ -97,10 +110,6 @@ def test_metrics_are_exact_across_workers_and_survive_a_dead_worker(
                 break
         assert len(served_by) == 2, "both workers should have served requests"
         assert httpx.get(f"{server.base}/metrics").status_code == 404  # not on the app port
-
-        def scrape() -> str:
-            return httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
-
         labels = {"handler": "/v1/items/{item_id}", "method": "GET", "status": "200"}
         assert metric_sum(scrape(), "http_requests_total", **labels) == first
 
@@ -195,12 +204,10 @@ def test_head_sampling_decides_once_and_unsampled_requests_keep_their_trace_id(
     request has exactly one server span whose trace id is the one in its access log line (the
     SDK is not asked a second time with another trace id), unsampled ones create no span but
     still log a trace id and are counted; an unsampled incoming parent is followed."""
-    metrics_port = free_port()
-    env = pooled_env(
+    env, scrape = metrics_env(
         pg,
         pgbouncer_modern,
         schema_db,
-        METRICS_PORT=str(metrics_port),
         OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
         OTEL_TRACES_SAMPLER_ARG="0.5",
         OTEL_BSP_SCHEDULE_DELAY="100",
@@ -218,7 +225,7 @@ def test_head_sampling_decides_once_and_unsampled_requests_keep_their_trace_id(
         assert response.status_code == 200
         time.sleep(1.0)  # let the last batch arrive
         logged = logged_requests(server, "/v1/items/{item_id}")
-        scraped = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+        scraped = scrape()
     labels = {"handler": "/v1/items/{item_id}", "method": "GET", "status": "200"}
     assert metric_sum(scraped, "http_requests_total", **labels) == requests + 1
     assert len(logged) == requests + 1
@@ -421,20 +428,15 @@ def test_the_autoscaling_metric_counts_open_streams_across_workers(
     assert pods["metric"]["name"] == rule["name"]["as"] == SIGNAL
     assert rule["seriesQuery"].startswith(SIGNAL + "{")
 
-    metrics_port = free_port()
-    env = pooled_env(
+    env, scrape = metrics_env(
         pg,
         pgbouncer_modern,
         schema_db,
-        METRICS_PORT=str(metrics_port),
         MOCK_TOKENS="200",
         MOCK_TOKEN_DELAY="0.05",
     )
     open_streams = 12
     with serve(env) as server:
-
-        def scrape() -> str:
-            return httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
 
         async def hold() -> tuple[float, float]:
             limits = httpx.Limits(max_keepalive_connections=0, max_connections=open_streams)
