@@ -5,16 +5,25 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from typing import Any
 
 import httpx
 import pytest
+from opentelemetry import propagate, trace
+from opentelemetry.context import Context
+from opentelemetry.propagators.composite import CompositePropagator
+from opentelemetry.propagators.textmap import TextMapPropagator, default_getter
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from pydantic import ValidationError
 
 from app.config import Settings
 from app.lifecycle import Lifecycle
 from app.main import create_app
 from app.telemetry.logs import JsonFormatter
+from app.telemetry.tracing import HeadSampler
 
 
 @pytest.mark.parametrize("backend", ["sqlite"])
@@ -82,3 +91,38 @@ def test_json_log_lines_carry_trace_ids_and_extras() -> None:
     assert line["span_id"] == format(context.span_id, "016x")
     outside = json.loads(JsonFormatter().format(record))
     assert "trace_id" not in outside
+
+
+class _XTrace(TextMapPropagator):
+    """A propagator with a header of its own, standing in for B3 or Jaeger."""
+
+    @property
+    def fields(self) -> set[str]:
+        return {"x-trace"}
+
+    def extract(
+        self, carrier: Any, context: Context | None = None, getter: Any = default_getter
+    ) -> Context:
+        found = getter.get(carrier, "x-trace")
+        if not found:
+            return context or Context()
+        parent = SpanContext(int(found[0], 16), 1, is_remote=True, trace_flags=TraceFlags(1))
+        return trace.set_span_in_context(NonRecordingSpan(parent), context)
+
+    def inject(self, carrier: Any, context: Context | None = None, setter: Any = None) -> None:
+        return None
+
+
+def test_the_head_decision_reads_the_configured_propagators() -> None:
+    """A sampled parent arriving in the headers of a configured propagator (OTEL_PROPAGATORS)
+    is followed at the edge, not only W3C traceparent."""
+    before = propagate.get_global_textmap()
+    propagate.set_global_textmap(CompositePropagator([TraceContextTextMapPropagator(), _XTrace()]))
+    try:
+        sampler = HeadSampler(ParentBased(ALWAYS_OFF))
+        assert not sampler.begin([]).sampled  # a new trace: the sampler says no
+        decided = sampler.begin([(b"x-trace", b"4bf92f3577b34da6a3ce929d0e0e4736")])
+        assert decided.sampled, "the sampled parent from x-trace is followed"
+        decided.end()
+    finally:
+        propagate.set_global_textmap(before)

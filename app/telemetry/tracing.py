@@ -82,7 +82,10 @@ class _HeadIds(RandomIdGenerator):
         return super().generate_trace_id()
 
 
-_TRACE_CONTEXT_HEADERS = (b"traceparent", b"tracestate", b"baggage")
+def propagated_fields() -> frozenset[str]:
+    """The headers the configured propagators read and write (OTEL_PROPAGATORS: W3C trace
+    context and baggage by default, B3 or Jaeger when configured so)."""
+    return frozenset(propagate.get_global_textmap().fields)
 
 
 class RequestTrace:
@@ -107,13 +110,14 @@ class HeadSampler:
 
     def __init__(self, sampler: Sampler) -> None:
         self._sampler = sampler
+        self._fields = frozenset(name.encode("latin-1") for name in propagated_fields())
 
     def begin(self, headers: list[tuple[bytes, bytes]]) -> RequestTrace:
         parent: otel_context.Context | None = None
         carrier = {
             name.decode("latin-1"): value.decode("latin-1")
             for name, value in headers
-            if name in _TRACE_CONTEXT_HEADERS
+            if name in self._fields
         }
         parent_span = None
         if carrier:
@@ -187,17 +191,14 @@ def shutdown() -> None:
         _provider.shutdown()
 
 
-_TRACE_HEADERS = ("traceparent", "tracestate")
-
-
 def outgoing_headers(incoming: Mapping[str, str]) -> dict[str, str]:
-    """W3C trace context for an upstream call: the current span's when tracing is on (the
-    httpx instrumentation re-injects it for its own client span), else the caller's as is."""
+    """Trace context for an upstream call: the current span's when tracing is on (the httpx
+    instrumentation re-injects it for its own client span), else the caller's as is."""
     headers: dict[str, str] = {}
     if trace.get_current_span().get_span_context().is_valid:
         propagate.inject(headers)
         return headers
-    for name in _TRACE_HEADERS:
+    for name in propagated_fields():
         value = incoming.get(name)
         if value:
             headers[name] = value
