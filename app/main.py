@@ -299,7 +299,8 @@ def _add_routes(app: FastAPI, settings: Settings) -> None:
         api_docs.install(app, "itemstream")
 
         async def root(request: Request) -> RedirectResponse:
-            return RedirectResponse("/docs")  # a first look at the address finds the docs
+            # A first look at the address finds the docs.
+            return RedirectResponse(api_docs.SWAGGER)
 
         app.add_route("/", root, include_in_schema=False)
     problems.install(app, retry_after_seconds=settings.db.retry_after_seconds)

@@ -21,8 +21,7 @@ import asyncpg
 from fastapi import FastAPI, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from bench.limit_server import COLUMNS, _noop_reset
-from bench.limit_server import _json as to_json
+from bench.limit_server import COLUMNS, noop_reset, to_json
 
 
 class ItemIn(BaseModel):
@@ -51,7 +50,7 @@ pool: asyncpg.Pool | None = None
 async def lifespan(_: FastAPI) -> AsyncIterator[None]:
     global pool  # noqa: PLW0603
     pool = await asyncpg.create_pool(
-        os.environ["LIMIT_DSN"], min_size=10, max_size=10, reset=_noop_reset
+        os.environ["LIMIT_DSN"], min_size=10, max_size=10, reset=noop_reset
     )
     yield
     await pool.close()

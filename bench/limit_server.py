@@ -23,7 +23,7 @@ COLUMNS = "id, name, description, price, is_active, version, created_at, updated
 pool: asyncpg.Pool | None = None
 
 
-def _json(value: Any) -> Any:
+def to_json(value: Any) -> Any:
     if isinstance(value, uuid.UUID):
         return str(value)
     if isinstance(value, Decimal):
@@ -37,13 +37,13 @@ def _row(record: asyncpg.Record) -> dict[str, Any]:
     return dict(record.items())
 
 
-async def _noop_reset(connection: asyncpg.Connection) -> None:
+async def noop_reset(connection: asyncpg.Connection) -> None:
     # asyncpg's default reset costs a round trip per release; nothing here changes session state.
     return None
 
 
 async def _respond(send: Send, status: int, body: Any) -> None:
-    payload = json.dumps(body, default=_json).encode()
+    payload = json.dumps(body, default=to_json).encode()
     await send(
         {
             "type": "http.response.start",
@@ -73,7 +73,7 @@ async def app(scope: dict[str, Any], receive: Receive, send: Send) -> None:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 pool = await asyncpg.create_pool(
-                    os.environ["LIMIT_DSN"], min_size=10, max_size=10, reset=_noop_reset
+                    os.environ["LIMIT_DSN"], min_size=10, max_size=10, reset=noop_reset
                 )
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":

@@ -12,6 +12,10 @@ from starlette.responses import HTMLResponse
 from starlette.staticfiles import StaticFiles
 
 ASSETS = "/static/docs"
+SWAGGER = "/docs"
+REDOC = "/redoc"
+# Every path the docs pages and their assets are served under (they need scripts and styles).
+PATHS = (SWAGGER, REDOC, ASSETS)
 
 
 def install(app: FastAPI, title: str) -> None:
@@ -36,5 +40,5 @@ def install(app: FastAPI, title: str) -> None:
             with_google_fonts=False,
         )
 
-    app.add_route("/docs", swagger, include_in_schema=False)
-    app.add_route("/redoc", redoc, include_in_schema=False)
+    app.add_route(SWAGGER, swagger, include_in_schema=False)
+    app.add_route(REDOC, redoc, include_in_schema=False)

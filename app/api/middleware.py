@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.api import docs
 from app.api.problems import BodyTooLarge, problem_response
 from app.probes import PROBE_PATHS
 
@@ -73,7 +74,7 @@ class HardeningHeaders:
         ]
 
     def for_path(self, path: str) -> list[tuple[bytes, bytes]]:
-        return self.docs if path.startswith(("/docs", "/redoc", "/static/docs")) else self.api
+        return self.docs if path.startswith(docs.PATHS) else self.api
 
 
 class HostAllowlist:

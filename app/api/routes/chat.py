@@ -37,10 +37,10 @@ router = APIRouter(prefix="/v1", tags=["chat"], route_class=OpenAIRoute)
 async def create_chat_completion(
     body: ChatCompletionRequest,
     request: Request,
-    services: ComponentsDep,
+    components: ComponentsDep,
     caller: Annotated[Principal, require(GENERATE)],
 ) -> Response:
-    run = await services.generations.start_chat(
+    run = await components.generations.start_chat(
         tuple(message.to_message() for message in body.messages),
         model=body.model,
         max_tokens=body.token_limit,
@@ -54,11 +54,11 @@ async def create_chat_completion(
         return EventStreamResponse.configured(
             run,
             ChunkFormat(body.include_usage),
-            services.settings,
-            services.lifecycle,
+            components.settings,
+            components.lifecycle,
             headers=record,
         )
-    text = await services.generations.collect(run)
+    text = await components.generations.collect(run)
     return JSONResponse(completion_body(run, text), headers=record)
 
 
@@ -67,8 +67,8 @@ async def create_chat_completion(
     summary="The models this service serves (OpenAI-compatible)",
     description="Many clients and UIs call it first. Lists the configured model (`LLM_MODEL`).",
 )
-async def list_models(services: ComponentsDep) -> dict[str, Any]:
-    return {"object": "list", "data": [_model(services.settings.llm.model)]}
+async def list_models(components: ComponentsDep) -> dict[str, Any]:
+    return {"object": "list", "data": [_model(components.settings.llm.model)]}
 
 
 @router.get(
@@ -76,8 +76,8 @@ async def list_models(services: ComponentsDep) -> dict[str, Any]:
     summary="One model (OpenAI-compatible)",
     responses={404: {"description": "No such model"}},
 )
-async def get_model(model_id: str, services: ComponentsDep) -> Response:
-    if model_id != services.settings.llm.model:
+async def get_model(model_id: str, components: ComponentsDep) -> Response:
+    if model_id != components.settings.llm.model:
         return openai_error(404, f"The model '{model_id}' does not exist", param="model")
     return JSONResponse(_model(model_id))
 

@@ -155,13 +155,13 @@ EVENT_STREAM: dict[str, Any] = {
 async def generate_for_item(
     item_id: UUID,
     request: Request,
-    services: ComponentsDep,
+    components: ComponentsDep,
     caller: Annotated[Principal, require(GENERATE)],
     body: Annotated[GenerateIn | None, Body()] = None,
     idempotency_key: IdempotencyKey = None,
 ) -> EventStreamResponse:
     body = body or GenerateIn()
-    run = await services.generations.start_for_item(
+    run = await components.generations.start_for_item(
         item_id,
         instructions=body.instructions,
         max_tokens=body.max_tokens,
@@ -172,8 +172,8 @@ async def generate_for_item(
     return EventStreamResponse.configured(
         run,
         ItemEventFormat(),
-        services.settings,
-        services.lifecycle,
+        components.settings,
+        components.lifecycle,
         headers={"Location": f"/v1/generations/{run.id}"},
         detach=True,
     )
@@ -204,9 +204,9 @@ async def get_generation(
         str,
         Path(description="the generation's id, or a chat completion's id (`chatcmpl-...`)"),
     ],
-    services: ComponentsDep,
+    components: ComponentsDep,
 ) -> GenerationOut:
-    return GenerationOut.of(await services.generations.get(_generation_uuid(generation_id)))
+    return GenerationOut.of(await components.generations.get(_generation_uuid(generation_id)))
 
 
 LAST_EVENT_ID = re.compile(r"^[0-9]{1,9}$")
@@ -244,7 +244,7 @@ async def resume_generation(
     generation_id: Annotated[
         str, Path(description="the generation's id, or a chat completion's id (`chatcmpl-...`)")
     ],
-    services: ComponentsDep,
+    components: ComponentsDep,
     last_event_id_header: Annotated[
         str | None,
         Header(
@@ -260,12 +260,12 @@ async def resume_generation(
     ] = None,
 ) -> EventStreamResponse:
     after = _resume_offset(last_event_id_header, last_event_id)
-    run = await services.generations.follow(_generation_uuid(generation_id), after)
+    run = await components.generations.follow(_generation_uuid(generation_id), after)
     return EventStreamResponse.configured(
         run,
         ItemEventFormat(),
-        services.settings,
-        services.lifecycle,
+        components.settings,
+        components.lifecycle,
     )
 
 
@@ -282,6 +282,6 @@ async def resume_generation(
 )
 async def cancel_generation(
     generation_id: Annotated[str, Path(description="as for GET")],
-    services: ComponentsDep,
+    components: ComponentsDep,
 ) -> GenerationOut:
-    return GenerationOut.of(await services.generations.cancel(_generation_uuid(generation_id)))
+    return GenerationOut.of(await components.generations.cancel(_generation_uuid(generation_id)))
