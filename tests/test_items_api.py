@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from app.config import Settings
+from app.main import create_app
 from tests.support.app import app_client, changed
 
 PROBLEM = "application/problem+json"
@@ -52,6 +53,20 @@ async def test_create_returns_201_location_etag(client: httpx.AsyncClient) -> No
     assert body["created_at"].endswith("Z") or body["created_at"].endswith("+00:00")
     fetched = await client.get(response.headers["location"])
     assert fetched.json() == body
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+async def test_location_keeps_the_root_path_the_app_is_mounted_under(settings: Settings) -> None:
+    app = create_app(settings)  # as behind a proxy that mounts it under /api
+    transport = httpx.ASGITransport(app=app, root_path="/api")
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://test/api") as client,
+    ):
+        created = await client.post("/v1/items", json={"name": "n", "price": "1"})
+        location = created.headers["location"]
+        assert location == f"/api/v1/items/{created.json()['id']}"
+        assert (await client.get(location.removeprefix("/api"))).status_code == 200
 
 
 @pytest.mark.parametrize(

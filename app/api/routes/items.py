@@ -97,14 +97,17 @@ def _item(item: Item, status_code: int = 200, **headers: str) -> ModelResponse:
 )
 async def create_item(
     body: ItemIn,
+    request: Request,
     items: ItemServiceDep,
     caller: Annotated[Principal, require(WRITE)],
     idempotency_key: IdempotencyKey = None,
 ) -> ModelResponse:
     created_by = None if caller.anonymous else caller.subject
     created = await items.create(body.to_fields(), idempotency_key, created_by)
-    # Not request.url_for(): it searches every route of the app on each create.
-    headers = {"Location": f"{router.prefix}/{created.item.id}"}
+    # Not request.url_for(): it searches every route of the app on each create. The root path
+    # is where a proxy mounts the app (uvicorn --root-path), as url_for would include it.
+    root = request.scope.get("root_path", "")
+    headers = {"Location": f"{root}{router.prefix}/{created.item.id}"}
     if created.replayed:
         headers["Idempotent-Replayed"] = "true"
     return _item(created.item, 201, **headers)
