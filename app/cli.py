@@ -29,8 +29,19 @@ def _load_settings() -> Settings:
             message = problem["msg"].removeprefix("Value error, ")
             variable = env_variable(problem["loc"])
             lines.append(f"  {variable}: {message}" if variable else f"  {message}")
-        sys.stderr.write("itemstream: invalid configuration\n" + "\n".join(lines) + "\n")
-        raise SystemExit(2) from None
+        _refuse(lines)
+
+
+def _refuse(lines: list[str]) -> NoReturn:
+    sys.stderr.write("itemstream: invalid configuration\n" + "\n".join(lines) + "\n")
+    raise SystemExit(2)
+
+
+def _check_serving(settings: Settings) -> None:
+    """The rules for a process that serves requests (serve, check-config)."""
+    problems = settings.serving_problems()
+    if problems:
+        _refuse([f"  {problem}" for problem in problems])
 
 
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
@@ -76,6 +87,7 @@ def _serve_metrics_beside_reloader(settings: Settings) -> None:
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    _check_serving(settings)
     # Outside production `serve` brings the schema to head itself (SQLite or PostgreSQL); in
     # production that is the migration Job's work, and a pending migration makes readiness and
     # every request answer 503 naming it.
@@ -124,6 +136,7 @@ def _exec_gunicorn() -> NoReturn:
 
 def cmd_check_config(settings: Settings, args: argparse.Namespace) -> int:
     """Every variable with the value the app uses; URLs without, and secrets as, ***."""
+    _check_serving(settings)
     shown = settings.variables()
     shown["DATABASE_URL"] = settings.db.app_url.render_as_string(hide_password=True)
     if settings.db.migration_url is not None:

@@ -24,6 +24,8 @@ from pydantic_settings import (
 )
 from sqlalchemy.engine import URL, make_url
 
+from app.domain.principal import DEFAULT_ADMIN_SCOPE
+
 log = logging.getLogger(__name__)
 
 Environment = Literal["development", "test", "production"]
@@ -352,6 +354,10 @@ class LlmSettings(Group):
     # Bearer key of the upstream.
     api_key: SecretStr | None = None
     model: str = Field("itemstream-mock", min_length=1, description="for item generations")
+    # The models clients may ask for (chat completions; /v1/models lists them), comma-separated;
+    # LLM_MODEL is always one. Any other is 404 `model_not_found`: the upstream is called with
+    # the operator's key.
+    models: StrList = Field(default_factory=list)
     # Seconds to connect to the upstream.
     connect_timeout: float = Field(5.0, gt=0)
     # The longest silence allowed between two tokens, time to first token included.
@@ -365,6 +371,11 @@ class LlmSettings(Group):
         if self.provider == "openai" and not self.base_url:
             raise ValueError("LLM_BASE_URL is required when LLM_PROVIDER is 'openai'")
         return self
+
+    @property
+    def served_models(self) -> list[str]:
+        """LLM_MODEL first, then the other models of LLM_MODELS, each once."""
+        return list(dict.fromkeys([self.model, *self.models]))
 
 
 class StreamSettings(Group):
@@ -398,14 +409,25 @@ class AuthSettings(Group):
     """Access control"""
 
     env_prefix = "AUTH_"
-    # `none`: no authentication (development; loud warning). `jwt`: bearer tokens from
-    # AUTH_ISSUER (OIDC discovery) or AUTH_JWKS_URL. `hs256`: a shared secret, development
+    # `none`: no authentication, one tenant (development; loud warning; refused in production
+    # unless AUTH_ALLOW_UNAUTHENTICATED). `jwt`: bearer tokens from AUTH_ISSUER (OIDC
+    # discovery, or AUTH_JWKS_URL) for AUTH_AUDIENCE. `hs256`: a shared secret, development
     # only (refused in production).
     mode: Literal["none", "jwt", "hs256"] = "none"
-    # OIDC issuer (discovery finds the JWKS); tokens' iss must match.
+    # OIDC issuer (discovery finds the JWKS); tokens' iss must match. Required with jwt.
     issuer: str | None = None
-    # Expected aud claim.
+    # Expected aud claim; a token for another audience is refused. Required with jwt.
     audience: str | None = None
+    # The claim naming the caller's tenant: principals of one tenant share its items and
+    # generations and never see another's (`sub`: every subject is its own tenant; for
+    # organisations e.g. `org_id`, `tid` or a custom claim). A token without it is refused.
+    tenant_claim: str = Field("sub", min_length=1)
+    # The scope that reaches every tenant's items and generations (operators), on top of the
+    # scope each operation needs; its use is recorded in the access log.
+    admin_scope: str = Field(DEFAULT_ADMIN_SCOPE, min_length=1)
+    # Serve without authentication in production (AUTH_MODE=none): every caller anonymous
+    # with every scope. Only behind a gateway that authenticates for it.
+    allow_unauthenticated: bool = False
     # JWKS URL, for issuers without discovery.
     jwks_url: str | None = None
     # Accepted signature algorithms.
@@ -426,8 +448,16 @@ class AuthSettings(Group):
     @model_validator(mode="after")
     def _check(self) -> AuthSettings:
         problems = []
-        if self.mode == "jwt" and not (self.issuer or self.jwks_url):
-            problems.append("AUTH_MODE=jwt needs AUTH_ISSUER (OIDC discovery) or AUTH_JWKS_URL")
+        if self.mode == "jwt" and not self.issuer:
+            problems.append(
+                "AUTH_MODE=jwt needs AUTH_ISSUER (tokens' iss; its OIDC discovery finds the "
+                "keys unless AUTH_JWKS_URL is set)"
+            )
+        if self.mode == "jwt" and not self.audience:
+            problems.append(
+                "AUTH_MODE=jwt needs AUTH_AUDIENCE: without it a token the issuer minted for "
+                "any other service would be accepted"
+            )
         if self.mode == "hs256":
             secret = self.hs256_secret.get_secret_value() if self.hs256_secret else ""
             if len(secret) < 32:
@@ -553,11 +583,27 @@ class Settings(BaseSettings):
                 problems.append("CORS_ALLOW_ORIGINS='*' is refused in production")
             if self.auth.mode == "hs256":
                 problems.append("AUTH_MODE=hs256 (a shared secret) is refused in production")
+
         if not problems:
             problems += self._pooler_problems()
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def serving_problems(self) -> list[str]:
+        """What makes this configuration unfit to serve requests, though fit for the other
+        commands (`migrate` serves nothing, so it needs no authentication settings)."""
+        if (
+            self.environment == "production"
+            and self.auth.mode == "none"
+            and not self.auth.allow_unauthenticated
+        ):
+            return [
+                "AUTH_MODE=none (no authentication: every caller has every scope) is refused "
+                "in production; set AUTH_MODE=jwt, or AUTH_ALLOW_UNAUTHENTICATED=true if a "
+                "gateway in front authenticates every request"
+            ]
+        return []
 
     def _pooler_problems(self) -> list[str]:
         if self.db.pooler == "none" or self.db.migration_url is not None:

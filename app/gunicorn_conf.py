@@ -12,6 +12,8 @@ from app.telemetry.logs import logging_config
 from app.workers import worker_count
 
 _settings = Settings()
+if _problems := _settings.serving_problems():  # also when gunicorn is started by hand
+    raise SystemExit("itemstream: invalid configuration\n  " + "\n  ".join(_problems))
 
 bind = [f"{_settings.server.host}:{_settings.server.port}"]
 worker_class = "app.gunicorn_worker.Worker"

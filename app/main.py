@@ -93,6 +93,7 @@ def _access(
             leeway_seconds=settings.auth.leeway_seconds,
             jwks_cache_seconds=settings.auth.jwks_cache_seconds,
             jwks_min_refresh_seconds=settings.auth.jwks_min_refresh_seconds,
+            tenant_claim=settings.auth.tenant_claim,
         )
     elif settings.auth.mode == "hs256":
         assert settings.auth.hs256_secret is not None
@@ -102,11 +103,13 @@ def _access(
             audience=settings.auth.audience,
             hs256_secret=settings.auth.hs256_secret.get_secret_value(),
             leeway_seconds=settings.auth.leeway_seconds,
+            tenant_claim=settings.auth.tenant_claim,
         )
     else:
         log.warning(
-            "AUTH_MODE=none: every caller is anonymous with every scope. Set AUTH_MODE=jwt "
-            "(and AUTH_ISSUER) for anything but local development"
+            "AUTH_MODE=none: every caller is anonymous with every scope, in one tenant. Set "
+            "AUTH_MODE=jwt (with AUTH_ISSUER and AUTH_AUDIENCE) for anything but local "
+            "development"
         )
     limiter = None
     if settings.rate_limit.enabled:
@@ -217,6 +220,7 @@ def build_components(
         database,
         provider,
         model=settings.llm.model,
+        models=settings.llm.served_models,
         limits=StreamLimits(
             max_concurrent=settings.streams.max_concurrent,
             max_seconds=settings.streams.max_seconds,
@@ -312,6 +316,8 @@ def _add_routes(app: FastAPI, settings: Settings) -> None:
 def create_app(settings: Settings | None = None, lifecycle: Lifecycle | None = None) -> FastAPI:
     """The app: routes and middleware now; components, pools and jobs in its lifespan."""
     settings = settings or Settings()
+    if problems := settings.serving_problems():
+        raise ValueError("; ".join(problems))
     lifecycle = lifecycle or process_lifecycle
     tracing.configure(settings.telemetry.otel)  # no-op when gunicorn's post_fork already did it
     app = FastAPI(

@@ -343,6 +343,7 @@ def main() -> int:
             MIGRATION_DATABASE_URL=dsn,
             DB_POOLER="pgbouncer",
             ENVIRONMENT="production",
+            AUTH_ALLOW_UNAUTHENTICATED="true",
             OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{sink.server_port}",
             OTEL_SERVICE_NAME="itemstream-bench",
         )

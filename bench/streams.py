@@ -38,7 +38,11 @@ async def _one_stream(
     port: int, ready: asyncio.Event, ttfts: list[float], outcome: dict[str, int]
 ) -> None:
     body = json.dumps(
-        {"model": "bench", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+        {
+            "model": "itemstream-mock",
+            "stream": True,
+            "messages": [{"role": "user", "content": "hi"}],
+        }
     ).encode()
     request = (
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"

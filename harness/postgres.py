@@ -71,6 +71,24 @@ class PostgresServer:
         finally:
             await conn.close()
 
+    def fetchval(self, database: str, sql: str) -> object:
+        """The first value of a query's first row, on `database` (as the superuser)."""
+
+        async def run() -> object:
+            conn = await asyncpg.connect(
+                host=self.host,
+                port=self.port,
+                user=self.admin_url.username,
+                password=self.admin_url.password,
+                database=database,
+            )
+            try:
+                return await conn.fetchval(sql)
+            finally:
+                await conn.close()
+
+        return run_coroutine(run)
+
     def create_database(self, prefix: str = "itemstream_test") -> str:
         name = f"{prefix}_{os.getpid()}_{secrets.token_hex(4)}"
         run_coroutine(lambda: self._admin(f'CREATE DATABASE "{name}"'))

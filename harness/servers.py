@@ -99,7 +99,7 @@ def serve(env: dict[str, str], cwd: Path = ROOT, *, port: int | None = None) -> 
     proc = subprocess.Popen(
         [sys.executable, "-m", "app", "serve", "--port", str(port)],
         cwd=cwd,
-        env={**env, "PYTHONPATH": str(ROOT)},
+        env={**env, "PYTHONPATH": str(cwd)},  # the code of `cwd` (e.g. an earlier release)
         stdout=log_file,
         stderr=subprocess.STDOUT,
     )
@@ -124,13 +124,14 @@ def serve(env: dict[str, str], cwd: Path = ROOT, *, port: int | None = None) -> 
 
 
 def run_cli(
-    *args: str, env: dict[str, str], timeout: float = 60
+    *args: str, env: dict[str, str], timeout: float = 60, cwd: Path = ROOT
 ) -> subprocess.CompletedProcess[str]:
-    """`python -m app ARGS` from the repository root; output captured, never raises."""
+    """`python -m app ARGS` from the repository root (or the tree of another release); output
+    captured, never raises."""
     return subprocess.run(
         [sys.executable, "-m", "app", *args],
-        cwd=ROOT,
-        env=env,
+        cwd=cwd,
+        env={**env, "PYTHONPATH": str(cwd)},
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -121,6 +121,46 @@ async def test_tokens_right_rotated_wrong_expired_audience_none_confusion(
         assert (await client.get("/v1/items", headers=bearer(retired))).status_code == 401
 
 
+async def test_an_identity_provider_outage_is_503_never_401(
+    sqlite_url: str, issuer: Issuer
+) -> None:
+    """While the issuer's keys cannot be fetched, a token signed with a key the service has
+    not seen may well be good (rotated in during the outage): 503 with Retry-After, so the
+    client retries instead of dropping it. Known keys keep working; the outage over, the new
+    key works at once."""
+    settings = jwt_settings(sqlite_url, issuer)
+    async with running_app(settings) as base, httpx.AsyncClient(base_url=base) as client:
+        assert (await client.get("/v1/items", headers=bearer(issuer.token()))).status_code == 200
+        issuer.down = True
+        rotated = SigningKey.rsa()
+        issuer.keys.append(rotated)
+        for _ in range(3):  # the first refused fetch, and the back-off window after it
+            unknown = await client.get("/v1/items", headers=bearer(issuer.token(rotated)))
+            assert unknown.status_code == 503, unknown.text
+            assert unknown.headers["retry-after"] == "5"
+            assert "identity provider" in unknown.json()["detail"]
+        known = await client.get("/v1/items", headers=bearer(issuer.token()))
+        assert known.status_code == 200, "cached keys keep serving"
+        forged = await client.get("/v1/items", headers=bearer(confused_token(issuer, rotated)))
+        assert forged.status_code == 401, "a token no key could verify is still refused"
+        issuer.down = False
+        back = await client.get("/v1/items", headers=bearer(issuer.token(rotated)))
+        assert back.status_code == 200, back.text
+
+
+async def test_a_token_for_another_audience_is_refused_and_audience_is_required(
+    sqlite_url: str, issuer: Issuer
+) -> None:
+    with pytest.raises(ValueError, match="AUTH_AUDIENCE"):
+        make_settings(sqlite_url, auth_mode="jwt", auth_issuer=issuer.base)
+    settings = jwt_settings(sqlite_url, issuer)
+    async with running_app(settings) as base, httpx.AsyncClient(base_url=base) as client:
+        other = issuer.token(audience="billing-service")
+        refused = await client.get("/v1/items", headers=bearer(other))
+        assert refused.status_code == 401
+        assert "audience" in refused.json()["detail"]
+
+
 async def test_scopes_and_anonymous_reads(sqlite_url: str, issuer: Issuer) -> None:
     settings = jwt_settings(sqlite_url, issuer, auth_anonymous_read=True)
     async with running_app(settings) as base, httpx.AsyncClient(base_url=base) as client:
@@ -134,7 +174,7 @@ async def test_scopes_and_anonymous_reads(sqlite_url: str, issuer: Issuer) -> No
         )
         chat = await client.post(
             "/v1/chat/completions",
-            json={"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+            json={"model": "itemstream-mock", "messages": [{"role": "user", "content": "hi"}]},
             headers=bearer(reader),
         )
         assert chat.status_code == 403
@@ -146,7 +186,7 @@ async def test_scopes_and_anonymous_reads(sqlite_url: str, issuer: Issuer) -> No
         gen = issuer.token(sub="carol", scope="generate items:read")
         done = await client.post(
             "/v1/chat/completions",
-            json={"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+            json={"model": "itemstream-mock", "messages": [{"role": "user", "content": "hi"}]},
             headers=bearer(gen),
         )
         generation_id = str(uuid.UUID(done.json()["id"].removeprefix("chatcmpl-")))
@@ -325,7 +365,11 @@ async def test_stream_and_token_quotas(
         mock_tokens=12,
         mock_token_delay=0.05,
     )
-    body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    body = {
+        "model": "itemstream-mock",
+        "stream": True,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
     async with running_app(settings) as base, httpx.AsyncClient(base_url=base) as client:
         token = bearer(hs_token("erin"))
         async with client.stream("POST", "/v1/chat/completions", json=body, headers=token) as held:

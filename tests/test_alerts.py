@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.support.helm import CHART, helm, rendered_rules
+from tests.support.helm import CHART, helm, rendered_rules, values_args
 from tests.support.skips import missing
 
 RELEASE, NAMESPACE = "itemstream", "apps"
@@ -268,10 +268,13 @@ def test_database_alert_threshold_is_a_value(threshold: str) -> None:
         "template",
         RELEASE,
         str(CHART),
-        "--set",
-        "prometheusRule.enabled=true",
-        "--set",
-        f"prometheusRule.databaseUnavailablePerSecond={threshold}",
+        *values_args(
+            None,
+            [
+                "prometheusRule.enabled=true",
+                f"prometheusRule.databaseUnavailablePerSecond={threshold}",
+            ],
+        ),
         "--show-only",
         "templates/prometheusrule.yaml",
     ).stdout

@@ -12,7 +12,7 @@ from app.config import ENV_VARS, Settings
 from tests.support.helm import CHART, Rendered, helm, render, render_error, values_args
 
 VALUE_SETS = [
-    None,
+    None,  # the defaults, as the try-out installs them (tests/support/helm.py)
     "production-values.yaml",
     "production-minimal-values.yaml",
     "hpa-off-initcontainer-values.yaml",
@@ -68,6 +68,21 @@ def test_restricted_security_everywhere(values_file: str | None) -> None:
             assert context["readOnlyRootFilesystem"] is True, where
             assert context["capabilities"]["drop"] == ["ALL"], where
             assert "resources" in container, where
+
+
+def test_bare_defaults_refuse_an_unauthenticated_install() -> None:
+    """With no values the chart would serve without authentication in production, which the
+    app refuses: the render says so and names both ways out."""
+    bare = helm("template", "demo", str(CHART), check=False)
+    assert bare.returncode != 0
+    assert "auth.allowUnauthenticated=true" in bare.stderr and "auth.mode=jwt" in bare.stderr
+    no_audience = render_error(
+        None,
+        "auth.mode=jwt",
+        "auth.issuer=https://id.example.com",
+        "auth.allowUnauthenticated=false",
+    )
+    assert "auth.audience" in no_audience
 
 
 def test_defaults_hpa_pgbouncer_and_hook_migrations() -> None:

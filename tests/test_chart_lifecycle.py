@@ -22,7 +22,7 @@ import yaml
 from tests.support.helm import CHART, ROOT, Rendered, helm, values_args
 
 SHIPPED = sorted(p.name for p in (CHART / "ci").glob("*.yaml"))
-VALUE_SETS: list[str | None] = [None, *SHIPPED]
+VALUE_SETS: list[str | None] = list(SHIPPED)  # try-out-values.yaml: the defaults
 POD_KINDS = ("Deployment", "StatefulSet", "Job", "Pod")
 
 
@@ -345,6 +345,7 @@ def test_network_policy_admits_what_the_release_needs() -> None:
         "networkPolicy.allowExternal=false",
         "auth.mode=jwt",
         "auth.issuer=https://login.example.com",
+        "auth.audience=itemstream",
         "httpRoute.enabled=true",
         "httpRoute.parentRefs[0].name=public",
         "httpRoute.parentRefs[0].namespace=gateway-system",

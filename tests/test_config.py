@@ -58,3 +58,41 @@ def test_gunicorn_reads_its_settings_from_the_settings_tree() -> None:
         [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, check=False
     )
     assert done.stdout.split() == ["41", "7", "10.0.0.1", "10"], done.stderr
+
+
+def test_production_serves_only_authenticated_but_migrates_without_auth_settings(
+    tmp_path: Path,
+) -> None:
+    """The refusal is about serving: `serve` (and gunicorn started by hand, and check-config)
+    refuse AUTH_MODE=none in production naming the opt-in; `migrate`, which serves nothing,
+    runs with the database settings alone (the chart's migration Job has no others)."""
+    production = clean_env(
+        ENVIRONMENT="production", DATABASE_URL="postgresql://app@127.0.0.1:1/app"
+    )
+    for command in (("serve",), ("check-config",)):
+        done = run_cli(*command, env=production, timeout=30)
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert "AUTH_ALLOW_UNAUTHENTICATED=true" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+    gunicorn = subprocess.run(
+        [sys.executable, "-c", "import app.gunicorn_conf"],
+        env=production,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert gunicorn.returncode != 0 and "AUTH_ALLOW_UNAUTHENTICATED" in gunicorn.stderr
+    allowed = run_cli("check-config", env={**production, "AUTH_ALLOW_UNAUTHENTICATED": "true"})
+    assert allowed.returncode == 0, allowed.stderr
+    database = tmp_path / "app.db"
+    migrate = run_cli(
+        "migrate",
+        env=clean_env(ENVIRONMENT="development", DATABASE_URL=f"sqlite:///{database}"),
+    )
+    assert migrate.returncode == 0, migrate.stderr
+    # In production, with no authentication settings at all: it waits for the database (which
+    # is not there) instead of refusing.
+    waited = run_cli("wait-for-migrations", "--timeout", "1", env=production)
+    assert waited.returncode == 1, waited.stdout + waited.stderr
+    assert "AUTH_MODE" not in waited.stdout + waited.stderr

@@ -105,6 +105,8 @@ def test_image_is_small_non_root_and_runs_migrate_then_serve(
             f"DATABASE_URL={url}",
             "-e",
             f"PORT={port}",
+            "-e",
+            "AUTH_ALLOW_UNAUTHENTICATED=true",  # no identity provider in this test
             IMAGE,
         ],
         capture_output=True,

@@ -19,7 +19,7 @@ import pytest
 from app.db.migrations import migrate
 from harness.pgbouncer import LEGACY, MODERN
 from harness.postgres import PostgresServer
-from harness.processes import memory_kib, run_coroutine, worker_pids
+from harness.processes import memory_kib, run_coroutine, wait_until, worker_pids
 from harness.servers import pooled_env, serve
 from tests.support.app import make_settings, start_bouncer, through
 from tests.support.http_servers import running_app
@@ -165,15 +165,31 @@ def test_big_export_streams_in_flat_memory_and_stops_on_disconnect(
             assert growth_mib < 25, f"worker RSS grew by {growth_mib:.1f} MiB"
 
             with httpx.stream("GET", f"{server.base}/v1/items/export", timeout=30) as response:
-                next(response.iter_bytes())
+                # Held, not dropped: a dropped iterator is collected at once, and closing it
+                # closes the connection (the server would rightly see the client leave).
+                chunks = response.iter_bytes()
+                next(chunks)
                 # Backpressure holds the COPY on the server while the client reads nothing.
-                copying = run_coroutine(lambda: _copy_backends(pg, big_db))
+                copying = _copying(pg, big_db)
                 assert len(copying) == 1, "no COPY running while the client holds the export"
             # The client left after the first chunk: the COPY must stop, not run to its end.
             assert _stopped(pg, big_db, copying[0]), "the export query kept running"
             assert httpx.get(f"{server.base}/readyz").status_code == 200
     finally:
         bouncer.close()
+
+
+def _copying(pg: PostgresServer, database: str) -> list[int]:
+    """The backends running a COPY, once there is one (within 5 s: the server starts the COPY
+    a moment after the first bytes reach the client)."""
+    found: list[int] = []
+
+    def seen() -> bool:
+        found[:] = run_coroutine(lambda: _copy_backends(pg, database))
+        return bool(found)
+
+    wait_until(seen, 5)
+    return found
 
 
 async def _copy_backends(pg: PostgresServer, database: str) -> list[int]:

@@ -140,7 +140,12 @@ def test_production_on_an_unmigrated_database_answers_503_naming_the_fix(
 ) -> None:
     url = pg.url(fresh_database).render_as_string(hide_password=False)
     port = free_port()
-    env = clean_env(DATABASE_URL=url, ENVIRONMENT="production", PORT=str(port))
+    env = clean_env(
+        DATABASE_URL=url,
+        ENVIRONMENT="production",
+        AUTH_ALLOW_UNAUTHENTICATED="true",
+        PORT=str(port),
+    )
     log = tmp_path / "serve.log"
     proc = _start([sys.executable, "-m", "app", "serve"], {**env, "PYTHONPATH": str(ROOT)}, log)
     base = f"http://127.0.0.1:{port}"

@@ -55,8 +55,11 @@ async def test_nul_in_query_and_cursor(client: httpx.AsyncClient) -> None:
 async def test_nul_in_chat_comes_back_in_openais_shape(client: httpx.AsyncClient) -> None:
     for body in (
         {"model": NUL, "messages": [{"role": "user", "content": "hi"}]},
-        {"model": "m", "messages": [{"role": "user", "content": NUL}]},
-        {"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": NUL}]}]},
+        {"model": "itemstream-mock", "messages": [{"role": "user", "content": NUL}]},
+        {
+            "model": "itemstream-mock",
+            "messages": [{"role": "user", "content": [{"type": "text", "text": NUL}]}],
+        },
     ):
         response = await client.post("/v1/chat/completions", json=body)
         assert response.status_code == 400, response.text

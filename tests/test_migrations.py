@@ -44,18 +44,7 @@ def test_concurrent_migrate_runs_apply_exactly_once(pg: PostgresServer) -> None:
     assert sum("Running upgrade" in out for out in outputs) == 1, outputs
     assert sum("migrations applied" in out for out in outputs) == 1
 
-    async def version() -> str:
-        conn = await asyncpg.connect(
-            host=pg.host, port=pg.port, user=pg.admin_url.username, database=database
-        )
-        try:
-            return str(await conn.fetchval("SELECT version_num FROM alembic_version"))
-        finally:
-            await conn.close()
-
-    import asyncio
-
-    assert asyncio.run(version()) == head_revision()
+    assert pg.fetchval(database, "SELECT version_num FROM alembic_version") == head_revision()
     pg.drop_database(database)
 
 
@@ -125,6 +114,55 @@ async def test_search_uses_trigram_indexes(pg: PostgresServer) -> None:
         await conn.close()
         pg.drop_database(database)
     assert "ix_items_name_trgm" in plan and "ix_items_description_trgm" in plan, plan
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("sort", ["-created_at", "name", "-price"])
+async def test_a_tenants_pages_are_ranges_of_its_index(pg: PostgresServer, sort: str) -> None:
+    """The list query the app sends (compiled from its builder), for one tenant among many,
+    first page and keyset page: an index scan in order, no sort of the tenant's rows."""
+    from app.db.items import _filter_params, _page
+    from app.db.session import compiled_for_postgres
+    from app.domain.models import ItemFilter, Sort
+
+    database = pg.create_database("itemstream_tenant_plan")
+    await migrate(pg.url(database))
+    conn = await asyncpg.connect(
+        host=pg.host, port=pg.port, user=pg.admin_url.username, database=database
+    )
+    order = Sort(field=sort.lstrip("-"), descending=sort.startswith("-"))  # type: ignore[arg-type]
+    try:
+        await conn.execute(
+            "INSERT INTO items (id, name, description, price, created_at, updated_at, tenant) "
+            "SELECT gen_random_uuid(), 'item ' || n, 'about ' || n, n % 500, now(), now(), "
+            "'tenant-' || (n % 50) FROM generate_series(1, 200000) AS n"
+        )
+        await conn.execute("ANALYZE items")
+        for keyset in (False, True):
+            shape, params = _filter_params(ItemFilter(), "tenant-7")
+            sql = compiled_for_postgres(("plan", shape, order, keyset), _page(shape, order, keyset))
+            values = {**params, "limit": 21, "offset": 0}
+            if keyset:
+                after = {"created_at": "2100-01-01", "name": "item 5", "price": 250}[order.field]
+                values |= {"after_value": after, "after_id": "00000000-0000-0000-0000-000000000000"}
+            args = [values[name] for name in sql.params]
+            text = sql.sql
+            for position in range(len(args), 0, -1):  # EXPLAIN with the values inlined
+                text = text.replace(f"${position}", _literal(args[position - 1]))
+            plan = "\n".join(row[0] for row in await conn.fetch("EXPLAIN " + text))
+            assert f"ix_items_tenant_live_{order.field}" in plan, plan
+            assert "Sort" not in plan and "Seq Scan" not in plan, plan
+    finally:
+        await conn.close()
+        pg.drop_database(database)
+
+
+def _literal(value: object) -> str:
+    if isinstance(value, str):
+        return "'" + value.replace("'", "''") + "'"
+    if value is None:
+        return "NULL"
+    return str(value)
 
 
 @pytest.mark.postgres

@@ -26,7 +26,7 @@ from harness.processes import free_port, wait_until
 from harness.servers import clean_env
 from tests.support.app import through, truncate
 from tests.support.helm import CHART, helm, rendered_rules
-from tests.support.http_servers import fake_upstream, running_app
+from tests.support.http_servers import FakeUpstream, fake_upstream, running_app
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
@@ -191,7 +191,12 @@ async def test_dashboard_and_alert_metrics_exist_in_a_real_scrape(
     await truncate(pg, schema_db)
     async with fake_upstream() as (_, upstream_url):
         settings: Settings = through(
-            pgbouncer_modern, pg, schema_db, llm_provider="openai", llm_base_url=upstream_url
+            pgbouncer_modern,
+            pg,
+            schema_db,
+            llm_provider="openai",
+            llm_base_url=upstream_url,
+            llm_models=FakeUpstream.MODELS,
         )
         async with running_app(settings) as base, httpx.AsyncClient(base_url=base) as client:
             item = await client.post("/v1/items", json={"name": "m", "price": 1})

@@ -8,7 +8,7 @@ import json
 
 import httpx
 
-CHAT = {"model": "m", "messages": [{"role": "user", "content": "three words here"}]}
+CHAT = {"model": "itemstream-mock", "messages": [{"role": "user", "content": "three words here"}]}
 
 
 async def test_models_list_the_configured_model(client: httpx.AsyncClient) -> None:
@@ -22,7 +22,8 @@ async def test_models_list_the_configured_model(client: httpx.AsyncClient) -> No
     }
     assert (await client.get("/v1/models/itemstream-mock")).json()["id"] == "itemstream-mock"
     missing = await client.get("/v1/models/gpt-none")
-    assert missing.status_code == 404 and missing.json()["error"]["param"] == "model"
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "model_not_found"
 
 
 async def test_a_completion_points_at_its_record(client: httpx.AsyncClient) -> None:

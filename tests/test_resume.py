@@ -81,6 +81,7 @@ def upstream_settings(settings: Settings, upstream_url: str, **overrides: Any) -
         migration_database_url=settings.db.migration_url,
         llm_provider="openai",
         llm_base_url=upstream_url,
+        llm_models=FakeUpstream.MODELS,
         llm_model="endless",  # a token every 50 ms: 40 tokens take about 2 s
         stream_checkpoint_seconds=CHECKPOINT,
         **overrides,

@@ -19,7 +19,11 @@ TOKEN_DELAY = 0.05
 
 
 def body() -> dict[str, object]:
-    return {"model": "m", "stream": True, "messages": [{"role": "user", "content": "go"}]}
+    return {
+        "model": "itemstream-mock",
+        "stream": True,
+        "messages": [{"role": "user", "content": "go"}],
+    }
 
 
 async def test_past_the_limit_new_streams_get_503_at_once_and_admitted_ones_keep_pace(

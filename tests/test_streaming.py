@@ -20,7 +20,7 @@ from app.db.migrations import migrate
 from harness.pgbouncer import PgBouncer
 from harness.postgres import PostgresServer
 from tests.support.app import make_settings, through, truncate
-from tests.support.http_servers import fake_upstream, running_app
+from tests.support.http_servers import FakeUpstream, fake_upstream, running_app
 
 pytestmark = pytest.mark.postgres
 
@@ -85,14 +85,16 @@ async def test_openai_client_streaming_and_not(pg_settings: Settings) -> None:
     async with running_app(settings) as base:
         client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
         messages: Any = [{"role": "user", "content": "describe a widget"}]
-        completion = await client.chat.completions.create(model="m-1", messages=messages)
+        completion = await client.chat.completions.create(
+            model="itemstream-mock", messages=messages
+        )
         text = completion.choices[0].message.content
         assert text and len(text.split()) == 12
         assert completion.choices[0].finish_reason == "stop"
         assert completion.usage is not None and completion.usage.completion_tokens == 12
 
         stream = await client.chat.completions.create(
-            model="m-1",
+            model="itemstream-mock",
             messages=messages,
             stream=True,
             stream_options={"include_usage": True},
@@ -119,7 +121,7 @@ async def test_openai_client_streaming_and_not(pg_settings: Settings) -> None:
         assert record["time_to_first_token_seconds"] is not None
 
         with pytest.raises(openai.BadRequestError) as bad:
-            await client.chat.completions.create(model="m-1", messages=[])
+            await client.chat.completions.create(model="itemstream-mock", messages=[])
         assert bad.value.status_code == 400
         assert "messages" in bad.value.message
 
@@ -135,7 +137,12 @@ def _uuid(hex_: str) -> str:
 
 async def test_upstream_stream_is_relayed_with_trace_context(pg_settings: Settings) -> None:
     async with fake_upstream() as (upstream, upstream_url):
-        settings = with_(pg_settings, llm_provider="openai", llm_base_url=upstream_url)
+        settings = with_(
+            pg_settings,
+            llm_provider="openai",
+            llm_base_url=upstream_url,
+            llm_models=FakeUpstream.MODELS,
+        )
         async with running_app(settings) as base, httpx.AsyncClient(base_url=base) as client:
             traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
             async with client.stream(
@@ -164,6 +171,7 @@ async def test_slow_first_token_gets_heartbeats(pg_settings: Settings) -> None:
             pg_settings,
             llm_provider="openai",
             llm_base_url=upstream_url,
+            llm_models=FakeUpstream.MODELS,
             stream_heartbeat_seconds=0.3,
         )
         async with running_app(settings) as base, httpx.AsyncClient(base_url=base) as client:
@@ -189,7 +197,11 @@ async def test_upstream_failure_before_first_token(
 ) -> None:
     async with fake_upstream() as (upstream, upstream_url):
         settings = with_(
-            pg_settings, llm_provider="openai", llm_base_url=upstream_url, llm_model=model
+            pg_settings,
+            llm_provider="openai",
+            llm_base_url=upstream_url,
+            llm_models=FakeUpstream.MODELS,
+            llm_model=model,
         )
         async with running_app(settings) as base, httpx.AsyncClient(base_url=base) as client:
             response = await client.post("/v1/chat/completions", json=chat_body(model))
@@ -217,7 +229,12 @@ async def test_upstream_failure_after_first_token_ends_with_error_event(
     pg_settings: Settings, model: str
 ) -> None:
     async with fake_upstream() as (upstream, upstream_url):
-        settings = with_(pg_settings, llm_provider="openai", llm_base_url=upstream_url)
+        settings = with_(
+            pg_settings,
+            llm_provider="openai",
+            llm_base_url=upstream_url,
+            llm_models=FakeUpstream.MODELS,
+        )
         async with running_app(settings) as base, httpx.AsyncClient(base_url=base) as client:
             async with client.stream(
                 "POST", "/v1/chat/completions", json=chat_body(model)
@@ -241,7 +258,12 @@ async def test_client_disconnect_cancels_upstream_and_records_cancelled(
     """A chat stream's client leaving ends it (OpenAI's semantics); an item generation goes on
     (tests/test_resume.py)."""
     async with fake_upstream() as (upstream, upstream_url):
-        settings = with_(pg_settings, llm_provider="openai", llm_base_url=upstream_url)
+        settings = with_(
+            pg_settings,
+            llm_provider="openai",
+            llm_base_url=upstream_url,
+            llm_models=FakeUpstream.MODELS,
+        )
         async with running_app(settings) as base:
             client = httpx.AsyncClient(base_url=base)
             body = chat_body("endless", max_tokens=1000)
@@ -331,9 +353,11 @@ async def test_stream_limits(pg_settings: Settings) -> None:
         stream_max_tokens=50,
     )
     async with running_app(settings) as base, httpx.AsyncClient(base_url=base) as client:
-        async with client.stream("POST", "/v1/chat/completions", json=chat_body("m")) as held:
+        async with client.stream(
+            "POST", "/v1/chat/completions", json=chat_body("itemstream-mock")
+        ) as held:
             assert held.status_code == 200
-            busy = await client.post("/v1/chat/completions", json=chat_body("m"))
+            busy = await client.post("/v1/chat/completions", json=chat_body("itemstream-mock"))
             assert busy.status_code == 503
             assert busy.headers["retry-after"] == "1"
             assert busy.json()["error"]["code"] == "overloaded"
@@ -341,7 +365,7 @@ async def test_stream_limits(pg_settings: Settings) -> None:
         # 0.6 s at 20 tokens/s: the deadline ends it with an error, not a silent cut.
         assert "maximum duration" in json.loads(events[-1])["error"]["message"]
 
-        long_prompt = chat_body("m", stream=False)
+        long_prompt = chat_body("itemstream-mock", stream=False)
         long_prompt["messages"][0]["content"] = "x" * 101
         too_long = await client.post("/v1/chat/completions", json=long_prompt)
         assert too_long.status_code == 400
@@ -358,7 +382,7 @@ async def test_stream_metrics(pg_settings: Settings) -> None:
     settings = with_(pg_settings, mock_tokens=7, mock_token_delay=0.0, mock_fail_after=None)
     async with running_app(settings) as base, httpx.AsyncClient(base_url=base) as client:
         for _ in range(3):
-            ok = await client.post("/v1/chat/completions", json=chat_body("m"))
+            ok = await client.post("/v1/chat/completions", json=chat_body("itemstream-mock"))
             assert ok.status_code == 200
         text = (await client.get("/metrics")).text
     samples = _samples(text)
@@ -395,7 +419,7 @@ async def test_a_client_that_stops_reading_is_dropped(tmp_path: Path) -> None:
         stream_max_seconds=60,
         stream_max_tokens=100_000,
     )
-    body = json.dumps(chat_body("m")).encode()
+    body = json.dumps(chat_body("itemstream-mock")).encode()
     async with running_app(settings) as base:
         host, port = base.removeprefix("http://").split(":")
         sock = socket.socket()

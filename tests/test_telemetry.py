@@ -338,14 +338,14 @@ def test_stream_span_has_first_token_event_and_upstream_http_child(
         with serve(env) as server:
             response = httpx.post(
                 f"{server.base}/v1/chat/completions",
-                json={"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+                json={"model": "itemstream-mock", "messages": [{"role": "user", "content": "hi"}]},
                 headers={"traceparent": f"00-{trace_id}-00f067aa0ba902b8-01"},
             )
             assert response.status_code == 200, response.text
             assert response.json()["choices"][0]["message"]["content"] == "t0 t1 t2 "
 
             def stream_span_arrived() -> bool:
-                return any(s.name == "chat m" for s in receiver.spans)
+                return any(s.name == "chat itemstream-mock" for s in receiver.spans)
 
             assert wait_until(stream_span_arrived, 15), receiver.spans
             time.sleep(0.5)
@@ -353,7 +353,7 @@ def test_stream_span_has_first_token_event_and_upstream_http_child(
         upstream.shutdown()
     in_trace = {s.span_id: s for s in receiver.spans if s.trace_id == trace_id}
     request = next(s for s in in_trace.values() if s.kind == SERVER_KIND)
-    stream = next(s for s in in_trace.values() if s.name == "chat m")
+    stream = next(s for s in in_trace.values() if s.name == "chat itemstream-mock")
     assert stream.parent_span_id == request.span_id
     assert stream.attributes["gen_ai.usage.output_tokens"] == 3
     assert stream.attributes["itemstream.generation.outcome"] == "completed"
@@ -381,7 +381,7 @@ def test_sigterm_ends_open_streams_with_a_final_event(
 
     def read(name: str, base: str, max_tokens: int) -> None:
         body = {
-            "model": "m",
+            "model": "itemstream-mock",
             "messages": [{"role": "user", "content": "hi"}],
             "stream": True,
             "max_tokens": max_tokens,
@@ -447,7 +447,7 @@ def test_the_autoscaling_metric_counts_open_streams_across_workers(
                 async def stream() -> None:
                     nonlocal opened
                     body = {
-                        "model": "m",
+                        "model": "itemstream-mock",
                         "stream": True,
                         "messages": [{"role": "user", "content": "x"}],
                     }

@@ -33,6 +33,7 @@ class AccessControl:
     ) -> None:
         self._mode = auth.mode
         self._anonymous_read = auth.anonymous_read
+        self._admin_scope = auth.admin_scope
         self.verifier = verifier
         self.limiter = limiter
 
@@ -49,12 +50,19 @@ class AccessControl:
         try:
             verified = await self.verifier.verify(token)
         except InvalidToken as error:
-            challenge = f'{REALM}, error="{error.error}", error_description="{error.detail}"'
+            description = _header_text(error.detail)
+            challenge = f'{REALM}, error="{error.error}", error_description="{description}"'
             raise HTTPException(401, error.detail, {"WWW-Authenticate": challenge}) from None
         except KeySourceUnavailable as error:
             log.warning("cannot verify tokens: %s", error)
             raise Overloaded("the identity provider's keys are unavailable", 5) from None
-        return Principal(verified.subject, verified.scopes, client=client)
+        return Principal(
+            verified.subject,
+            verified.scopes,
+            client=client,
+            tenant=verified.tenant,
+            admin=self._admin_scope in verified.scopes,
+        )
 
     async def check_rate(self, principal: Principal) -> None:
         if self.limiter is None:
@@ -67,6 +75,12 @@ class AccessControl:
             raise RateLimited(
                 "too many requests from this caller", decision.retry_after, headers_for(decision)
             )
+
+
+def _header_text(text: str) -> str:
+    """Text safe inside a quoted header parameter: printable ASCII without quotes or
+    backslashes (RFC 9110 quoted-string), whatever it was built from."""
+    return "".join(c for c in text if " " <= c <= "~" and c not in '"\\')[:200]
 
 
 def _bearer(request: Request) -> str | None:

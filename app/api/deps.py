@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Generic, TypeVar
 
 from fastapi import Depends, Header, Request
 
 from app.api.access import AccessControl, authorize, scoped
 from app.api.etags import parse_if_match
 from app.config import Settings
-from app.domain.principal import READ, WRITE
+from app.domain.principal import READ, WRITE, Principal
 from app.lifecycle import Lifecycle
 from app.services.generations import GenerationService
 from app.services.health import HealthService
@@ -35,16 +35,23 @@ async def _components(request: Request) -> Components:
     return components
 
 
-async def _items(request: Request) -> ItemService:
-    components: Components = request.app.state.components
-    return components.items
+S = TypeVar("S")
+
+
+@dataclass(frozen=True, slots=True)
+class Authorized(Generic[S]):
+    """A service and the caller it acts for (whose tenant confines what it reaches)."""
+
+    service: S
+    caller: Principal
 
 
 def _items_for(scope: str) -> Any:
     # One dependency for access and the service: each one FastAPI solves costs per request.
-    async def items_for_caller(request: Request) -> ItemService:
-        await authorize(request, scope)
-        return await _items(request)
+    async def items_for_caller(request: Request) -> Authorized[ItemService]:
+        caller = await authorize(request, scope)
+        components: Components = request.app.state.components
+        return Authorized(components.items, caller)
 
     return scoped(items_for_caller, scope)
 
@@ -55,11 +62,9 @@ async def _health(request: Request) -> HealthService:
 
 
 ComponentsDep = Annotated[Components, Depends(_components)]
-# The items service, for a route that declares its access itself (and needs the principal).
-ItemServiceDep = Annotated[ItemService, Depends(_items)]
-# The items service, for a caller allowed to read (write) items and within the rate limit.
-ItemsReader = Annotated[ItemService, _items_for(READ)]
-ItemsWriter = Annotated[ItemService, _items_for(WRITE)]
+# The items service and its caller, who may read (write) items and is within the rate limit.
+ItemsReader = Annotated[Authorized[ItemService], _items_for(READ)]
+ItemsWriter = Annotated[Authorized[ItemService], _items_for(WRITE)]
 HealthServiceDep = Annotated[HealthService, Depends(_health)]
 
 

@@ -95,6 +95,8 @@ class Edge:
                 status=exchange.status,
                 seconds=ended - exchange.started,
                 principal=principal.subject if principal is not None else None,
+                tenant=principal.tenant if principal is not None else None,
+                admin=principal is not None and principal.admin,
             )
         finally:
             if token is not None:

@@ -226,9 +226,13 @@ _TYPES = {
 }
 
 
-def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
-    kind, code = _TYPES.get(status, ("api_error", None))
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+def error_body(
+    status: int, message: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    kind, default_code = _TYPES.get(status, ("api_error", None))
+    return {
+        "error": {"message": message, "type": kind, "param": param, "code": code or default_code}
+    }
 
 
 def openai_error(
@@ -236,11 +240,17 @@ def openai_error(
     message: str,
     *,
     param: str | None = None,
+    code: str | None = None,
     headers: Mapping[str, str] | None = None,
 ) -> Response:
     return JSONResponse(
-        error_body(status, message, param), status_code=status, headers=dict(headers or {})
+        error_body(status, message, param, code), status_code=status, headers=dict(headers or {})
     )
+
+
+def _code(error: BaseException) -> str | None:
+    """OpenAI's own code where it has one for the error (clients match on it)."""
+    return "model_not_found" if isinstance(error, errors.UnknownModel) else None
 
 
 class OpenAIRoute(APIRoute):
@@ -265,6 +275,7 @@ class OpenAIRoute(APIRoute):
                     400 if status == 422 else status,
                     detail_for(exc),
                     param=getattr(exc, "field", None),
+                    code=_code(exc),
                     headers=headers,
                 )
             except Exception as exc:

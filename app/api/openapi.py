@@ -301,6 +301,21 @@ def complete(document: dict[str, Any], app: FastAPI, settings: Settings) -> dict
                 "description": "A JWT from AUTH_ISSUER; each operation names the scope it needs",
             }
         }
+    # The models a client may ask for are the deployment's (LLM_MODELS): the document names
+    # them, so clients, the docs page and the fuzzer offer only those (any other is 404).
+    models = settings.llm.served_models
+    if "ChatCompletionRequest" in schemas:
+        model = schemas["ChatCompletionRequest"]["properties"]["model"]
+        model["enum"] = models
+        model["description"] = "one of the models `/v1/models` lists; any other is 404"
+    for parameter in (
+        document.get("paths", {})
+        .get("/v1/models/{model_id}", {})
+        .get("get", {})
+        .get("parameters", [])
+    ):
+        if parameter.get("name") == "model_id":
+            parameter["schema"] = {**parameter.get("schema", {}), "enum": models}
     # FastAPI >= 0.16x keeps included routers as such; iter_route_contexts gives each route
     # with its full path.
     routes = {

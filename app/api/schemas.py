@@ -55,6 +55,7 @@ ITEM_EXAMPLE: dict[str, Any] = {
     "generated_text": None,
     "generation_id": None,
     "created_by": "user-42",
+    "tenant": "acme",
 }
 
 Name = Annotated[
@@ -139,6 +140,7 @@ class ItemOut(BaseModel):
     )
     generation_id: UUID | None = Field(None, description="the generation that wrote it")
     created_by: str | None = Field(None, description="subject of the token that created it")
+    tenant: str = Field(description="the tenant it belongs to (AUTH_TENANT_CLAIM)")
 
     @classmethod
     def of(cls, item: Item) -> ItemOut:

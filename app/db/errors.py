@@ -20,6 +20,10 @@ def is_unavailable_error(error: BaseException) -> bool:
     Such a connection is in an unknown state and is never reused."""
     if isinstance(error, exc.TimeoutError | ConnectionError | TimeoutError):
         return True  # pool checkout timeout, refused/reset connections, command_timeout
+    if isinstance(error, asyncpg.InvalidCachedStatementError | asyncpg.OutdatedSchemaCacheError):
+        # A migration changed what a prepared statement returns, inside a transaction (outside
+        # one asyncpg re-prepares by itself): nothing was applied; the retry prepares afresh.
+        return True
     if isinstance(error, asyncpg.InternalClientError):
         # The driver lost track of the protocol, e.g. "cannot switch to state 15; another
         # operation is in progress" when PgBouncer reports a crashed server mid-transaction.

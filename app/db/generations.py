@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from datetime import datetime
+from functools import cache
 from typing import Any
 from uuid import UUID
 
@@ -28,6 +29,7 @@ _INSERTED = (
     "model",
     "status",
     "principal",
+    "tenant",
 )
 _FINISHED = (
     "status",
@@ -48,8 +50,21 @@ def _insert(dialect: str) -> Executable:
     return insert(generations).values(values)
 
 
-def _get(dialect: str) -> Executable:
-    return select(*_COLUMNS).where(generations.c.id == bindparam("g_id"))
+def _one(scoped: bool) -> list[Any]:
+    """The generation by its id, within the caller's tenant unless the caller reaches every
+    tenant (another tenant's generation is not found, as one that does not exist)."""
+    conditions = [generations.c.id == bindparam("g_id")]
+    if scoped:
+        conditions.append(generations.c.tenant == bindparam("g_tenant"))
+    return conditions
+
+
+@cache
+def _get(scoped: bool) -> Any:
+    def build(dialect: str) -> Executable:
+        return select(*_COLUMNS).where(*_one(scoped))
+
+    return build
 
 
 def _find_live_by_key(dialect: str) -> Executable:
@@ -105,17 +120,21 @@ def _checkpoint(dialect: str) -> Executable:
     )
 
 
-def _cancel(dialect: str) -> Executable:
-    return (
-        update(generations)
-        .where(generations.c.id == bindparam("g_id"), generations.c.status == "streaming")
-        .values(
-            status="cancelled",
-            error=bindparam("g_error"),
-            finished_at=bindparam("g_now", type_=generations.c.finished_at.type),
+@cache
+def _cancel(scoped: bool) -> Any:
+    def build(dialect: str) -> Executable:
+        return (
+            update(generations)
+            .where(*_one(scoped), generations.c.status == "streaming")
+            .values(
+                status="cancelled",
+                error=bindparam("g_error"),
+                finished_at=bindparam("g_now", type_=generations.c.finished_at.type),
+            )
+            .returning(generations.c.id)
         )
-        .returning(generations.c.id)
-    )
+
+    return build
 
 
 def _abandon(dialect: str) -> Executable:
@@ -133,6 +152,12 @@ def _abandon(dialect: str) -> Executable:
     )
 
 
+def _scope(params: dict[str, Any], tenant: str | None) -> dict[str, Any]:
+    if tenant is not None:
+        params["g_tenant"] = tenant
+    return params
+
+
 class GenerationRepository:
     def __init__(self, session: Session) -> None:
         self._s = session
@@ -147,8 +172,11 @@ class GenerationRepository:
                 raise AlreadyExists("a generation with this Idempotency-Key exists") from None
             raise
 
-    async def get(self, generation_id: UUID) -> Generation | None:
-        row = await self._s.fetch_one("get_generation", _get, {"g_id": generation_id})
+    async def get(self, generation_id: UUID, *, tenant: str | None) -> Generation | None:
+        """The generation, if it exists in `tenant` (None: in any tenant)."""
+        scoped = tenant is not None
+        params = _scope({"g_id": generation_id}, tenant)
+        row = await self._s.fetch_one(("get_generation", scoped), _get(scoped), params)
         return None if row is None else Generation(*row)
 
     async def find_live_by_key(self, item_id: UUID, key: str) -> Generation | None:
@@ -189,10 +217,15 @@ class GenerationRepository:
                 streaming.add(generation_id)
         return streaming
 
-    async def cancel(self, generation_id: UUID, error: str, now: datetime) -> bool:
-        """Mark a streaming row cancelled; False when it had already ended."""
-        params = {"g_id": generation_id, "g_error": error, "g_now": now}
-        return await self._s.fetch_one("cancel_generation", _cancel, params) is not None
+    async def cancel(
+        self, generation_id: UUID, error: str, now: datetime, *, tenant: str | None
+    ) -> bool:
+        """Mark a streaming row cancelled; False when it had already ended (or is another
+        tenant's)."""
+        scoped = tenant is not None
+        params = _scope({"g_id": generation_id, "g_error": error, "g_now": now}, tenant)
+        row = await self._s.fetch_one(("cancel_generation", scoped), _cancel(scoped), params)
+        return row is not None
 
     async def abandon_stale(self, started_before: datetime, now: datetime) -> int:
         params = {"g_before": started_before, "g_now": now}

@@ -5,6 +5,7 @@ once per shape (see app.db.session)."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 from collections.abc import Collection, Mapping, Sequence
@@ -42,15 +43,16 @@ from sqlalchemy.sql import Executable
 from sqlalchemy.sql.elements import ColumnElement
 
 from app.db.session import ExportTarget, Row, Session
-from app.db.tables import idempotency_keys, items
+from app.db.tables import SORT_COLUMNS, idempotency_keys, items
 from app.domain.models import Item, ItemFilter, Position, Sort
 from app.domain.ports import Writer
+from app.domain.principal import DEFAULT_TENANT
 
 # Every field of the domain's Item, in its order (rows are built as Item(*row)): derived, so a
 # field added to Item and the table needs no edit here.
 ITEM_FIELDS = tuple(field.name for field in fields(Item))
 _ITEM_COLUMNS = tuple(items.c[name] for name in ITEM_FIELDS)
-_SORT_COLUMNS = {"created_at": items.c.created_at, "name": items.c.name, "price": items.c.price}
+_SORT_COLUMNS = {name: items.c[name] for name in SORT_COLUMNS}
 _KEY_COLUMNS = (
     idempotency_keys.c.request_hash,
     idempotency_keys.c.status_code,
@@ -87,21 +89,30 @@ def _live(deleted: bool) -> ColumnElement[bool]:
 # --- statement builders (dialect -> statement), one per shape --------------------------------
 
 
+def _one(scoped: bool) -> list[ColumnElement[bool]]:
+    """The row by its id, within the caller's tenant unless the caller reaches every tenant:
+    another tenant's row is not found, exactly as a row that does not exist."""
+    conditions = [items.c.id == bindparam("item_id")]
+    if scoped:
+        conditions.append(items.c.tenant == bindparam("scope_tenant"))
+    return conditions
+
+
 @cache
-def _get_item(include_deleted: bool) -> Any:
+def _get_item(include_deleted: bool, scoped: bool) -> Any:
     def build(dialect: str) -> Executable:
-        query = select(*_ITEM_COLUMNS).where(items.c.id == bindparam("item_id"))
+        query = select(*_ITEM_COLUMNS).where(*_one(scoped))
         return query if include_deleted else query.where(items.c.deleted_at.is_(None))
 
     return build
 
 
 @cache
-def _update_item(columns: tuple[str, ...], deleted: bool, conditional: bool) -> Any:
+def _update_item(columns: tuple[str, ...], deleted: bool, conditional: bool, scoped: bool) -> Any:
     def build(dialect: str) -> Executable:
         query = (
             update(items)
-            .where(items.c.id == bindparam("item_id"), _live(deleted))
+            .where(*_one(scoped), _live(deleted))
             .values({name: bindparam(f"v_{name}") for name in columns})
             .values(version=items.c.version + 1)
             .returning(*_ITEM_COLUMNS)
@@ -112,17 +123,19 @@ def _update_item(columns: tuple[str, ...], deleted: bool, conditional: bool) -> 
 
 
 @cache
-def _delete_item(conditional: bool) -> Any:
+def _delete_item(conditional: bool, scoped: bool) -> Any:
     def build(dialect: str) -> Executable:
-        query = delete(items).where(items.c.id == bindparam("item_id")).returning(items.c.id)
+        query = delete(items).where(*_one(scoped)).returning(items.c.id)
         return query.where(_version_matches(dialect)) if conditional else query
 
     return build
 
 
 def _filter_conditions(shape: tuple[bool, ...]) -> list[ColumnElement[bool]]:
-    include_deleted, by_active, by_min, by_max, by_text = shape
+    scoped, include_deleted, by_active, by_min, by_max, by_text = shape
     conditions: list[ColumnElement[bool]] = []
+    if scoped:
+        conditions.append(items.c.tenant == bindparam("scope_tenant"))
     if not include_deleted:
         conditions.append(items.c.deleted_at.is_(None))
     if by_active:
@@ -308,7 +321,10 @@ def _claim_key(dialect: str) -> Executable:
     """Insert the key, or take over an expired one (ON CONFLICT ... DO UPDATE ... WHERE)."""
     ins = postgresql.insert if dialect == "postgresql" else sqlite.insert
     stmt = ins(idempotency_keys).values(
-        key=bindparam("k_key"), request_hash=bindparam("k_hash"), created_at=bindparam("k_now")
+        key=bindparam("k_key"),
+        request_hash=bindparam("k_hash"),
+        created_at=bindparam("k_now"),
+        tenant=bindparam("k_tenant"),
     )
     return stmt.on_conflict_do_update(
         index_elements=[idempotency_keys.c.key],
@@ -356,9 +372,14 @@ class ItemRepository:
         assert row is not None
         return Item(*row)
 
-    async def get(self, item_id: UUID, *, include_deleted: bool = False) -> Item | None:
+    async def get(
+        self, item_id: UUID, *, tenant: str | None, include_deleted: bool = False
+    ) -> Item | None:
+        """The item, if it exists in `tenant` (None: in any tenant)."""
+        scoped = tenant is not None
+        params = _scope({"item_id": item_id}, tenant)
         row = await self._s.fetch_one(
-            ("get_item", include_deleted), _get_item(include_deleted), {"item_id": item_id}
+            ("get_item", include_deleted, scoped), _get_item(include_deleted, scoped), params
         )
         return None if row is None else Item(*row)
 
@@ -367,28 +388,32 @@ class ItemRepository:
         item_id: UUID,
         values: Mapping[str, Any],
         *,
+        tenant: str | None,
         expected_versions: Collection[int] | None,
         deleted: bool = False,
     ) -> Item | None:
-        """Conditional update; None when the row is missing, in the wrong deleted state, or at
-        another version. The version bump makes concurrent writers serialize on the row."""
+        """Conditional update; None when the row is missing (or in another tenant), in the
+        wrong deleted state, or at another version. The version bump makes concurrent writers
+        serialize on the row."""
         columns = tuple(sorted(values))
-        shape = (columns, deleted, expected_versions is not None)
+        shape = (columns, deleted, expected_versions is not None, tenant is not None)
         build = _update_item(*shape)
         params: dict[str, Any] = {f"v_{name}": values[name] for name in columns}
         params["item_id"] = item_id
         if expected_versions is not None:
             params["versions"] = list(expected_versions)
-        row = await self._s.fetch_one(("update_item", *shape), build, params)
+        row = await self._s.fetch_one(("update_item", *shape), build, _scope(params, tenant))
         return None if row is None else Item(*row)
 
-    async def delete(self, item_id: UUID, *, expected_versions: Collection[int] | None) -> bool:
-        conditional = expected_versions is not None
+    async def delete(
+        self, item_id: UUID, *, tenant: str | None, expected_versions: Collection[int] | None
+    ) -> bool:
+        shape = (expected_versions is not None, tenant is not None)
         params: dict[str, Any] = {"item_id": item_id}
-        if conditional:
-            params["versions"] = list(expected_versions or ())
+        if expected_versions is not None:
+            params["versions"] = list(expected_versions)
         row = await self._s.fetch_one(
-            ("delete_item", conditional), _delete_item(conditional), params
+            ("delete_item", *shape), _delete_item(*shape), _scope(params, tenant)
         )
         return row is not None
 
@@ -397,11 +422,12 @@ class ItemRepository:
         filters: ItemFilter,
         sort: Sort,
         *,
+        tenant: str | None,
         limit: int,
         offset: int = 0,
         after: Position | None = None,
     ) -> list[Item]:
-        filter_shape, params = _filter_params(filters)
+        filter_shape, params = _filter_params(filters, tenant)
         shape = (filter_shape, sort, after is not None)
         build = _page(*shape)
         params.update(limit=limit, offset=offset)
@@ -409,8 +435,8 @@ class ItemRepository:
             params.update(after_value=after.value, after_id=after.id)
         return [Item(*row) for row in await self._s.fetch_all(("page", *shape), build, params)]
 
-    async def count(self, filters: ItemFilter) -> int:
-        filter_shape, params = _filter_params(filters)
+    async def count(self, filters: ItemFilter, *, tenant: str | None) -> int:
+        filter_shape, params = _filter_params(filters, tenant)
         build = _count(filter_shape)
         return int(await self._s.scalar(("count", filter_shape), build, params))
 
@@ -421,10 +447,11 @@ class ItemRepository:
         fmt: str,
         write: Writer,
         *,
+        tenant: str | None,
         max_seconds: float,
     ) -> int:
         """Every matching item to `write` as NDJSON or CSV, in constant memory."""
-        filter_shape, params = _filter_params(filters)
+        filter_shape, params = _filter_params(filters, tenant)
         target = ExportTarget(
             write=write,
             copy_options=NDJSON_COPY_OPTIONS if fmt == "ndjson" else CSV_COPY_OPTIONS,
@@ -437,24 +464,33 @@ class ItemRepository:
     # --- idempotency keys ---------------------------------------------------------------
 
     async def claim_key(
-        self, key: str, request_hash: str, now: datetime, expired_before: datetime
+        self, tenant: str, key: str, request_hash: str, now: datetime, expired_before: datetime
     ) -> bool:
-        """False when a live key exists; on Postgres this waits for a concurrent claimer of the
-        same key to commit or roll back."""
+        """False when a live key exists in the tenant; on Postgres this waits for a concurrent
+        claimer of the same key to commit or roll back."""
         params = {
-            "k_key": key,
+            "k_key": tenant_key(tenant, key),
+            "k_tenant": tenant,
             "k_hash": request_hash,
             "k_now": now,
             "k_expired_before": expired_before,
         }
         return await self._s.fetch_one("claim_key", _claim_key, params) is not None
 
-    async def get_key(self, key: str) -> StoredKey | None:
-        row = await self._s.fetch_one("get_key", _get_key, {"k_key": key})
+    async def get_key(self, tenant: str, key: str) -> StoredKey | None:
+        params = {"k_key": tenant_key(tenant, key)}
+        row = await self._s.fetch_one("get_key", _get_key, params)
         return None if row is None else StoredKey(*row)
 
-    async def complete_key(self, key: str, status_code: int, body: str, resource_id: UUID) -> None:
-        params = {"k_key": key, "k_status": status_code, "k_body": body, "k_resource": resource_id}
+    async def complete_key(
+        self, tenant: str, key: str, status_code: int, body: str, resource_id: UUID
+    ) -> None:
+        params = {
+            "k_key": tenant_key(tenant, key),
+            "k_status": status_code,
+            "k_body": body,
+            "k_resource": resource_id,
+        }
         await self._s.execute("complete_key", _complete_key, params)
 
     async def purge_keys(self, expired_before: datetime) -> int:
@@ -473,8 +509,32 @@ def _insert_item(columns: tuple[str, ...]) -> Any:
     return build
 
 
-def _filter_params(filters: ItemFilter) -> tuple[tuple[bool, ...], dict[str, Any]]:
-    params: dict[str, Any] = {}
+def _scope(params: dict[str, Any], tenant: str | None) -> dict[str, Any]:
+    if tenant is not None:
+        params["scope_tenant"] = tenant
+    return params
+
+
+def tenant_key(tenant: str, key: str) -> str:
+    """How a client's Idempotency-Key is stored: qualified by its tenant, so the same key from
+    two tenants is two keys. The default tenant's keys are stored as they are (as the release
+    before tenancy stored them, which shares them during the upgrade); another tenant's as a
+    digest of tenant and key (fixed length, so the column keeps its type and the previous
+    release's statements their result types), marked by a leading character no client key
+    contains (keys are printable ASCII), so no stored key of one tenant equals another's."""
+    if tenant == DEFAULT_TENANT:
+        return key
+    digest = hashlib.sha256(f"{tenant}{KEY_SEPARATOR}{key}".encode()).hexdigest()
+    return KEY_SEPARATOR + digest
+
+
+KEY_SEPARATOR = "\x1f"
+
+
+def _filter_params(
+    filters: ItemFilter, tenant: str | None
+) -> tuple[tuple[bool, ...], dict[str, Any]]:
+    params: dict[str, Any] = _scope({}, tenant)
     if filters.is_active is not None:
         params["is_active"] = filters.is_active
     if filters.min_price is not None:
@@ -484,6 +544,7 @@ def _filter_params(filters: ItemFilter) -> tuple[tuple[bool, ...], dict[str, Any
     if filters.q:
         params["pattern"] = f"%{escape_like(filters.q)}%"
     shape = (
+        tenant is not None,
         filters.include_deleted,
         filters.is_active is not None,
         filters.min_price is not None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from dataclasses import dataclass
 from functools import cache
@@ -99,6 +100,47 @@ def schema_status(current: str | None) -> SchemaStatus:
     if current == head:
         return SchemaStatus(current, head, "head")
     return SchemaStatus(current, head, "behind" if current in known_revisions() else "ahead")
+
+
+# Online schema changes (PostgreSQL): each statement alone in its transaction, so a
+# migration never holds one table's lock while it waits for another's (which would deadlock
+# with the app's transactions, e.g. a keyed create: idempotency key, then item); and waiting at
+# most LOCK_TIMEOUT for its lock, because every query of the table queues behind a waiting
+# ALTER: a long transaction (an export) makes it give up and try again, not stall the service.
+LOCK_TIMEOUT_MS = 2000
+LOCK_ATTEMPTS = 30
+
+
+def online_ddl(*statements: str) -> None:
+    """Run DDL from a migration as above; each statement must be safe to run again (`IF NOT
+    EXISTS`), since a migration that failed midway is run again from its start."""
+    from sqlalchemy.exc import DBAPIError
+
+    from alembic import op
+
+    with op.get_context().autocommit_block():
+        for sql in statements:
+            for attempt in range(1, LOCK_ATTEMPTS + 1):
+                op.execute(f"SET lock_timeout = {LOCK_TIMEOUT_MS}")
+                try:
+                    op.execute(sql)
+                    break
+                except DBAPIError as error:
+                    sqlstate = getattr(error.orig, "sqlstate", None) or getattr(
+                        getattr(error.orig, "__cause__", None), "sqlstate", None
+                    )
+                    if sqlstate != "55P03" or attempt == LOCK_ATTEMPTS:  # lock_not_available
+                        raise
+                    pause = min(0.1 * 2**attempt, 5.0) * random.uniform(0.5, 1.0)  # noqa: S311
+                    log.warning(
+                        "migration: no lock within %d ms for %r (attempt %d); retrying in %.1fs",
+                        LOCK_TIMEOUT_MS,
+                        sql.split(" ADD ")[0],
+                        attempt,
+                        pause,
+                    )
+                    time.sleep(pause)
+        op.execute("RESET lock_timeout")
 
 
 def _revision_statement(dialect: str) -> Executable:

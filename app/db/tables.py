@@ -26,6 +26,8 @@ from sqlalchemy import (
     text,
 )
 
+from app.domain.principal import DEFAULT_TENANT
+
 # Stable constraint names, so migrations can refer to them on every backend.
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -36,6 +38,9 @@ NAMING_CONVENTION = {
 }
 
 metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+# The orders a list may ask for (each with a partial index per tenant).
+SORT_COLUMNS = ("created_at", "name", "price")
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -76,9 +81,26 @@ items = Table(
     Column("generated_text", Text(), nullable=True),
     Column("generation_id", Uuid(), nullable=True),
     Column("created_by", String(255), nullable=True),  # the token's subject
+    # Whose item it is: every query names it (app.db.items); rows from before tenancy, and
+    # every row when authentication is off, belong to the default tenant.
+    Column("tenant", String(255), nullable=False, server_default=DEFAULT_TENANT),
     CheckConstraint("price >= 0", name="price_non_negative"),
     CheckConstraint("version >= 1", name="version_positive"),
-    # Partial: lists hide soft-deleted rows unless asked, so the hot path skips them.
+    # Partial: lists hide soft-deleted rows unless asked, so the hot path skips them. Led by
+    # the tenant, so a tenant's keyset page is a range of one index.
+    *(
+        Index(
+            f"ix_items_tenant_live_{column}",
+            "tenant",
+            column,
+            "id",
+            postgresql_where=text("deleted_at IS NULL"),
+            sqlite_where=text("deleted_at IS NULL"),
+        )
+        for column in SORT_COLUMNS
+    ),
+    # The release before tenancy orders by these; 0004 keeps them for it (expand/contract:
+    # a later release drops them).
     *(
         Index(
             f"ix_items_live_{column}",
@@ -87,19 +109,22 @@ items = Table(
             postgresql_where=text("deleted_at IS NULL"),
             sqlite_where=text("deleted_at IS NULL"),
         )
-        for column in ("created_at", "name", "price")
+        for column in SORT_COLUMNS
     ),
 )
 
 idempotency_keys = Table(
     "idempotency_keys",
     metadata,
+    # The client's key qualified by its tenant (app.db.items.tenant_key): the same key from two
+    # tenants is two rows.
     Column("key", String(255), primary_key=True),
     Column("request_hash", String(64), nullable=False),
     Column("status_code", Integer(), nullable=True),
     Column("response_body", Text(), nullable=True),
     Column("resource_id", Uuid(), nullable=True),
     Column("created_at", UTCDateTime(), nullable=False),
+    Column("tenant", String(255), nullable=False, server_default=DEFAULT_TENANT),
     Index("ix_idempotency_keys_created_at", "created_at"),
 )
 
@@ -125,6 +150,7 @@ generations = Table(
     Column("created_at", UTCDateTime(), nullable=False),
     Column("finished_at", UTCDateTime(), nullable=True),
     Column("principal", String(255), nullable=True),
+    Column("tenant", String(255), nullable=False, server_default=DEFAULT_TENANT),
     CheckConstraint(
         "status IN ('streaming', 'completed', 'cancelled', 'failed')", name="status_known"
     ),

@@ -18,6 +18,10 @@ class NotFound(ServiceError):
     pass
 
 
+class UnknownModel(NotFound):
+    """A model this deployment does not serve (not in LLM_MODELS)."""
+
+
 class PreconditionFailed(ServiceError):
     """If-Match named a version the resource is no longer at."""
 

@@ -8,6 +8,8 @@ from decimal import Decimal
 from typing import Literal
 from uuid import UUID
 
+from app.domain.principal import DEFAULT_TENANT
+
 SortField = Literal["created_at", "name", "price"]
 
 
@@ -25,6 +27,7 @@ class Item:
     generated_text: str | None = None
     generation_id: UUID | None = None
     created_by: str | None = None
+    tenant: str = DEFAULT_TENANT
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,3 +94,4 @@ class Generation:
     created_at: datetime
     finished_at: datetime | None
     principal: str | None = None
+    tenant: str = DEFAULT_TENANT

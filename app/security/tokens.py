@@ -3,7 +3,11 @@ discovery, cached, re-fetched when a token names an unknown key, so keys rotate 
 restart), or HS256 with a shared secret for development.
 
 Refused: `alg: none`, algorithms outside the allowlist, an algorithm that does not match the
-key type (the HS/RS confusion attack), and tokens without `exp` or `sub`."""
+key type (the HS/RS confusion attack), and tokens without `exp`, `sub` or the tenant claim.
+No refusal repeats what the token says (its values would reach a response header).
+
+While the issuer's keys cannot be fetched, a token naming a key not in the cache is not called
+invalid (the client would drop a good token): KeySourceUnavailable, which is a 503."""
 
 from __future__ import annotations
 
@@ -40,6 +44,7 @@ class KeySourceUnavailable(Exception):
 class VerifiedClaims:
     subject: str
     scopes: frozenset[str]
+    tenant: str
 
 
 def scopes_of(claims: Mapping[str, Any]) -> frozenset[str]:
@@ -67,6 +72,7 @@ class TokenVerifier:
         leeway_seconds: float = 30.0,
         jwks_cache_seconds: float = 300.0,
         jwks_min_refresh_seconds: float = 10.0,
+        tenant_claim: str = "sub",
         client: httpx.AsyncClient | None = None,
     ) -> None:
         self._issuer = issuer
@@ -78,32 +84,17 @@ class TokenVerifier:
         self._cache_seconds = jwks_cache_seconds
         self._min_refresh = jwks_min_refresh_seconds
         self._client = client or httpx.AsyncClient(timeout=httpx.Timeout(5.0))
+        self._tenant_claim = tenant_claim
         self._keys: dict[str, jwt.PyJWK] = {}
         self._fetched_at = 0.0
+        self._fetch_failed = False  # the last attempt to fetch the keys failed
         self._lock = asyncio.Lock()
 
     async def aclose(self) -> None:
         await self._client.aclose()
 
     async def verify(self, token: str) -> VerifiedClaims:
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.DecodeError as error:
-            raise InvalidToken("the token is not a well-formed JWT") from error
-        alg = header.get("alg")
-        if self._secret is not None:
-            if alg != "HS256":
-                raise InvalidToken(f"algorithm {alg!r} is not accepted")
-            key: Any = self._secret
-        else:
-            if alg not in self._algorithms:
-                raise InvalidToken(f"algorithm {alg!r} is not accepted")
-            jwk = await self._key(header.get("kid"))
-            # The key decides the algorithm family: an HS256 token "signed" with a public RSA
-            # key, or an ES256 header on an RSA key, never verifies.
-            if jwk.key_type != ASYMMETRIC[alg]:
-                raise InvalidToken("the token's algorithm does not match its key")
-            key = jwk.key
+        alg, key = await self._algorithm_and_key(token)
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
@@ -126,7 +117,31 @@ class TokenVerifier:
             raise InvalidToken(f"the token has no {error.claim!r} claim") from error
         except jwt.InvalidTokenError as error:
             raise InvalidToken("the token's signature does not verify") from error
-        return VerifiedClaims(_subject(claims), scopes_of(claims))
+        return VerifiedClaims(
+            _subject(claims), scopes_of(claims), _tenant(claims, self._tenant_claim)
+        )
+
+    async def _algorithm_and_key(self, token: str) -> tuple[str, Any]:
+        """What the token's header asks for, if this verifier accepts it."""
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.InvalidTokenError as error:  # malformed, or a header field of a wrong type
+            raise InvalidToken("the token is not a well-formed JWT") from error
+        alg = header.get("alg")
+        if not isinstance(alg, str):
+            raise InvalidToken("the token's header names no algorithm")
+        if self._secret is not None:
+            if alg != "HS256":
+                raise InvalidToken("the token's algorithm is not accepted")
+            return alg, self._secret
+        if alg not in self._algorithms:
+            raise InvalidToken("the token's algorithm is not accepted")
+        jwk = await self._key(header.get("kid"))
+        # The key decides the algorithm family: an HS256 token "signed" with a public RSA key,
+        # or an ES256 header on an RSA key, never verifies.
+        if jwk.key_type != ASYMMETRIC[alg]:
+            raise InvalidToken("the token's algorithm does not match its key")
+        return alg, jwk.key
 
     async def _key(self, kid: object) -> jwt.PyJWK:
         if not isinstance(kid, str):
@@ -136,6 +151,9 @@ class TokenVerifier:
             await self._refresh(force=kid not in self._keys)
         found = self._keys.get(kid)
         if found is None:
+            if self._fetch_failed:
+                # Perhaps a key the issuer rotated in: unknowable until its keys come back.
+                raise KeySourceUnavailable("the issuer's keys cannot be fetched")
             raise InvalidToken("the token is signed with an unknown key")
         return found
 
@@ -151,22 +169,28 @@ class TokenVerifier:
                 response = await self._client.get(url)
                 response.raise_for_status()
                 document = response.json()
-            except (httpx.HTTPError, ValueError) as error:
+                entries = document.get("keys") if isinstance(document, dict) else None
+                if not isinstance(entries, list):
+                    raise ValueError("the JWKS document has no list of keys")
+            except (httpx.HTTPError, ValueError, KeySourceUnavailable) as error:
                 self._fetched_at = time.monotonic()  # back off before the next attempt
+                self._fetch_failed = True
                 if self._keys:
                     log.warning("JWKS refresh failed, keeping the cached keys: %s", error)
                     return
                 raise KeySourceUnavailable(f"cannot fetch the issuer's keys: {error}") from error
             keys: dict[str, jwt.PyJWK] = {}
-            for entry in document.get("keys", []):
-                if entry.get("use", "sig") != "sig" or "kid" not in entry:
+            for entry in entries:
+                kid = entry.get("kid") if isinstance(entry, dict) else None
+                if not isinstance(kid, str) or entry.get("use", "sig") != "sig":
                     continue
                 try:
-                    keys[entry["kid"]] = jwt.PyJWK(entry)
-                except jwt.PyJWKError:
-                    continue  # a key type this service does not use
+                    keys[kid] = jwt.PyJWK(entry)
+                except (jwt.PyJWKError, jwt.InvalidKeyError, ValueError, TypeError):
+                    continue  # a key type this service does not use, or a broken one
             self._keys = keys
             self._fetched_at = time.monotonic()
+            self._fetch_failed = False
             log.info("loaded %d signing keys from the issuer", len(keys))
 
     async def _discover(self) -> str:
@@ -175,7 +199,8 @@ class TokenVerifier:
         url = self._issuer.rstrip("/") + "/.well-known/openid-configuration"
         response = await self._client.get(url)
         response.raise_for_status()
-        jwks_uri = response.json().get("jwks_uri")
+        document = response.json()
+        jwks_uri = document.get("jwks_uri") if isinstance(document, dict) else None
         if not isinstance(jwks_uri, str):
             raise KeySourceUnavailable("the issuer's discovery document has no jwks_uri")
         self._jwks_url = jwks_uri
@@ -189,3 +214,16 @@ def _subject(claims: dict[str, Any]) -> str:
     if not isinstance(subject, str) or not subject or "\x00" in subject or len(subject) > 255:
         raise InvalidToken("the token's 'sub' claim is not a usable subject")
     return subject
+
+
+def _tenant(claims: dict[str, Any], name: str) -> str:
+    """The tenant is stored on every row and compared in every query: a non-empty string (a
+    number is taken as its decimal text) of at most 255 printable characters."""
+    value = claims.get(name)
+    if value is None:
+        raise InvalidToken(f"the token has no {name!r} claim (its tenant)")
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str) or not value or len(value) > 255 or not value.isprintable():
+        raise InvalidToken(f"the token's {name!r} claim is not a usable tenant")
+    return value

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Collection, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -31,6 +31,7 @@ from app.domain.errors import (
     NotFound,
     Overloaded,
     StreamLimitExceeded,
+    UnknownModel,
 )
 from app.domain.ids import uuid7
 from app.domain.models import Generation, Item
@@ -318,7 +319,7 @@ class FollowedRun:
                     f"generation {generation.id} {generation.status}: {generation.error}"
                 )
             await asyncio.sleep(self._service.checkpoints.interval)
-            self._generation = await self._service.get(generation.id)
+            self._generation = await self._service.reread(generation)
 
     async def finish(self, outcome: Outcome, error: str | None = None) -> Finished:
         generation = self._generation
@@ -395,6 +396,7 @@ class GenerationService:
         provider: Provider,
         *,
         model: str,
+        models: Collection[str] = (),
         limits: StreamLimits | None = None,
         lifecycle: Lifecycle | None = None,
         observer: GenerationObserver | None = None,
@@ -405,6 +407,9 @@ class GenerationService:
         self._quota = quota
         self.provider = provider
         self.default_model = model
+        # The models a caller may ask for (LLM_MODELS): the upstream is reached under the
+        # operator's key, so a client never picks a model the operator did not offer.
+        self.models = frozenset(models) | {model}
         self.limits = limits or StreamLimits()
         self._lifecycle = lifecycle
         self._observer = observer
@@ -415,33 +420,44 @@ class GenerationService:
 
     async def start_chat(
         self,
+        caller: Principal,
         messages: tuple[Message, ...],
         *,
         model: str | None = None,
         max_tokens: int | None = None,
         temperature: float | None = None,
         headers: Mapping[str, str] | None = None,
-        principal: Principal | None = None,
     ) -> GenerationRun:
+        """A chat completion in the caller's tenant."""
+        if model is not None and model not in self.models:
+            raise UnknownModel(
+                f"The model '{model}' does not exist or you do not have access to it."
+            )
         request = self._request(messages, model, max_tokens, temperature, headers)
         return await self._start(
-            request, kind="chat", item_id=None, idempotency_key=None, principal=principal
+            request,
+            kind="chat",
+            item_id=None,
+            idempotency_key=None,
+            principal=caller,
+            tenant=caller.tenant,
         )
 
     async def start_for_item(
         self,
+        caller: Principal,
         item_id: UUID,
         *,
         instructions: str | None = None,
         max_tokens: int | None = None,
         idempotency_key: str | None = None,
         headers: Mapping[str, str] | None = None,
-        principal: Principal | None = None,
     ) -> Run:
-        """Stream a text about the item; on completion it is stored on the item, once. With a
-        key, a repeated request replays the completed generation (409 while it runs)."""
+        """Stream a text about one of the caller's items (its generation belongs to the item's
+        tenant); on completion it is stored on the item, once. With a key, a repeated request
+        replays the completed generation (409 while it runs)."""
         async with self._db.read() as session:
-            item = await ItemRepository(session).get(item_id)
+            item = await ItemRepository(session).get(item_id, tenant=caller.reach)
             existing = None
             if item is not None and idempotency_key is not None:
                 existing = await GenerationRepository(session).find_live_by_key(
@@ -461,7 +477,8 @@ class GenerationService:
             kind="item",
             item_id=item_id,
             idempotency_key=idempotency_key,
-            principal=principal,
+            principal=caller,
+            tenant=item.tenant,
         )
 
     def _request(
@@ -497,7 +514,8 @@ class GenerationService:
         kind: str,
         item_id: UUID | None,
         idempotency_key: str | None,
-        principal: Principal | None,
+        principal: Principal,
+        tenant: str,
     ) -> GenerationRun:
         if self._lifecycle is not None and self._lifecycle.shutting_down:
             raise Overloaded("this instance is shutting down; retry on another", retry_after=1)
@@ -507,8 +525,8 @@ class GenerationService:
                 retry_after=1,
             )
         self._active += 1  # before the first await: admission is atomic within the worker
-        quota = self._quota if principal is not None else None
-        quota_key = principal.rate_key if principal is not None else ""
+        quota = self._quota
+        quota_key = principal.rate_key
         admitted = False
         generation_id = uuid7()
         now = _now()
@@ -525,9 +543,8 @@ class GenerationService:
                 "model": request.model,
                 "status": "streaming",
                 "created_at": now,
-                "principal": None
-                if principal is None or principal.anonymous
-                else principal.subject,
+                "principal": principal.author,
+                "tenant": tenant,
             }
             async with self._db.write_one() as session:
                 await GenerationRepository(session).insert(values)
@@ -577,7 +594,7 @@ class GenerationService:
             moved = await repo.finish(run.id, values)
             if moved and outcome == "completed" and run.item_id is not None:
                 item_version = await repo.store_on_item(run.item_id, run.text, run.id, now)
-            generation = await repo.get(run.id)
+            generation = await repo.get(run.id, tenant=None)
         assert generation is not None
         return Finished(generation, item_version)
 
@@ -620,32 +637,43 @@ class GenerationService:
 
     # --- reading and housekeeping ---------------------------------------------------------
 
-    async def get(self, generation_id: UUID) -> Generation:
+    async def get(self, caller: Principal, generation_id: UUID) -> Generation:
+        """One of the caller's generations (another tenant's is not found)."""
         async with self._db.read() as session:
-            generation = await GenerationRepository(session).get(generation_id)
+            generation = await GenerationRepository(session).get(generation_id, tenant=caller.reach)
         if generation is None:
             raise NotFound(f"generation {generation_id} not found")
         return generation
 
-    async def follow(self, generation_id: UUID, after: int) -> FollowedRun:
+    async def reread(self, generation: Generation) -> Generation:
+        """A generation already shown to its caller, as it is now."""
+        async with self._db.read() as session:
+            found = await GenerationRepository(session).get(generation.id, tenant=None)
+        if found is None:
+            raise NotFound(f"generation {generation.id} not found")
+        return found
+
+    async def follow(self, caller: Principal, generation_id: UUID, after: int) -> FollowedRun:
         """The generation's events after character `after` (a token event's id)."""
-        return FollowedRun(self, await self.get(generation_id), after)
+        return FollowedRun(self, await self.get(caller, generation_id), after)
 
     async def stored_version(self, generation: Generation) -> int | None:
         """The item's version if it still carries this generation's text."""
         if generation.item_id is None or generation.status != "completed":
             return None
         async with self._db.read() as session:
-            item = await ItemRepository(session).get(generation.item_id)
+            item = await ItemRepository(session).get(generation.item_id, tenant=None)
         return item.version if item is not None and item.generation_id == generation.id else None
 
-    async def cancel(self, generation_id: UUID) -> Generation:
-        """Cancel a running generation, wherever it runs: its row is marked `cancelled` now,
-        and the worker producing it stops at its next save. An ended one is left as it is."""
+    async def cancel(self, caller: Principal, generation_id: UUID) -> Generation:
+        """Cancel one of the caller's running generations, wherever it runs: its row is marked
+        `cancelled` now, and the worker producing it stops at its next save. An ended one is
+        left as it is."""
+        reach = caller.reach
         async with self._db.transaction() as session:
             repo = GenerationRepository(session)
-            await repo.cancel(generation_id, "cancelled by a client", _now())
-            generation = await repo.get(generation_id)
+            await repo.cancel(generation_id, "cancelled by a client", _now(), tenant=reach)
+            generation = await repo.get(generation_id, tenant=reach)
         if generation is None:
             raise NotFound(f"generation {generation_id} not found")
         return generation

@@ -7,7 +7,7 @@ import binascii
 import hashlib
 import json
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal, get_args, get_type_hints
@@ -26,6 +26,7 @@ from app.domain.errors import (
 from app.domain.ids import uuid7
 from app.domain.models import Item, ItemFields, ItemFilter, ItemPage, Position, Sort
 from app.domain.ports import Writer
+from app.domain.principal import Principal
 
 ExportFormat = Literal["ndjson", "csv"]
 WRITABLE_FIELDS = frozenset({"name", "description", "price", "is_active"})
@@ -51,6 +52,10 @@ def _now() -> datetime:
 
 
 class ItemService:
+    """Every use case takes the caller: whatever it reads or writes is confined to the
+    caller's tenant in the query itself (an administrator's reaches every tenant), and
+    another tenant's item is not found, exactly as one that does not exist."""
+
     def __init__(self, db: Database, policy: ItemPolicy | None = None) -> None:
         self._db = db
         self._policy = policy or ItemPolicy()
@@ -58,31 +63,36 @@ class ItemService:
     # --- create ---------------------------------------------------------------------------
 
     async def create(
-        self,
-        fields: ItemFields,
-        idempotency_key: str | None = None,
-        created_by: str | None = None,
+        self, caller: Principal, fields: ItemFields, idempotency_key: str | None = None
     ) -> Created:
-        """Create an item. With a key, a retry returns the first result and stores nothing new;
-        the same key with a different body is refused."""
+        """Create an item in the caller's tenant. With a key (one namespace per tenant), a
+        retry returns the first result and stores nothing new; the same key with a different
+        body is refused."""
         now = _now()
-        values = {**asdict(fields), "id": uuid7(), "created_at": now, "updated_at": now}
-        if created_by is not None:
-            values["created_by"] = created_by
+        values = {
+            **asdict(fields),
+            "id": uuid7(),
+            "created_at": now,
+            "updated_at": now,
+            "tenant": caller.tenant,
+        }
+        if caller.author is not None:
+            values["created_by"] = caller.author
         if idempotency_key is None:  # one INSERT: atomic by itself, one round trip
             async with self._db.write_one() as session:
                 return Created(await ItemRepository(session).insert(values))
+        tenant = caller.tenant
         async with self._db.transaction() as session:
             repo = ItemRepository(session)
             fingerprint = _fingerprint(fields)
             expired_before = now - self._policy.idempotency_ttl
-            if await repo.claim_key(idempotency_key, fingerprint, now, expired_before):
+            if await repo.claim_key(tenant, idempotency_key, fingerprint, now, expired_before):
                 item = await repo.insert(values)
-                await repo.complete_key(idempotency_key, 201, _snapshot(item), item.id)
+                await repo.complete_key(tenant, idempotency_key, 201, _snapshot(item), item.id)
                 return Created(item)
-            stored = await repo.get_key(idempotency_key)
+            stored = await repo.get_key(tenant, idempotency_key)
         if stored is None:  # expired and purged between the two statements: a fresh attempt
-            return await self.create(fields, idempotency_key, created_by)
+            return await self.create(caller, fields, idempotency_key)
         if stored.request_hash != fingerprint:
             raise IdempotencyKeyReused(
                 "this Idempotency-Key was already used with a different request body"
@@ -94,27 +104,35 @@ class ItemService:
     # --- export ---------------------------------------------------------------------------
 
     async def export(
-        self, filters: ItemFilter, sort: Sort, fmt: ExportFormat, write: Writer
+        self, caller: Principal, filters: ItemFilter, sort: Sort, fmt: ExportFormat, write: Writer
     ) -> int:
         """Stream every matching item to `write` (NDJSON or CSV) from one snapshot of the
         table, in constant memory; returns the number of rows. If `write` raises or the caller
         is cancelled, the query stops and nothing is left running."""
         async with self._db.stream() as session:
             return await ItemRepository(session).export(
-                filters, sort, fmt, write, max_seconds=self._policy.export_max_seconds
+                filters,
+                sort,
+                fmt,
+                write,
+                tenant=caller.reach,
+                max_seconds=self._policy.export_max_seconds,
             )
 
     # --- read -----------------------------------------------------------------------------
 
-    async def get(self, item_id: UUID, *, include_deleted: bool = False) -> Item:
+    async def get(self, caller: Principal, item_id: UUID, *, include_deleted: bool = False) -> Item:
         async with self._db.read() as session:
-            item = await ItemRepository(session).get(item_id, include_deleted=include_deleted)
+            item = await ItemRepository(session).get(
+                item_id, tenant=caller.reach, include_deleted=include_deleted
+            )
         if item is None:
             raise NotFound(f"item {item_id} not found")
         return item
 
     async def list(
         self,
+        caller: Principal,
         filters: ItemFilter,
         sort: Sort,
         *,
@@ -137,14 +155,16 @@ class ItemService:
         # the page and the count consistent anyway, and each read skips BEGIN/COMMIT.
         async with self._db.read() as session:
             repo = ItemRepository(session)
-            rows = await repo.page(filters, sort, limit=per_page + 1, offset=offset, after=after)
+            rows = await repo.page(
+                filters, sort, tenant=caller.reach, limit=per_page + 1, offset=offset, after=after
+            )
         total = None
         if include_total:
             if cursor is None and len(rows) <= per_page and (rows or offset == 0):
                 total = offset + len(rows)  # on the last page: no count query needed
             else:
                 async with self._db.read() as session:
-                    total = await ItemRepository(session).count(filters)
+                    total = await ItemRepository(session).count(filters, tenant=caller.reach)
         has_more = len(rows) > per_page
         rows = rows[:per_page]
         next_cursor = _encode_cursor(rows[-1], filters, sort) if has_more else None
@@ -159,13 +179,21 @@ class ItemService:
     # --- update ---------------------------------------------------------------------------
 
     async def replace(
-        self, item_id: UUID, fields: ItemFields, expected_versions: Collection[int] | None
+        self,
+        caller: Principal,
+        item_id: UUID,
+        fields: ItemFields,
+        expected_versions: Collection[int] | None,
     ) -> Item:
         """Full replacement: every writable field takes the given value (absent -> default)."""
-        return await self._update(item_id, asdict(fields), expected_versions)
+        return await self._update(caller, item_id, asdict(fields), expected_versions)
 
     async def patch(
-        self, item_id: UUID, changes: Mapping[str, Any], expected_versions: Collection[int] | None
+        self,
+        caller: Principal,
+        item_id: UUID,
+        changes: Mapping[str, Any],
+        expected_versions: Collection[int] | None,
     ) -> Item:
         """Partial update: only the given fields change."""
         unknown = set(changes) - WRITABLE_FIELDS
@@ -173,13 +201,14 @@ class ItemService:
             raise InvalidQuery(f"fields cannot be changed: {', '.join(sorted(unknown))}", "body")
         if not changes:
             self._check_precondition_given(expected_versions)
-            item = await self.get(item_id)
+            item = await self.get(caller, item_id)
             _check_version(item, expected_versions)
             return item
-        return await self._update(item_id, dict(changes), expected_versions)
+        return await self._update(caller, item_id, dict(changes), expected_versions)
 
     async def _update(
         self,
+        caller: Principal,
         item_id: UUID,
         values: dict[str, Any],
         expected_versions: Collection[int] | None,
@@ -193,43 +222,58 @@ class ItemService:
         async with self._db.write_one() as session:
             repo = ItemRepository(session)
             item = await repo.update(
-                item_id, values, expected_versions=expected_versions, deleted=deleted
+                item_id,
+                values,
+                tenant=caller.reach,
+                expected_versions=expected_versions,
+                deleted=deleted,
             )
             if item is not None:
                 return item
-            current = await repo.get(item_id, include_deleted=True)
+            current = await repo.get(item_id, tenant=caller.reach, include_deleted=True)
         raise self._why_not_written(item_id, current, expected_versions, deleted=deleted)
 
     # --- delete / restore -----------------------------------------------------------------
 
-    async def soft_delete(self, item_id: UUID, expected_versions: Collection[int] | None) -> Item:
+    async def soft_delete(
+        self, caller: Principal, item_id: UUID, expected_versions: Collection[int] | None
+    ) -> Item:
         """Hide the item from reads and lists; `restore` brings it back."""
-        return await self._update(item_id, {"deleted_at": _now()}, expected_versions)
+        return await self._update(caller, item_id, {"deleted_at": _now()}, expected_versions)
 
-    async def restore(self, item_id: UUID, expected_versions: Collection[int] | None) -> Item:
+    async def restore(
+        self, caller: Principal, item_id: UUID, expected_versions: Collection[int] | None
+    ) -> Item:
         self._check_precondition_given(expected_versions)
         async with self._db.write_one() as session:  # as _update
             repo = ItemRepository(session)
             values = {"deleted_at": None, "updated_at": _now()}
             item = await repo.update(
-                item_id, values, expected_versions=expected_versions, deleted=True
+                item_id,
+                values,
+                tenant=caller.reach,
+                expected_versions=expected_versions,
+                deleted=True,
             )
             if item is not None:
                 return item
-            current = await repo.get(item_id, include_deleted=True)
+            current = await repo.get(item_id, tenant=caller.reach, include_deleted=True)
         if current is not None and current.deleted_at is None:
             _check_version(current, expected_versions)
             return current  # already live: restoring is idempotent
         raise self._why_not_written(item_id, current, expected_versions, deleted=True)
 
-    async def hard_delete(self, item_id: UUID, expected_versions: Collection[int] | None) -> None:
+    async def hard_delete(
+        self, caller: Principal, item_id: UUID, expected_versions: Collection[int] | None
+    ) -> None:
         """Remove the row for good, whether or not it was soft-deleted first."""
         self._check_precondition_given(expected_versions)
         async with self._db.write_one() as session:  # as _update
             repo = ItemRepository(session)
-            if await repo.delete(item_id, expected_versions=expected_versions):
+            reach = caller.reach
+            if await repo.delete(item_id, tenant=reach, expected_versions=expected_versions):
                 return
-            current = await repo.get(item_id, include_deleted=True)
+            current = await repo.get(item_id, tenant=reach, include_deleted=True)
         if current is None:
             raise NotFound(f"item {item_id} not found")
         _check_version(current, expected_versions)
@@ -298,13 +342,22 @@ def _decoder(hint: object) -> Callable[[Any], Any]:
 _ITEM_FIELDS = {name: _decoder(hint) for name, hint in get_type_hints(Item).items()}
 
 
+# What a snapshot written before a field existed stands for (e.g. the default tenant).
+_ITEM_DEFAULTS = {field.name: field.default for field in fields(Item)}
+
+
 def _from_snapshot(text: str) -> Item:
     raw = json.loads(text)
     values: dict[str, Any] = {
-        name: None if raw.get(name) is None else decode(raw[name])
+        name: _missing(name) if raw.get(name) is None else decode(raw[name])
         for name, decode in _ITEM_FIELDS.items()
     }
     return Item(**values)
+
+
+def _missing(name: str) -> Any:
+    default = _ITEM_DEFAULTS.get(name, MISSING)
+    return None if default is MISSING else default
 
 
 # --- keyset cursors -----------------------------------------------------------------------

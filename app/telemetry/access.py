@@ -1,5 +1,6 @@
 """The access log: one line per request, with the route template (never the query string or
-the body) and the caller's subject (never the token). Written by the edge layer
+the body), the caller's subject and tenant (never the token), and whether the caller used
+the admin scope, which reaches every tenant. Written by the edge layer
 (app.api.edge) while the request's trace context is current, so each line has its trace id."""
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ def log_request(
     status: int,
     seconds: float,
     principal: str | None,
+    tenant: str | None = None,
+    admin: bool = False,
 ) -> None:
     """`quiet` (probes and scrapes) logs at DEBUG, everything else at INFO."""
     level = logging.DEBUG if quiet else logging.INFO
@@ -32,6 +35,10 @@ def log_request(
     }
     if principal is not None:
         fields["principal"] = principal
+    if tenant is not None:
+        fields["tenant"] = tenant
+    if admin:
+        fields["admin"] = True  # reached across tenants with the admin scope
     # As log.log() would, minus its search of the call stack for a file and line that would
     # always name this function.
     args = (method, route, status)

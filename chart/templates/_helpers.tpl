@@ -231,8 +231,11 @@ imagePullSecrets:
 {{- if and (eq .Values.auth.mode "hs256") (not .Values.auth.hs256.existingSecret) -}}
 {{- fail "auth.mode=hs256 needs auth.hs256.existingSecret" -}}
 {{- end -}}
-{{- if and (eq .Values.auth.mode "jwt") (not (or .Values.auth.issuer .Values.auth.jwksUrl)) -}}
-{{- fail "auth.mode=jwt needs auth.issuer (or auth.jwksUrl)" -}}
+{{- if and (eq .Values.auth.mode "jwt") (not (and .Values.auth.issuer .Values.auth.audience)) -}}
+{{- fail "auth.mode=jwt needs auth.issuer and auth.audience (a token minted for another service must not be accepted)" -}}
+{{- end -}}
+{{- if and (eq .Values.auth.mode "none") (eq .Values.environment "production") (not .Values.auth.allowUnauthenticated) -}}
+{{- fail "auth.mode=none serves every caller with every scope, which the app refuses with environment=production: set auth.mode=jwt (with auth.issuer and auth.audience), or auth.allowUnauthenticated=true to try the chart out or behind a gateway that authenticates" -}}
 {{- end -}}
 {{- if and (eq .Values.llm.provider "openai") (not .Values.llm.baseUrl) -}}
 {{- fail "llm.baseUrl is required when llm.provider is openai" -}}
@@ -313,6 +316,9 @@ LLM_PROVIDER: {{ .Values.llm.provider | quote }}
 LLM_BASE_URL: {{ . | quote }}
 {{- end }}
 LLM_MODEL: {{ .Values.llm.model | quote }}
+{{- with .Values.llm.models }}
+LLM_MODELS: {{ join "," . | quote }}
+{{- end }}
 LLM_READ_TIMEOUT: {{ .Values.llm.readTimeout | quote }}
 STREAM_MAX_CONCURRENT: {{ .Values.streams.maxConcurrent | quote }}
 STREAM_MAX_SECONDS: {{ .Values.streams.maxSeconds | quote }}
@@ -329,6 +335,11 @@ AUTH_AUDIENCE: {{ . | quote }}
 AUTH_JWKS_URL: {{ . | quote }}
 {{- end }}
 AUTH_ANONYMOUS_READ: {{ .Values.auth.anonymousRead | quote }}
+AUTH_TENANT_CLAIM: {{ .Values.auth.tenantClaim | quote }}
+AUTH_ADMIN_SCOPE: {{ .Values.auth.adminScope | quote }}
+{{- if .Values.auth.allowUnauthenticated }}
+AUTH_ALLOW_UNAUTHENTICATED: "true"
+{{- end }}
 RATE_LIMIT_ENABLED: {{ .Values.rateLimit.enabled | quote }}
 RATE_LIMIT_REQUESTS: {{ .Values.rateLimit.requests | int64 | quote }}
 RATE_LIMIT_WINDOW_SECONDS: {{ .Values.rateLimit.windowSeconds | int64 | quote }}

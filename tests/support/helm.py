@@ -38,8 +38,14 @@ def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return result
 
 
+# None: the chart's defaults as the try-out in chart/README.md installs them, with the one
+# opt-in the chart requires for that (no authentication in production); the bare defaults
+# refuse to render (tests/test_chart.py::test_bare_defaults_refuse_an_unauthenticated_install).
+TRY_OUT = "try-out-values.yaml"
+
+
 def values_args(values_file: str | None, sets: Iterable[str] = ()) -> list[str]:
-    args = ["-f", str(CHART / "ci" / values_file)] if values_file else []
+    args = ["-f", str(CHART / "ci" / (values_file or TRY_OUT))]
     for item in sets:
         args += ["--set", item]
     return args
@@ -96,8 +102,7 @@ def rendered_rules(release: str = "itemstream", namespace: str = "apps") -> dict
         str(CHART),
         "-n",
         namespace,
-        "--set",
-        "prometheusRule.enabled=true",
+        *values_args(None, ["prometheusRule.enabled=true"]),
         "--show-only",
         "templates/prometheusrule.yaml",
     ).stdout

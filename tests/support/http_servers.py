@@ -72,6 +72,9 @@ class FakeUpstream:
     - `break-after-2`: 2 tokens, then an error chunk; `cut-after-2`: 2 tokens, then EOF;
     - `endless`: a token every 50 ms until the client goes away."""
 
+    # The models above, for LLM_MODELS (the service refuses models it does not offer).
+    MODELS = "normal,slow-first,fail-500,fail-429,flaky,break-after-2,cut-after-2,endless"
+
     slow_seconds: float = 1.5
     calls: list[UpstreamCall] = field(default_factory=list)
     closed: asyncio.Event = field(default_factory=asyncio.Event)

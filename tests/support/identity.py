@@ -61,13 +61,18 @@ class Issuer:
     base: str = ""
     keys: list[SigningKey] = field(default_factory=list)
     jwks_fetches: int = 0
+    down: bool = False  # an outage: every request gets 503
 
     def app(self) -> Starlette:
         async def discovery(request: Request) -> JSONResponse:
+            if self.down:
+                return JSONResponse({"error": "unavailable"}, status_code=503)
             return JSONResponse({"issuer": self.base, "jwks_uri": f"{self.base}/jwks"})
 
         async def jwks(request: Request) -> JSONResponse:
             self.jwks_fetches += 1
+            if self.down:
+                return JSONResponse({"error": "unavailable"}, status_code=503)
             return JSONResponse({"keys": [k.public_jwk() for k in self.keys]})
 
         return Starlette(

@@ -21,7 +21,7 @@ APP = Path(__file__).resolve().parents[2] / "app"
 BASE = {"domain", "config", "lifecycle", "probes"}
 ALLOWED: dict[str, set[str]] = {
     "domain": set(),
-    "config": set(),
+    "config": {"domain"},  # the domain's defaults (e.g. the admin scope's name)
     "lifecycle": set(),
     "probes": set(),
     "telemetry": {"config", "probes"},

@@ -45,9 +45,19 @@ def test_password_from_its_own_variable() -> None:
                 "database_url": "postgresql://a@db/x",
                 "db_pooler": "pgbouncer",
                 "environment": "production",
+                "auth_allow_unauthenticated": True,
             },
             "MIGRATION_DATABASE_URL must point straight at PostgreSQL",
         ),
+        (
+            {"auth_mode": "jwt", "auth_issuer": "https://id.example", "auth_audience": None},
+            "AUTH_MODE=jwt needs AUTH_AUDIENCE",
+        ),
+        (
+            {"auth_mode": "jwt", "auth_jwks_url": "https://id.example/k", "auth_audience": "a"},
+            "AUTH_MODE=jwt needs AUTH_ISSUER",
+        ),
+        ({"llm_models": "gpt-4o,"}, None),
         ({"db_pooler": "pgbouncer"}, "applies to PostgreSQL only"),
         ({"db_pooler": "pgbouncer-1.18"}, "'none', 'pgbouncer' or 'pgbouncer-legacy'"),
         ({"default_page_size": 500}, "DEFAULT_PAGE_SIZE"),
@@ -58,9 +68,34 @@ def test_password_from_its_own_variable() -> None:
         ),
     ],
 )
-def test_unsafe_configuration_is_refused(values: dict[str, object], message: str) -> None:
+def test_unsafe_configuration_is_refused(values: dict[str, object], message: str | None) -> None:
+    if message is None:  # a control: accepted
+        settings(**values)
+        return
     with pytest.raises(ValidationError, match=re.escape(message)):
         settings(**values)
+
+
+def test_production_serves_unauthenticated_only_when_told_to() -> None:
+    production = {"database_url": "postgresql://a@db/x", "environment": "production"}
+    (refusal,) = settings(**production).serving_problems()
+    assert refusal.startswith(
+        "AUTH_MODE=none (no authentication: every caller has every scope) is refused in "
+        "production; set AUTH_MODE=jwt, or AUTH_ALLOW_UNAUTHENTICATED=true"
+    )
+    assert settings(**production, auth_allow_unauthenticated=True).serving_problems() == []
+    assert settings().serving_problems() == [], "development serves without tokens"
+    with_tokens = settings(
+        **production, auth_mode="jwt", auth_issuer="https://id.example", auth_audience="api"
+    )
+    assert with_tokens.serving_problems() == []
+    assert with_tokens.auth.tenant_claim == "sub" and with_tokens.auth.admin_scope == "items:admin"
+
+
+def test_the_served_models_are_the_generation_model_and_the_listed_ones() -> None:
+    s = settings(llm_model="a", llm_models="b, a,c")
+    assert s.llm.served_models == ["a", "b", "c"]
+    assert settings().llm.served_models == ["itemstream-mock"]
 
 
 def test_cors_origins_from_comma_list() -> None:

@@ -14,9 +14,9 @@ from app.api.openai_compat import (
     ChunkFormat,
     OpenAIRoute,
     completion_body,
-    openai_error,
 )
 from app.api.streaming import EventStreamResponse
+from app.domain.errors import UnknownModel
 from app.domain.principal import GENERATE, Principal
 from app.telemetry import tracing
 
@@ -41,12 +41,12 @@ async def create_chat_completion(
     caller: Annotated[Principal, require(GENERATE)],
 ) -> Response:
     run = await components.generations.start_chat(
+        caller,
         tuple(message.to_message() for message in body.messages),
         model=body.model,
         max_tokens=body.token_limit,
         temperature=body.temperature,
         headers=tracing.outgoing_headers(request.headers),
-        principal=caller,
     )
     # The record of this completion (GET it; the completion's own id works there too).
     record = {"Location": f"/v1/generations/{run.id}"}
@@ -65,10 +65,13 @@ async def create_chat_completion(
 @router.get(
     "/models",
     summary="The models this service serves (OpenAI-compatible)",
-    description="Many clients and UIs call it first. Lists the configured model (`LLM_MODEL`).",
+    description=(
+        "Many clients and UIs call it first. Lists exactly the models clients may ask for "
+        "(`LLM_MODEL` and `LLM_MODELS`); any other is 404 `model_not_found`."
+    ),
 )
 async def list_models(components: ComponentsDep) -> dict[str, Any]:
-    return {"object": "list", "data": [_model(components.settings.llm.model)]}
+    return {"object": "list", "data": [_model(m) for m in components.settings.llm.served_models]}
 
 
 @router.get(
@@ -77,8 +80,8 @@ async def list_models(components: ComponentsDep) -> dict[str, Any]:
     responses={404: {"description": "No such model"}},
 )
 async def get_model(model_id: str, components: ComponentsDep) -> Response:
-    if model_id != components.settings.llm.model:
-        return openai_error(404, f"The model '{model_id}' does not exist", param="model")
+    if model_id not in components.generations.models:
+        raise UnknownModel(f"The model '{model_id}' does not exist")
     return JSONResponse(_model(model_id))
 
 

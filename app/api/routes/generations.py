@@ -62,6 +62,7 @@ class GenerationOut(BaseModel):
                     "created_at": "2026-11-30T15:16:00.120000Z",
                     "finished_at": "2026-11-30T15:16:00.320000Z",
                     "principal": "user-42",
+                    "tenant": "acme",
                 }
             ]
         },
@@ -83,6 +84,7 @@ class GenerationOut(BaseModel):
     created_at: datetime
     finished_at: datetime | None
     principal: str | None = Field(None, description="subject of the caller's token")
+    tenant: str = Field(description="the tenant it belongs to (AUTH_TENANT_CLAIM)")
 
     @classmethod
     def of(cls, generation: Generation) -> GenerationOut:
@@ -162,12 +164,12 @@ async def generate_for_item(
 ) -> EventStreamResponse:
     body = body or GenerateIn()
     run = await components.generations.start_for_item(
+        caller,
         item_id,
         instructions=body.instructions,
         max_tokens=body.max_tokens,
         idempotency_key=idempotency_key,
         headers=tracing.outgoing_headers(request.headers),
-        principal=caller,
     )
     return EventStreamResponse.configured(
         run,
@@ -197,7 +199,6 @@ def _generation_uuid(text: str) -> UUID:
     "/generations/{generation_id}",
     summary="A recorded generation: outcome, tokens, timings and text",
     responses={404: PROBLEMS[404], 503: PROBLEMS[503]},
-    dependencies=[require(READ)],
 )
 async def get_generation(
     generation_id: Annotated[
@@ -205,8 +206,10 @@ async def get_generation(
         Path(description="the generation's id, or a chat completion's id (`chatcmpl-...`)"),
     ],
     components: ComponentsDep,
+    caller: Annotated[Principal, require(READ)],
 ) -> GenerationOut:
-    return GenerationOut.of(await components.generations.get(_generation_uuid(generation_id)))
+    generation = await components.generations.get(caller, _generation_uuid(generation_id))
+    return GenerationOut.of(generation)
 
 
 LAST_EVENT_ID = re.compile(r"^[0-9]{1,9}$")
@@ -238,13 +241,13 @@ def _resume_offset(header: str | None, query: str | None) -> int:
         "calls the model again."
     ),
     **EVENT_STREAM,
-    dependencies=[require(READ)],
 )
 async def resume_generation(
     generation_id: Annotated[
         str, Path(description="the generation's id, or a chat completion's id (`chatcmpl-...`)")
     ],
     components: ComponentsDep,
+    caller: Annotated[Principal, require(READ)],
     last_event_id_header: Annotated[
         str | None,
         Header(
@@ -260,7 +263,7 @@ async def resume_generation(
     ] = None,
 ) -> EventStreamResponse:
     after = _resume_offset(last_event_id_header, last_event_id)
-    run = await components.generations.follow(_generation_uuid(generation_id), after)
+    run = await components.generations.follow(caller, _generation_uuid(generation_id), after)
     return EventStreamResponse.configured(
         run,
         ItemEventFormat(),
@@ -278,10 +281,11 @@ async def resume_generation(
         "the item. A generation that already ended is returned as it is."
     ),
     responses={404: PROBLEMS[404], 503: PROBLEMS[503]},
-    dependencies=[require(GENERATE)],
 )
 async def cancel_generation(
     generation_id: Annotated[str, Path(description="as for GET")],
     components: ComponentsDep,
+    caller: Annotated[Principal, require(GENERATE)],
 ) -> GenerationOut:
-    return GenerationOut.of(await components.generations.cancel(_generation_uuid(generation_id)))
+    generation = await components.generations.cancel(caller, _generation_uuid(generation_id))
+    return GenerationOut.of(generation)

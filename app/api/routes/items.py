@@ -17,15 +17,13 @@ from fastapi import (
     status,
 )
 
-from app.api.access import require
-from app.api.deps import IfMatch, ItemServiceDep, ItemsReader, ItemsWriter
+from app.api.deps import IfMatch, ItemsReader, ItemsWriter
 from app.api.etags import etag, none_match_fails
 from app.api.responses import ModelResponse
 from app.api.schemas import NO_NUL, ItemIn, ItemOut, ItemPageOut, ItemPatch, Money, Problem
 from app.api.streaming import ExportResponse
 from app.domain.models import Item, ItemFilter, Sort
 from app.domain.ports import Writer
-from app.domain.principal import WRITE, Principal
 from app.services.items import ExportFormat
 
 router = APIRouter(prefix="/v1/items", tags=["items"])
@@ -98,12 +96,10 @@ def _item(item: Item, status_code: int = 200, **headers: str) -> ModelResponse:
 async def create_item(
     body: ItemIn,
     request: Request,
-    items: ItemServiceDep,
-    caller: Annotated[Principal, require(WRITE)],
+    items: ItemsWriter,
     idempotency_key: IdempotencyKey = None,
 ) -> ModelResponse:
-    created_by = None if caller.anonymous else caller.subject
-    created = await items.create(body.to_fields(), idempotency_key, created_by)
+    created = await items.service.create(items.caller, body.to_fields(), idempotency_key)
     # Not request.url_for(): it searches every route of the app on each create. The root path
     # is where a proxy mounts the app (uvicorn --root-path), as url_for would include it.
     root = request.scope.get("root_path", "")
@@ -140,7 +136,8 @@ async def list_items(
         bool, Query(description="also count all matching items (a COUNT over them: costly)")
     ] = False,
 ) -> ModelResponse:
-    result = await items.list(
+    result = await items.service.list(
+        items.caller,
         filters,
         _sort(sort),
         per_page=per_page,
@@ -190,7 +187,7 @@ async def export_items(
     order = _sort(sort)
 
     async def produce(write: Writer) -> int:
-        return await items.export(filters, order, fmt, write)
+        return await items.service.export(items.caller, filters, order, fmt, write)
 
     return ExportResponse(produce, media_type=EXPORT_TYPES[fmt], filename=f"items.{fmt}")
 
@@ -218,7 +215,7 @@ async def get_item(
     include_deleted: bool = False,
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
-    item = await items.get(item_id, include_deleted=include_deleted)
+    item = await items.service.get(items.caller, item_id, include_deleted=include_deleted)
     if if_none_match is not None and none_match_fails(if_none_match, item.version):
         return Response(status_code=304, headers={"ETag": etag(item.version)})
     return _item(item)
@@ -238,7 +235,7 @@ async def get_item(
 async def replace_item(
     item_id: UUID, body: ItemIn, items: ItemsWriter, if_match: IfMatch
 ) -> ModelResponse:
-    return _item(await items.replace(item_id, body.to_fields(), if_match))
+    return _item(await items.service.replace(items.caller, item_id, body.to_fields(), if_match))
 
 
 @router.patch(
@@ -257,7 +254,7 @@ async def patch_item(
     items: ItemsWriter,
     if_match: IfMatch,
 ) -> ModelResponse:
-    return _item(await items.patch(item_id, body.changes(), if_match))
+    return _item(await items.service.patch(items.caller, item_id, body.changes(), if_match))
 
 
 @router.delete(
@@ -275,9 +272,9 @@ async def delete_item(
     item_id: UUID, items: ItemsWriter, if_match: IfMatch, permanent: bool = False
 ) -> Response:
     if permanent:
-        await items.hard_delete(item_id, if_match)
+        await items.service.hard_delete(items.caller, item_id, if_match)
     else:
-        await items.soft_delete(item_id, if_match)
+        await items.service.soft_delete(items.caller, item_id, if_match)
     return Response(status_code=204)
 
 
@@ -289,4 +286,4 @@ async def delete_item(
     responses=CONDITIONAL_WRITE,
 )
 async def restore_item(item_id: UUID, items: ItemsWriter, if_match: IfMatch) -> ModelResponse:
-    return _item(await items.restore(item_id, if_match))
+    return _item(await items.service.restore(items.caller, item_id, if_match))
