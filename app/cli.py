@@ -12,9 +12,10 @@ from typing import NoReturn
 
 from pydantic import ValidationError
 
-from app.config import Settings, env_variable
+from app.config import URL_VARIABLES, Settings, env_variable
 from app.db import migrations
 from app.telemetry.logs import configure_logging
+from app.telemetry.redact import redact
 
 log = logging.getLogger("itemstream")
 
@@ -114,6 +115,8 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
             port=args.port or settings.server.port,
             reload=True,
             reload_dirs=["app"],
+            http="app.protocol:FromEnvironment",
+            server_header=settings.server.http.server_header,
         )
         return 0
     return _exec_gunicorn()
@@ -135,16 +138,12 @@ def _exec_gunicorn() -> NoReturn:
 
 
 def cmd_check_config(settings: Settings, args: argparse.Namespace) -> int:
-    """Every variable with the value the app uses; URLs without, and secrets as, ***."""
+    """Every variable with the value the app uses; secrets as ***, and every URL setting with
+    its password as *** (the list of URL settings is derived from the settings tree)."""
     _check_serving(settings)
-    shown = settings.variables()
-    shown["DATABASE_URL"] = settings.db.app_url.render_as_string(hide_password=True)
-    if settings.db.migration_url is not None:
-        shown["MIGRATION_DATABASE_URL"] = settings.db.migrations_url.render_as_string(
-            hide_password=True
-        )
-    for name, value in sorted(shown.items()):
-        print(f"{name}={_as_variable(value)}")
+    for name, value in sorted(settings.variables().items()):
+        text = _as_variable(value)
+        print(f"{name}={redact(text) if name in URL_VARIABLES else text}")
     return 0
 
 

@@ -13,7 +13,7 @@ import json
 import logging
 from collections.abc import Iterator, Mapping
 from functools import cached_property
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, get_args, get_origin
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import (
@@ -36,6 +36,8 @@ Algorithm = Literal["RS256", "ES256"]
 LogFormat = Literal["json", "console"]
 
 DEFAULT_SQLITE_URL = "sqlite+aiosqlite:///./itemstream.db"
+# Signs cursors where CURSOR_SECRETS is unset (not in production): public, so not a secret.
+DEVELOPMENT_CURSOR_SECRET = "itemstream-development-cursor-key"  # noqa: S105 - public by design
 # Of gunicorn's graceful timeout, what the app keeps for its own shutdown (closing pools,
 # flushing spans) after connections have drained and before gunicorn's SIGKILL.
 SHUTDOWN_RESERVE_SECONDS = 5
@@ -71,8 +73,16 @@ def _normalize_url(value: object) -> object:
     return normalize_database_url(value) if isinstance(value, str) else value
 
 
+class UrlSetting:
+    """Marks a setting whose value is a URL, which may carry credentials: wherever settings
+    are shown (check-config) its password is masked (URL_VARIABLES is derived from these)."""
+
+    __slots__ = ()
+
+
 StrList = Annotated[list[str], BeforeValidator(_split_list)]
-DatabaseUrl = Annotated[str, BeforeValidator(_normalize_url)]
+DatabaseUrl = Annotated[str, BeforeValidator(_normalize_url), UrlSetting()]
+Url = Annotated[str, UrlSetting()]
 
 
 class Env:
@@ -131,6 +141,30 @@ class GunicornSettings(Group):
         return self.max_requests // 10
 
 
+class HttpSettings(Group):
+    """HTTP reading (enforced per connection by app.protocol; see docs/operations.md)"""
+
+    env_prefix = "HTTP_"
+    # Longest request line (method, target, version) in bytes; longer is 414 (gunicorn's
+    # limit_request_line; 0: no limit).
+    limit_request_line: int = Field(8190, ge=0, le=65536)
+    # Most header fields in a request; more is 431 (gunicorn's limit_request_fields).
+    limit_request_fields: int = Field(100, ge=1, le=32768)
+    # Longest header field, name and value, in bytes; longer is 431 (gunicorn's
+    # limit_request_field_size).
+    limit_request_field_size: int = Field(8190, ge=256, le=1_048_576)
+    # All header fields of a request together, in bytes; more is 431.
+    max_header_bytes: int = Field(32768, ge=1024, le=4_194_304)
+    # Seconds a client has to send a request's line and headers, from the connection (or the
+    # first byte of a request on a kept-alive one); then 408 and the connection is closed.
+    header_timeout: float = Field(10.0, gt=0)
+    # Seconds a client has to send a request's whole body once its headers are in; then the
+    # connection is closed.
+    body_timeout: float = Field(30.0, gt=0)
+    # Send a `Server: uvicorn` header (off: it tells an attacker what to try).
+    server_header: bool = False
+
+
 class ServerSettings(Group):
     """HTTP server"""
 
@@ -155,6 +189,7 @@ class ServerSettings(Group):
     hsts_seconds: int = Field(0, ge=0, description="Strict-Transport-Security max-age; 0: off")
     cors: CorsSettings = Field(default_factory=CorsSettings)
     gunicorn: GunicornSettings = Field(default_factory=GunicornSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
 
 
 class OtelSettings(Group):
@@ -169,9 +204,9 @@ class OtelSettings(Group):
     # `otlp`, `console` or `none`.
     traces_exporter: Literal["otlp", "console", "none"] = "otlp"
     # OTLP/HTTP collector, e.g. http://otel-collector:4318; tracing is off without an endpoint.
-    exporter_otlp_endpoint: str | None = None
+    exporter_otlp_endpoint: Url | None = None
     # The traces endpoint, when it differs from OTEL_EXPORTER_OTLP_ENDPOINT.
-    exporter_otlp_traces_endpoint: str | None = None
+    exporter_otlp_traces_endpoint: Url | None = None
     # Only http/protobuf (the gRPC exporter is not fork-safe under gunicorn).
     exporter_otlp_protocol: str = "http/protobuf"
     # Protocol of the traces endpoint (http/protobuf).
@@ -322,12 +357,26 @@ class ItemsSettings(Group):
     default_page_size: int = Field(20, ge=1)
     # An export holds one database connection (and a PgBouncer server connection) throughout.
     export_max_seconds: float = Field(3600.0, gt=0)
+    # Keys that sign keyset cursors (HMAC-SHA256), comma-separated, the same in every pod: the
+    # first signs, every one verifies, so a new key goes first and an old one is dropped once
+    # its cursors no longer matter. Required in production (`openssl rand -hex 32`); elsewhere
+    # a fixed development key.
+    cursor_secrets: Annotated[list[SecretStr], BeforeValidator(_split_list)] = Field(
+        default_factory=list
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ItemsSettings:
         if self.default_page_size > self.max_page_size:
             raise ValueError("DEFAULT_PAGE_SIZE must not exceed MAX_PAGE_SIZE")
+        if any(len(secret.get_secret_value()) < 16 for secret in self.cursor_secrets):
+            raise ValueError("CURSOR_SECRETS: each key must have at least 16 characters")
         return self
+
+    @property
+    def cursor_keys(self) -> tuple[bytes, ...]:
+        secrets = [secret.get_secret_value() for secret in self.cursor_secrets]
+        return tuple(secret.encode() for secret in secrets or [DEVELOPMENT_CURSOR_SECRET])
 
 
 class MockProviderSettings(Group):
@@ -350,7 +399,7 @@ class LlmSettings(Group):
     # `mock` streams deterministic text offline; `openai` is any OpenAI-compatible
     # /v1/chat/completions server (vLLM, OpenAI, Ollama) at LLM_BASE_URL.
     provider: Literal["mock", "openai"] = "mock"
-    base_url: str | None = Field(None, description="e.g. http://vllm:8000/v1")
+    base_url: Url | None = Field(None, description="e.g. http://vllm:8000/v1")
     # Bearer key of the upstream.
     api_key: SecretStr | None = None
     model: str = Field("itemstream-mock", min_length=1, description="for item generations")
@@ -415,7 +464,7 @@ class AuthSettings(Group):
     # only (refused in production).
     mode: Literal["none", "jwt", "hs256"] = "none"
     # OIDC issuer (discovery finds the JWKS); tokens' iss must match. Required with jwt.
-    issuer: str | None = None
+    issuer: Url | None = None
     # Expected aud claim; a token for another audience is refused. Required with jwt.
     audience: str | None = None
     # The claim naming the caller's tenant: principals of one tenant share its items and
@@ -429,7 +478,7 @@ class AuthSettings(Group):
     # with every scope. Only behind a gateway that authenticates for it.
     allow_unauthenticated: bool = False
     # JWKS URL, for issuers without discovery.
-    jwks_url: str | None = None
+    jwks_url: Url | None = None
     # Accepted signature algorithms.
     algorithms: Annotated[list[Algorithm], BeforeValidator(_split_list)] = Field(
         default_factory=lambda: list[Algorithm](["RS256", "ES256"])
@@ -476,7 +525,7 @@ class RateLimitSettings(Group):
     # else per worker process.
     enabled: bool = False
     # Redis for rate limits shared by all workers and pods.
-    redis_url: Annotated[str | None, Env("REDIS_URL")] = None
+    redis_url: Annotated[Url | None, Env("REDIS_URL")] = None
     # Requests per caller per window.
     requests: int = Field(600, ge=1)
     # The request window.
@@ -487,6 +536,15 @@ class RateLimitSettings(Group):
     streams: int = Field(20, ge=1, description="concurrent streams per caller")
     # When Redis is unreachable: `open` (serve, count, log) or `closed` (503).
     fail_mode: Literal["open", "closed"] = "open"
+    # The longest wait for Redis, per call (connect included); past it the fail mode applies.
+    redis_timeout: float = Field(0.05, gt=0, le=5)
+    # After three Redis failures in a row, the seconds the limiter stops asking it (circuit
+    # breaker): a Redis that hangs costs three RATE_LIMIT_REDIS_TIMEOUTs per period, not one
+    # per request.
+    breaker_seconds: float = Field(5.0, gt=0)
+    # Refused tokens and scopes (401/403) per client address per RATE_LIMIT_WINDOW_SECONDS;
+    # beyond it, 429.
+    auth_failures: int = Field(30, ge=1)
 
 
 class Settings(BaseSettings):
@@ -592,18 +650,23 @@ class Settings(BaseSettings):
 
     def serving_problems(self) -> list[str]:
         """What makes this configuration unfit to serve requests, though fit for the other
-        commands (`migrate` serves nothing, so it needs no authentication settings)."""
-        if (
-            self.environment == "production"
-            and self.auth.mode == "none"
-            and not self.auth.allow_unauthenticated
-        ):
-            return [
+        commands (`migrate` serves nothing, so it needs neither authentication settings nor
+        the keys that sign cursors)."""
+        if self.environment != "production":
+            return []
+        problems = []
+        if self.auth.mode == "none" and not self.auth.allow_unauthenticated:
+            problems.append(
                 "AUTH_MODE=none (no authentication: every caller has every scope) is refused "
                 "in production; set AUTH_MODE=jwt, or AUTH_ALLOW_UNAUTHENTICATED=true if a "
                 "gateway in front authenticates every request"
-            ]
-        return []
+            )
+        if not self.items.cursor_secrets:
+            problems.append(
+                "CURSOR_SECRETS is required in production: a random key shared by every pod "
+                "(e.g. `openssl rand -hex 32`), which signs the keyset cursors clients send back"
+            )
+        return problems
 
     def _pooler_problems(self) -> list[str]:
         if self.db.pooler == "none" or self.db.migration_url is not None:
@@ -675,6 +738,33 @@ def _variables(
 
 # Every environment variable the app reads -> its place in the tree.
 ENV_VARS: dict[str, tuple[str, ...]] = dict(_variables(Settings, "", ()))
+
+
+def _marked_url(annotation: object, metadata: list[object]) -> bool:
+    if any(isinstance(m, UrlSetting) for m in metadata):
+        return True
+    if get_origin(annotation) is Annotated:
+        inner, *extra = get_args(annotation)
+        return _marked_url(inner, extra)
+    return any(_marked_url(arg, []) for arg in get_args(annotation))
+
+
+def _url_variables() -> frozenset[str]:
+    found = set()
+    for name, path in ENV_VARS.items():
+        model: type[BaseModel] = Settings
+        for part in path[:-1]:
+            annotation = model.model_fields[part].annotation
+            assert isinstance(annotation, type)
+            model = annotation
+        field = model.model_fields[path[-1]]
+        if _marked_url(field.annotation, list(field.metadata)):
+            found.add(name)
+    return frozenset(found)
+
+
+# The variables whose values are URLs (credentials masked wherever settings are shown).
+URL_VARIABLES = _url_variables()
 
 
 def _with_password(url: URL, password: SecretStr | None) -> URL:

@@ -29,6 +29,12 @@ graceful_timeout = _gunicorn.graceful_timeout
 keepalive = _gunicorn.keepalive
 max_requests = _gunicorn.max_requests
 max_requests_jitter = _gunicorn.effective_max_requests_jitter
+# gunicorn's request limits, which its own parser applies; with uvicorn workers app.protocol
+# applies them (app.gunicorn_worker reads them from here, GUNICORN_CMD_ARGS included).
+_http = _settings.server.http
+limit_request_line = _http.limit_request_line
+limit_request_fields = _http.limit_request_fields
+limit_request_field_size = _http.limit_request_field_size
 # Heartbeat file on tmpfs: fchmod on a disk-backed /tmp can block the worker.
 worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None  # noqa: S108
 preload_app = False  # engines and telemetry must be created after the fork

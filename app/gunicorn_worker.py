@@ -1,6 +1,7 @@
-"""The uvicorn worker class, plus one thing gunicorn's cannot do: tell the app the moment
-shutdown starts (readiness goes false, open streams get their final event), instead of only
-after every connection has drained."""
+"""The uvicorn worker class, plus what gunicorn's cannot do: tell the app the moment shutdown
+starts (readiness goes false, open streams get their final event), instead of only after every
+connection has drained; and read requests within limits (app.protocol), gunicorn's own
+`limit_request_*` included, which only its own parser would apply."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from gunicorn.arbiter import Arbiter
 from uvicorn import Server
 from uvicorn_worker import UvicornWorker
 
-from app.config import SHUTDOWN_RESERVE_SECONDS
+from app.config import SHUTDOWN_RESERVE_SECONDS, Settings
 from app.lifecycle import process_lifecycle
+from app.protocol import BoundedHttpToolsProtocol, HttpLimits
 
 
 class _Server(Server):
@@ -23,12 +25,22 @@ class _Server(Server):
 
 
 class Worker(UvicornWorker):  # type: ignore[misc]
-    CONFIG_KWARGS: ClassVar[dict[str, Any]] = {"loop": "auto", "http": "auto", "lifespan": "on"}
+    CONFIG_KWARGS: ClassVar[dict[str, Any]] = {"loop": "auto", "lifespan": "on"}
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
         graceful = int(self.cfg.graceful_timeout)
         self.config.timeout_graceful_shutdown = max(1, graceful - SHUTDOWN_RESERVE_SECONDS)
+        http = Settings().server.http
+        self.config.http = BoundedHttpToolsProtocol.with_limits(
+            HttpLimits.of(
+                http,
+                line=self.cfg.limit_request_line,
+                fields=self.cfg.limit_request_fields,
+                field_size=self.cfg.limit_request_field_size,
+            )
+        )
+        self.config.server_header = http.server_header
 
     async def _serve(self) -> None:
         # Same as UvicornWorker._serve, with the Server subclass above.

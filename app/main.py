@@ -116,9 +116,18 @@ def _access(
         redis_client = None
         if settings.rate_limit.redis_url:
             from redis.asyncio import Redis
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
 
+            timeout = settings.rate_limit.redis_timeout
             redis_client = Redis.from_url(
-                settings.rate_limit.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5
+                settings.rate_limit.redis_url,
+                socket_timeout=timeout,
+                socket_connect_timeout=timeout,
+                # Within the limiter's own bound: no retries of its own, and no CLIENT SETINFO
+                # round trips on every new connection.
+                retry=Retry(NoBackoff(), 0),
+                driver_info=None,
             )
         else:
             log.warning("rate limits without REDIS_URL are counted per worker process")
@@ -130,10 +139,17 @@ def _access(
             tokens=Bucket(
                 "tokens", settings.rate_limit.tokens, settings.rate_limit.tokens_window_seconds
             ),
+            auth_failures=Bucket(
+                "auth_failures",
+                settings.rate_limit.auth_failures,
+                settings.rate_limit.window_seconds,
+            ),
             max_streams=settings.rate_limit.streams,
             stream_ttl_seconds=int(settings.streams.max_seconds) + 60,
             fail_mode=settings.rate_limit.fail_mode,
             observer=metrics,
+            timeout=settings.rate_limit.redis_timeout,
+            breaker_seconds=settings.rate_limit.breaker_seconds,
         )
     return verifier, limiter
 
@@ -213,6 +229,7 @@ def build_components(
         export_max_seconds=settings.items.export_max_seconds,
         default_page_size=settings.items.default_page_size,
         max_page_size=settings.items.max_page_size,
+        cursor_keys=settings.items.cursor_keys,
     )
     provider = create_provider(settings.llm)
     verifier, limiter = _access(settings, metrics)
@@ -268,6 +285,9 @@ def _background_jobs(
     ]
     if metrics is not None:
         jobs.append(asyncio.create_task(_refresh_pool_gauge(database)))
+    if components.access.limiter is not None:
+        # A connection and the scripts loaded before the first requests need them.
+        jobs.append(asyncio.create_task(components.access.limiter.warm()))
     return jobs
 
 

@@ -344,6 +344,7 @@ def main() -> int:
             DB_POOLER="pgbouncer",
             ENVIRONMENT="production",
             AUTH_ALLOW_UNAUTHENTICATED="true",
+            CURSOR_SECRETS="bench-cursor-key-0123456789abcdef",
             OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{sink.server_port}",
             OTEL_SERVICE_NAME="itemstream-bench",
         )

@@ -352,6 +352,31 @@ async def test_redis_stopped_mid_test_follows_the_fail_mode(
             assert during.headers["retry-after"] == "2"
 
 
+@pytest.mark.parametrize("with_redis", [True, False])
+async def test_a_flood_of_refused_tokens_is_429_after_its_budget(
+    sqlite_url: str, redis_server: tuple[int, subprocess.Popen[bytes]], with_redis: bool
+) -> None:
+    """Refusals (no token, a bad token, a missing scope) count against the client address's own
+    budget; past it they are 429, while a good token from the same address is served."""
+    port, _ = redis_server
+    settings = limited(sqlite_url, port if with_redis else None, rate_limit_auth_failures=5)
+    async with running_app(settings) as base, httpx.AsyncClient(base_url=base) as client:
+        refusals = [
+            await client.get("/v1/items"),
+            await client.get("/v1/items", headers=bearer("not.a.token")),
+            await client.get("/v1/items", headers=bearer(hs_token("eve", scope="generate"))),
+            await client.get("/v1/items", headers=bearer("still.not.one")),
+            await client.get("/v1/items", headers=bearer(hs_token("eve", scope="nothing"))),
+        ]
+        assert [r.status_code for r in refusals] == [401, 401, 403, 401, 403]
+        flood = await client.get("/v1/items", headers=bearer("yet.another.bad"))
+        assert flood.status_code == 429, flood.text
+        assert int(flood.headers["retry-after"]) >= 1
+        assert flood.headers["ratelimit-policy"] == '"auth_failures";q=5;w=60'
+        good = await client.get("/v1/items", headers=bearer(hs_token("grace")))
+        assert good.status_code == 200, "a valid caller behind the same address is served"
+
+
 async def test_stream_and_token_quotas(
     sqlite_url: str, redis_server: tuple[int, subprocess.Popen[bytes]]
 ) -> None:

@@ -2,8 +2,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
+
+from harness.postgres import PostgresServer
 from harness.servers import clean_env, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,7 +87,8 @@ def test_production_serves_only_authenticated_but_migrates_without_auth_settings
         check=False,
     )
     assert gunicorn.returncode != 0 and "AUTH_ALLOW_UNAUTHENTICATED" in gunicorn.stderr
-    allowed = run_cli("check-config", env={**production, "AUTH_ALLOW_UNAUTHENTICATED": "true"})
+    opt_in = {"AUTH_ALLOW_UNAUTHENTICATED": "true", "CURSOR_SECRETS": "a-cursor-key-0123456789"}
+    allowed = run_cli("check-config", env={**production, **opt_in})
     assert allowed.returncode == 0, allowed.stderr
     database = tmp_path / "app.db"
     migrate = run_cli(
@@ -96,3 +101,81 @@ def test_production_serves_only_authenticated_but_migrates_without_auth_settings
     waited = run_cli("wait-for-migrations", "--timeout", "1", env=production)
     assert waited.returncode == 1, waited.stdout + waited.stderr
     assert "AUTH_MODE" not in waited.stdout + waited.stderr
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_no_url_password_reaches_check_config_or_the_logs(
+    pg: PostgresServer, schema_db: str
+) -> None:
+    """A marker password in every URL setting (the list is derived from the settings tree);
+    then check-config, and a server whose every dependency fails in a way that gets logged
+    (an issuer answering 500, an unreachable LLM upstream and trace collector, a Redis that
+    refuses the password): no marker in anything printed."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from threading import Thread
+
+    import httpx
+
+    from app.config import URL_VARIABLES
+    from harness.processes import free_port
+    from harness.servers import serve
+
+    class Failing(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_error(500)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    failing = ThreadingHTTPServer(("127.0.0.1", 0), Failing)
+    Thread(target=failing.serve_forever, daemon=True).start()
+    dead = free_port()
+    markers = {name: f"pw{n}x7Q" for n, name in enumerate(sorted(URL_VARIABLES))}
+    database = f"postgres:{markers['DATABASE_URL']}@127.0.0.1:{pg.port}/{schema_db}"
+    urls = {
+        "DATABASE_URL": f"postgresql://{database}",
+        "MIGRATION_DATABASE_URL": f"postgresql://{database}".replace(
+            markers["DATABASE_URL"], markers["MIGRATION_DATABASE_URL"]
+        ),
+        "REDIS_URL": f"redis://:{markers['REDIS_URL']}@127.0.0.1:6379/0",
+        "LLM_BASE_URL": f"http://u:{markers['LLM_BASE_URL']}@127.0.0.1:{dead}/v1",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://u:{markers['OTEL_EXPORTER_OTLP_ENDPOINT']}@127.0.0.1:{dead}",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": (
+            f"http://u:{markers['OTEL_EXPORTER_OTLP_TRACES_ENDPOINT']}@127.0.0.1:{dead}/v1/traces"
+        ),
+        "AUTH_ISSUER": f"http://u:{markers['AUTH_ISSUER']}@127.0.0.1:{failing.server_port}",
+        "AUTH_JWKS_URL": f"http://u:{markers['AUTH_JWKS_URL']}@127.0.0.1:{failing.server_port}/jwks",
+    }
+    assert set(urls) == set(URL_VARIABLES), "a URL setting this test does not know"
+    env = clean_env(
+        **urls,
+        AUTH_MODE="jwt",
+        AUTH_AUDIENCE="itemstream",
+        LLM_PROVIDER="openai",
+        LLM_RETRIES="0",
+        RATE_LIMIT_ENABLED="true",
+        OTEL_TRACES_SAMPLER_ARG="1",
+        OTEL_BSP_SCHEDULE_DELAY="100",
+        LOG_LEVEL="DEBUG",
+    )
+    shown = run_cli("check-config", env=env)
+    assert shown.returncode == 0, shown.stderr
+    for name in URL_VARIABLES:
+        assert f"{name}=" in shown.stdout
+    printed = [shown.stdout + shown.stderr]
+    try:
+        with serve(env) as server:
+            token = "eyJhbGciOiJSUzI1NiIsImtpZCI6Im5ldyJ9.eyJzdWIiOiJ4In0.c2ln"
+            bearer = {"Authorization": f"Bearer {token}"}
+            httpx.get(f"{server.base}/v1/items", headers=bearer)
+            chat = {"model": "itemstream-mock", "messages": [{"role": "user", "content": "hi"}]}
+            httpx.post(f"{server.base}/v1/chat/completions", json=chat, headers=bearer)
+            time.sleep(1.5)  # the span exporter's attempt
+            printed.append(server.output())
+    finally:
+        failing.shutdown()
+    text = "\n".join(printed)
+    assert "cannot verify tokens" in text or "issuer" in text, "the failures were not logged"
+    leaked = [name for name, marker in markers.items() if marker in text]
+    assert not leaked, f"printed the password of {leaked}"

@@ -107,6 +107,8 @@ def test_image_is_small_non_root_and_runs_migrate_then_serve(
             f"PORT={port}",
             "-e",
             "AUTH_ALLOW_UNAUTHENTICATED=true",  # no identity provider in this test
+            "-e",
+            "CURSOR_SECRETS=container-cursor-key-0123456789",
             IMAGE,
         ],
         capture_output=True,

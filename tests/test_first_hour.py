@@ -144,6 +144,7 @@ def test_production_on_an_unmigrated_database_answers_503_naming_the_fix(
         DATABASE_URL=url,
         ENVIRONMENT="production",
         AUTH_ALLOW_UNAUTHENTICATED="true",
+        CURSOR_SECRETS="first-hour-cursor-key-0123456789",
         PORT=str(port),
     )
     log = tmp_path / "serve.log"

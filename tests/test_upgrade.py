@@ -64,7 +64,12 @@ def test_the_previous_release_serves_through_the_tenancy_migration(pg: PostgresS
         with checked_out(BEFORE_TENANCY) as previous:
             # As the chart runs both releases (production settings, no identity provider).
             env = pooled_env(
-                pg, bouncer, database, ENVIRONMENT="production", AUTH_ALLOW_UNAUTHENTICATED="true"
+                pg,
+                bouncer,
+                database,
+                ENVIRONMENT="production",
+                AUTH_ALLOW_UNAUTHENTICATED="true",
+                CURSOR_SECRETS="upgrade-cursor-key-0123456789",
             )
             migrated = run_cli("migrate", env=env, cwd=previous)
             assert migrated.returncode == 0, migrated.stdout + migrated.stderr

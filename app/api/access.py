@@ -45,11 +45,13 @@ class AccessControl:
         if token is None:
             if self._anonymous_read and scope == READ:
                 return Principal("anonymous", frozenset({READ}), anonymous=True, client=client)
+            await self.refused(client)
             raise HTTPException(401, "a bearer token is required", {"WWW-Authenticate": REALM})
         assert self.verifier is not None
         try:
             verified = await self.verifier.verify(token)
         except InvalidToken as error:
+            await self.refused(client)
             description = _header_text(error.detail)
             challenge = f'{REALM}, error="{error.error}", error_description="{description}"'
             raise HTTPException(401, error.detail, {"WWW-Authenticate": challenge}) from None
@@ -63,6 +65,22 @@ class AccessControl:
             tenant=verified.tenant,
             admin=self._admin_scope in verified.scopes,
         )
+
+    async def refused(self, client: str) -> None:
+        """Count a refused token or scope against the address's budget of refusals: past it
+        the answer is 429 (a flood of bad tokens costs the flooder, not the verifier)."""
+        if self.limiter is None:
+            return
+        try:
+            decision = await self.limiter.auth_failed(client)
+        except RateLimitBackendDown:
+            return  # the refusal stands; a closed fail mode is for admissions, not refusals
+        if not decision.allowed:
+            raise RateLimited(
+                "too many refused requests from this address",
+                decision.retry_after,
+                headers_for(decision),
+            )
 
     async def check_rate(self, principal: Principal) -> None:
         if self.limiter is None:
@@ -103,6 +121,7 @@ async def authorize(request: Request, scope: str) -> Principal:
     if span.is_recording():
         span.set_attribute("enduser.id", principal.subject)
     if scope not in principal.scopes:
+        await access.refused(principal.client)
         challenge = f'{REALM}, error="insufficient_scope", scope="{scope}"'
         raise HTTPException(
             403, f"the token lacks the {scope!r} scope", {"WWW-Authenticate": challenge}

@@ -31,7 +31,7 @@ from app.api.problems import (
     status_for,
     validation_errors,
 )
-from app.api.schemas import NO_NUL, Text, no_nul
+from app.api.schemas import NO_NUL, Text, storable
 from app.api.streaming import sse_event
 from app.domain import errors
 from app.domain.errors import DatabaseUnavailable
@@ -85,11 +85,11 @@ class ChatMessage(BaseModel):
 
     @field_validator("content")
     @classmethod
-    def _no_nul(cls, content: str | list[TextPart] | None) -> str | list[TextPart] | None:
+    def _storable(cls, content: str | list[TextPart] | None) -> str | list[TextPart] | None:
         # One check for both shapes (a union of constrained types would report the wrong one).
         parts = [content] if isinstance(content, str) else [p.text for p in content or []]
         for part in parts:
-            no_nul(part)
+            storable(part)
         return content
 
     def to_message(self) -> Message:

@@ -21,7 +21,7 @@ from app.config import Settings
 
 # Why each status may come back (the problem's `detail` says more).
 REASONS = {
-    400: "A header that is not in its declared format",
+    400: "A header, cursor or body that is not in its declared format",
     401: "No valid bearer token (when AUTH_MODE is not none)",
     403: "The token lacks the scope this operation needs",
     404: "No such resource",

@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
 from app.api.etags import etag
-from app.api.schemas import NO_NUL, NUL_MESSAGE
+from app.api.schemas import NO_NUL, NUL_MESSAGE, UNICODE_MESSAGE
 from app.domain import errors
 from app.domain.errors import DatabaseUnavailable, SchemaNotReady
 from app.providers.base import ProviderError
@@ -43,6 +43,8 @@ def status_for(error: BaseException, retry_after: int = 2) -> tuple[int, dict[st
         case errors.PreconditionFailed():
             version = error.current_version
             return 412, ({"ETag": etag(version)} if version else {})
+        case errors.InvalidCursor():
+            return 400, {}
         case errors.IdempotencyKeyReused() | errors.InvalidInput():
             return 422, {}
         case errors.IdempotencyKeyInProgress():
@@ -133,6 +135,8 @@ def validation_errors(exc: RequestValidationError) -> tuple[str, list[dict[str, 
         message = error.get("msg", "invalid")
         if (error.get("ctx") or {}).get("pattern") == NO_NUL:
             message = NUL_MESSAGE  # say what is wrong, not which regular expression failed
+        elif error.get("type") == "string_unicode":
+            message = UNICODE_MESSAGE
         entry: dict[str, Any] = {
             "location": loc[0] if loc else "body",
             "field": _location(loc),

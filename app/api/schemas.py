@@ -26,11 +26,19 @@ from app.domain.models import Item, ItemFields, ItemPage
 # the answer is a 422 naming the field rather than a 500 from the driver.
 NO_NUL = r"^[^\x00]*$"
 NUL_MESSAGE = "must not contain the NUL character (\\u0000)"
+# JSON can spell a lone UTF-16 surrogate (`"\\ud800"`), which no UTF-8 text (the database, an
+# upstream request, a log line) can hold.
+UNICODE_MESSAGE = "must be valid Unicode text (an unpaired surrogate escape such as \\ud800 is not)"
 
 
-def no_nul(value: str) -> str:
+def storable(value: str) -> str:
+    """Text the service may store or pass on: no NUL, valid Unicode."""
     if "\x00" in value:
         raise ValueError(NUL_MESSAGE)
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise ValueError(UNICODE_MESSAGE) from None
     return value
 
 

@@ -57,6 +57,14 @@ class InvalidQuery(InvalidInput):
         super().__init__(detail, parameter, "query")
 
 
+class InvalidCursor(InvalidQuery):
+    """A keyset cursor this service did not issue (forged, altered, or signed with a key no
+    longer configured), or one for another query: start again without it."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, "cursor")
+
+
 class Overloaded(ServiceError):
     """This process is at a capacity limit or shutting down; retry after `retry_after`."""
 

@@ -2,18 +2,24 @@
 updated atomically by Lua scripts that read Redis's own clock (no skew between pods). Without
 Redis (the embedded default) the same buckets live in process memory, per worker.
 
-When Redis cannot be reached the limiter fails open (serves, counts, logs) or closed
-(refuses with 503), as configured."""
+Every Redis call is bounded by `timeout` (tens of milliseconds) and goes through a circuit
+breaker (the `circuitbreaker` package): after three failures in a row the limiter stops asking
+Redis for `breaker_seconds`, then tries again, so a Redis that hangs costs three timeouts per
+breaker period, not one per call. While Redis is unreachable, or the breaker open, the
+limiter fails open (serves, counts, logs) or closed (refuses with 503), as configured."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from cachetools import TTLCache
+from circuitbreaker import CircuitBreaker
 
 from app.domain.errors import RateLimited
 
@@ -102,14 +108,29 @@ class RateLimiter:
         tokens: Bucket,
         max_streams: int,
         stream_ttl_seconds: int,
+        auth_failures: Bucket | None = None,
         fail_mode: FailMode = "open",
         observer: BackendObserver | None = None,
         prefix: str = "itemstream:rl",
         max_tracked_callers: int = MAX_TRACKED_CALLERS,
+        timeout: float = 0.05,
+        breaker_seconds: float = 5.0,
     ) -> None:
         self._redis = redis
         self.requests = requests
         self.tokens = tokens
+        # Refused tokens and scopes, per client address: cheap to send, so budgeted apart.
+        self.auth_failures = auth_failures or Bucket("auth_failures", 30, 60)
+        self._timeout = timeout
+        # Three failures in a row, not one: a worker whose event loop lags under a burst may
+        # see one reply late, and an open breaker stops limiting for the whole period.
+        breaker = CircuitBreaker(
+            failure_threshold=3,
+            recovery_timeout=breaker_seconds,
+            expected_exception=Exception,
+            name=f"redis:{prefix}",
+        )
+        self._guarded: Callable[..., Awaitable[Any]] = breaker.decorate(self._bounded)
         self.max_streams = max_streams
         self._stream_ttl = stream_ttl_seconds
         self._fail_mode = fail_mode
@@ -123,7 +144,7 @@ class RateLimiter:
         self._slots: TTLCache[str, int] = TTLCache(
             maxsize=max_tracked_callers, ttl=stream_ttl_seconds
         )
-        self._last_warning = 0.0
+        self._last_warning: dict[str, float] = {}
         if redis is not None:
             self._bucket_script = redis.register_script(_BUCKET)
             self._acquire_script = redis.register_script(_ACQUIRE)
@@ -133,11 +154,36 @@ class RateLimiter:
         if self._redis is not None:
             await self._redis.aclose()
 
+    async def warm(self) -> None:
+        """Open a connection and load the scripts (EVALSHA then needs no SCRIPT LOAD round
+        trip); best effort: a Redis that is down is met by the requests as usual."""
+        if self._redis is None:
+            return
+        try:
+            async with asyncio.timeout(max(self._timeout * 20, 1.0)):
+                for script in (self._bucket_script, self._acquire_script, self._release_script):
+                    await self._redis.script_load(script.script)
+        except Exception as error:
+            self._warn(f"could not reach the rate limit backend at start: {error}")
+
+    async def _bounded(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        async with asyncio.timeout(self._timeout):
+            return await script(keys=keys, args=args)
+
+    async def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        """One script on Redis, within the timeout, unless the breaker is open
+        (CircuitBreakerError, as any other failure)."""
+        return await self._guarded(script, keys, args)
+
     # --- requests and generated tokens ----------------------------------------------------
 
     async def hit(self, key: str) -> Decision:
         """One request against the caller's request budget."""
         return await self._take(self.requests, key, 1, force=False)
+
+    async def auth_failed(self, address: str) -> Decision:
+        """A refused token or scope from `address`, against its budget of refusals."""
+        return await self._take(self.auth_failures, f"addr:{address}", 1, force=False)
 
     async def tokens_left(self, key: str) -> Decision:
         """Whether the caller may start a generation (any token budget left)."""
@@ -156,8 +202,10 @@ class RateLimiter:
             if self._redis is None:
                 allowed, left = self._take_memory(bucket, full_key, cost, force)
             else:
-                raw = await self._bucket_script(
-                    keys=[full_key], args=[bucket.capacity, bucket.per_second, cost, int(force)]
+                raw = await self._call(
+                    self._bucket_script,
+                    [full_key],
+                    [bucket.capacity, bucket.per_second, cost, int(force)],
                 )
                 allowed, left = bool(int(raw[0])), float(raw[1])
         except Exception as error:
@@ -195,8 +243,8 @@ class RateLimiter:
                 self._slots[full_key] = self._slots.get(full_key, 0) + 1
                 return True
             return bool(
-                await self._acquire_script(
-                    keys=[full_key], args=[self.max_streams, self._stream_ttl]
+                await self._call(
+                    self._acquire_script, [full_key], [self.max_streams, self._stream_ttl]
                 )
             )
         except Exception as error:
@@ -212,22 +260,27 @@ class RateLimiter:
                 else:
                     self._slots.pop(full_key, None)
                 return
-            await self._release_script(keys=[full_key], args=[])
+            await self._call(self._release_script, [full_key], [])
         except Exception as error:  # the slot expires with its TTL
-            log.warning("could not release a stream slot: %s", error)
+            self._warn(f"could not release a stream slot: {error}")
 
     # --- Redis down ------------------------------------------------------------------------
 
     def _backend_failed(self, bucket: Bucket, error: Exception) -> Decision:
         if self._observer is not None:
             self._observer.ratelimit_backend_error()
-        now = time.monotonic()
-        if now - self._last_warning > 10:  # one line per 10 s, not one per request
-            self._last_warning = now
-            log.warning("rate limit backend unavailable (fail %s): %s", self._fail_mode, error)
+        self._warn(f"rate limit backend unavailable (fail {self._fail_mode}): {error}")
         if self._fail_mode == "closed":
             raise RateLimitBackendDown("the rate limit backend is unavailable") from error
         return Decision(True, bucket.capacity, bucket.capacity, bucket.window_seconds, 0, "open")
+
+    def _warn(self, message: str) -> None:
+        # One line per kind of trouble per 10 s, not one per request.
+        kind = message.split(":", 1)[0]
+        now = time.monotonic()
+        if now - self._last_warning.get(kind, -60.0) > 10:
+            self._last_warning[kind] = now
+            log.warning("%s", message)
 
 
 def headers_for(decision: Decision) -> dict[str, str]:

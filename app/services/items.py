@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import hmac
 import json
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import MISSING, asdict, dataclass, fields
@@ -13,11 +14,13 @@ from decimal import Decimal
 from typing import Any, Literal, get_args, get_type_hints
 from uuid import UUID
 
+from app.config import DEVELOPMENT_CURSOR_SECRET
 from app.db.engine import Database
 from app.db.items import ItemRepository
 from app.domain.errors import (
     IdempotencyKeyInProgress,
     IdempotencyKeyReused,
+    InvalidCursor,
     InvalidQuery,
     NotFound,
     PreconditionFailed,
@@ -39,6 +42,8 @@ class ItemPolicy:
     export_max_seconds: float = 3600.0
     default_page_size: int = 20
     max_page_size: int = 100
+    # Keys that sign keyset cursors: the first signs, any verifies (rotation).
+    cursor_keys: tuple[bytes, ...] = (DEVELOPMENT_CURSOR_SECRET.encode(),)
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +154,8 @@ class ItemService:
             raise InvalidQuery(f"per_page must be at most {self._policy.max_page_size}", "per_page")
         if cursor is not None:
             page = None  # a cursor says where the page starts: it wins over a page number
-        after = _decode_cursor(cursor, filters, sort) if cursor is not None else None
+        cursors = _Cursors(self._policy.cursor_keys, filters, sort, caller.reach)
+        after = cursors.decode(cursor) if cursor is not None else None
         offset = 0 if page is None else (page - 1) * per_page
         # Separate single-statement reads: under READ COMMITTED a transaction would not make
         # the page and the count consistent anyway, and each read skips BEGIN/COMMIT.
@@ -167,7 +173,7 @@ class ItemService:
                     total = await ItemRepository(session).count(filters, tenant=caller.reach)
         has_more = len(rows) > per_page
         rows = rows[:per_page]
-        next_cursor = _encode_cursor(rows[-1], filters, sort) if has_more else None
+        next_cursor = cursors.encode(rows[-1]) if has_more else None
         return ItemPage(
             items=rows,
             per_page=per_page,
@@ -362,44 +368,95 @@ def _missing(name: str) -> Any:
 
 # --- keyset cursors -----------------------------------------------------------------------
 
+CURSOR_MAC_BYTES = 16  # HMAC-SHA256, truncated to 128 bits
+# The range a price cursor may name (numeric(12,2)).
+_PRICE_LIMIT = Decimal("1e10")
 
-def _filter_fingerprint(filters: ItemFilter, sort: Sort) -> str:
-    canonical = json.dumps([asdict(filters), asdict(sort)], default=str, sort_keys=True)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+class _Cursors:
+    """Keyset cursors for one query: where the next page starts (the last row's sort value and
+    id), bound to the query's filters, sort and tenant, signed so that a client can neither
+    forge nor alter one (a forged cursor is refused before anything in it is decoded)."""
+
+    def __init__(
+        self, keys: tuple[bytes, ...], filters: ItemFilter, sort: Sort, reach: str | None
+    ) -> None:
+        self._keys = keys
+        self._sort = sort
+        canonical = json.dumps([asdict(filters), asdict(sort), reach], default=str, sort_keys=True)
+        self._fingerprint = hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    def _mac(self, key: bytes, body: str) -> str:
+        digest = hmac.new(key, body.encode(), hashlib.sha256).digest()[:CURSOR_MAC_BYTES]
+        return _b64(digest)
+
+    def encode(self, last: Item) -> str:
+        value = getattr(last, self._sort.field)
+        payload = {
+            "v": value.isoformat() if isinstance(value, datetime) else str(value),
+            "id": str(last.id),
+            "f": self._fingerprint,
+        }
+        body = _b64(json.dumps(payload, separators=(",", ":")).encode())
+        return f"{body}.{self._mac(self._keys[0], body)}"
+
+    def decode(self, cursor: str) -> Position:
+        body, _, mac = cursor.rpartition(".")
+        given = mac.encode()  # bytes: compare_digest refuses non-ASCII text
+        if not body or not any(
+            hmac.compare_digest(given, self._mac(key, body).encode()) for key in self._keys
+        ):
+            raise InvalidCursor("cursor is not one this service issued; start again without it")
+        invalid = InvalidCursor("cursor is not valid; start again without it")
+        try:
+            payload = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+            fingerprint, text, raw_id = payload["f"], payload["v"], payload["id"]
+        except (ValueError, KeyError, TypeError, binascii.Error) as error:
+            raise invalid from error
+        if fingerprint != self._fingerprint:
+            raise InvalidCursor(
+                "cursor belongs to a different sort or filter; start again without it"
+            )
+        if not isinstance(text, str) or not isinstance(raw_id, str) or not _storable(text):
+            raise invalid
+        try:
+            return Position(value=self._value(text), id=UUID(raw_id))
+        except (ValueError, TypeError, ArithmeticError) as error:
+            raise invalid from error
+
+    def _value(self, text: str) -> object:
+        """The sort value, within what the column holds (the database is never asked to
+        compare with what it cannot store)."""
+        if self._sort.field == "created_at":
+            instant = datetime.fromisoformat(text)
+            if instant.tzinfo is None:
+                raise ValueError("a cursor instant has a time zone")
+            return instant.astimezone(UTC)  # OverflowError past year 9999
+        if self._sort.field == "price":
+            price = Decimal(text)
+            if (
+                not price.is_finite()
+                or abs(price) >= _PRICE_LIMIT
+                or price != price.quantize(CENTS)
+            ):
+                raise ValueError("a cursor price is a numeric(12,2)")
+            return price
+        return text
 
 
-def _encode_cursor(last: Item, filters: ItemFilter, sort: Sort) -> str:
-    value = getattr(last, sort.field)
-    payload = {
-        "v": value.isoformat() if isinstance(value, datetime) else str(value),
-        "id": str(last.id),
-        "f": _filter_fingerprint(filters, sort),
-    }
-    raw = json.dumps(payload, separators=(",", ":")).encode()
+CENTS = Decimal("0.01")
+
+
+def _b64(raw: bytes) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def _decode_cursor(cursor: str, filters: ItemFilter, sort: Sort) -> Position:
-    invalid = InvalidQuery("cursor is not valid; start again without it", "cursor")
+def _storable(text: str) -> bool:
+    """Text PostgreSQL can take: no NUL, and valid Unicode (no lone surrogates)."""
+    if "\x00" in text:
+        return False
     try:
-        payload = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        fingerprint, text, raw_id = payload["f"], payload["v"], payload["id"]
-    except (ValueError, KeyError, TypeError, binascii.Error) as error:
-        raise invalid from error
-    if not isinstance(text, str) or "\x00" in text:  # a forged cursor must not reach SQL
-        raise invalid
-    if fingerprint != _filter_fingerprint(filters, sort):
-        raise InvalidQuery(
-            "cursor belongs to a different sort or filter; start again without it", "cursor"
-        )
-    try:
-        value: object
-        if sort.field == "created_at":
-            value = datetime.fromisoformat(text)
-        elif sort.field == "price":
-            value = Decimal(text)
-        else:
-            value = str(text)
-        return Position(value=value, id=UUID(raw_id))
-    except (ValueError, TypeError, ArithmeticError) as error:
-        raise invalid from error
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True

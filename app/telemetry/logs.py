@@ -1,5 +1,6 @@
 """Logs on stdout: one JSON object per line (production, for collectors) or one readable
-line (development), both with the current trace id."""
+line (development), both with the current trace id, and never a URL's password
+(app.telemetry.redact)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from datetime import datetime
 from typing import Any
 
 from opentelemetry import trace
+
+from app.telemetry.redact import redact
 
 # Attributes every LogRecord has; anything else came in through `extra=` and is kept, except
 # uvicorn's `color_message` (the message again, with ANSI escapes).
@@ -67,7 +70,7 @@ class JsonFormatter(logging.Formatter):
         entry.update(_extras(record))
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return _encode(entry)
+        return redact(_encode(entry))
 
 
 class ConsoleFormatter(logging.Formatter):
@@ -83,7 +86,7 @@ class ConsoleFormatter(logging.Formatter):
         line = "  ".join(parts)
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
-        return line
+        return redact(line)
 
 
 class _DropNoise(logging.Filter):

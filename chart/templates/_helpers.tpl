@@ -126,6 +126,25 @@ imagePullSecrets:
 {{- else -}}database-password{{- end -}}
 {{- end -}}
 
+{{/* The key that signs cursors, when the chart's Secret holds it: the value, the one already
+     in the cluster (upgrades keep it: cursors clients hold stay valid), or a new random one;
+     cached in .Values so every template of one render agrees. */}}
+{{- define "itemstream.cursorSecret" -}}
+{{- if not (hasKey .Values "_cursorSecret") -}}
+{{- $key := .Values.security.cursorSecret -}}
+{{- if not $key -}}
+{{- $secret := lookup "v1" "Secret" .Release.Namespace (include "itemstream.fullname" .) -}}
+{{- if and $secret $secret.data (hasKey $secret.data "cursor-secret") -}}
+{{- $key = index $secret.data "cursor-secret" | b64dec -}}
+{{- else -}}
+{{- $key = randAlphaNum 48 -}}
+{{- end -}}
+{{- end -}}
+{{- $_ := set .Values "_cursorSecret" $key -}}
+{{- end -}}
+{{- .Values._cursorSecret -}}
+{{- end -}}
+
 {{- define "itemstream.db.ownSecret" -}}
 {{- if not (include "itemstream.db.existingSecret" .) -}}true{{- end -}}
 {{- end -}}

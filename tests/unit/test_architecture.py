@@ -31,7 +31,16 @@ ALLOWED: dict[str, set[str]] = {
     "services": BASE | {"telemetry", "db", "providers", "security"},
     "api": BASE | {"telemetry", "services", "providers", "security"},
 }
-ROOTS = {"main", "cli", "gunicorn_conf", "gunicorn_worker", "workers", "__main__", "__init__"}
+ROOTS = {
+    "main",
+    "cli",
+    "gunicorn_conf",
+    "gunicorn_worker",
+    "protocol",
+    "workers",
+    "__main__",
+    "__init__",
+}
 
 
 def _package(path: Path) -> str:

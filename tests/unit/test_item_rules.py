@@ -3,6 +3,7 @@ entity tags and If-Match. No database, no server."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import fields, replace
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -10,14 +11,16 @@ from uuid import UUID
 
 import pytest
 from fastapi import HTTPException
+from hypothesis import given
+from hypothesis import strategies as st
 
 from app.api.etags import none_match_fails, parse_if_match
-from app.domain.errors import InvalidQuery, PreconditionFailed
+from app.domain.errors import InvalidCursor, PreconditionFailed
 from app.domain.models import Item, ItemFields, ItemFilter, Position, Sort
 from app.services.items import (
+    _b64,
     _check_version,
-    _decode_cursor,
-    _encode_cursor,
+    _Cursors,
     _fingerprint,
     _from_snapshot,
     _snapshot,
@@ -39,24 +42,93 @@ ITEM = Item(
 )
 
 
+KEYS = (b"current-key-0123456789", b"older-key-0123456789")
+
+
+def cursors(
+    filters: ItemFilter, sort: Sort, reach: str | None = "acme", keys: tuple[bytes, ...] = KEYS
+) -> _Cursors:
+    return _Cursors(keys, filters, sort, reach)
+
+
 @pytest.mark.parametrize("field", ["created_at", "name", "price"])
 def test_a_cursor_resumes_after_the_last_row_of_its_sort(field: str) -> None:
     sort = Sort(field=field, descending=True)  # type: ignore[arg-type]
     filters = ItemFilter(is_active=True, q="cup")
-    position = _decode_cursor(_encode_cursor(ITEM, filters, sort), filters, sort)
+    position = cursors(filters, sort).decode(cursors(filters, sort).encode(ITEM))
     assert position == Position(value=getattr(ITEM, field), id=ITEM.id)
 
 
-def test_a_cursor_is_refused_for_another_sort_or_filter_and_when_forged() -> None:
+def test_a_cursor_is_refused_for_another_query_tenant_or_key_and_when_forged() -> None:
     sort, filters = Sort("name"), ItemFilter()
-    cursor = _encode_cursor(ITEM, filters, sort)
-    for other_sort, other_filters in ((Sort("price"), filters), (sort, ItemFilter(q="x"))):
-        with pytest.raises(InvalidQuery, match="different sort or filter") as refused:
-            _decode_cursor(cursor, other_filters, other_sort)
+    cursor = cursors(filters, sort).encode(ITEM)
+    for other in (
+        cursors(filters, Sort("price")),
+        cursors(ItemFilter(q="x"), sort),
+        cursors(filters, sort, reach="globex"),  # another tenant's cursor
+    ):
+        with pytest.raises(InvalidCursor, match="different sort or filter") as refused:
+            other.decode(cursor)
         assert refused.value.field == "cursor"
-    for forged in ("not base64 at all!", "e30", cursor[:-3]):
-        with pytest.raises(InvalidQuery, match="not valid"):
-            _decode_cursor(forged, filters, sort)
+    # Rotation: a cursor signed with the older key still works; one with a dropped key not.
+    older = cursors(filters, sort, keys=KEYS[1:]).encode(ITEM)
+    assert cursors(filters, sort).decode(older).id == ITEM.id
+    with pytest.raises(InvalidCursor, match="not one this service issued"):
+        cursors(filters, sort, keys=KEYS[:1]).decode(older)
+    body, _, mac = cursor.partition(".")
+    for forged in ("not base64 at all!", "e30", body, f"{body}.", f"e30.{mac}", cursor[:-3]):
+        with pytest.raises(InvalidCursor, match="not one this service issued"):
+            cursors(filters, sort).decode(forged)
+
+
+@given(
+    value=st.one_of(
+        st.text(max_size=30),
+        st.integers(),
+        st.floats(allow_nan=True),
+        st.none(),
+        st.sampled_from(
+            [
+                "Infinity",
+                "NaN",
+                "1E+999999",
+                "1E-999999",
+                "9999-12-31T23:59:59-14:00",
+                "0001-01-01T00:00:00+14:00",
+                "2026-01-01T00:00:00",
+                "a\ud800",
+                "12.345",
+            ]
+        ),
+    ),
+    raw_id=st.one_of(st.uuids().map(str), st.integers(), st.none(), st.text(max_size=40)),
+    field=st.sampled_from(["created_at", "name", "price"]),
+)
+def test_a_signed_cursor_with_any_payload_decodes_to_storable_values_or_is_refused(
+    value: object, raw_id: object, field: str
+) -> None:
+    """As if the key had leaked: whatever a signed payload says, decoding gives a value the
+    column holds, or InvalidCursor (never another exception, never a value the database
+    would refuse)."""
+    sort, filters = Sort(field=field), ItemFilter()  # type: ignore[arg-type]
+    mint = cursors(filters, sort)
+    payload = {"v": value, "id": raw_id, "f": mint._fingerprint}
+    body = _b64(json.dumps(payload).encode())
+    cursor = f"{body}.{mint._mac(KEYS[0], body)}"
+    try:
+        position = mint.decode(cursor)
+    except InvalidCursor:
+        return
+    assert isinstance(position.id, UUID)
+    if field == "created_at":
+        assert isinstance(position.value, datetime) and position.value.tzinfo is not None
+    elif field == "price":
+        assert isinstance(position.value, Decimal) and position.value.is_finite()
+        assert abs(position.value) < Decimal("1e10")
+        assert position.value == position.value.quantize(Decimal("0.01"))
+    else:
+        assert isinstance(position.value, str)
+        position.value.encode()  # valid Unicode
 
 
 def test_an_idempotency_snapshot_gives_back_every_field() -> None:

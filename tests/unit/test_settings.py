@@ -77,7 +77,11 @@ def test_unsafe_configuration_is_refused(values: dict[str, object], message: str
 
 
 def test_production_serves_unauthenticated_only_when_told_to() -> None:
-    production = {"database_url": "postgresql://a@db/x", "environment": "production"}
+    production = {
+        "database_url": "postgresql://a@db/x",
+        "environment": "production",
+        "cursor_secrets": "a-key-of-sixteen-or-more",
+    }
     (refusal,) = settings(**production).serving_problems()
     assert refusal.startswith(
         "AUTH_MODE=none (no authentication: every caller has every scope) is refused in "
@@ -90,6 +94,24 @@ def test_production_serves_unauthenticated_only_when_told_to() -> None:
     )
     assert with_tokens.serving_problems() == []
     assert with_tokens.auth.tenant_claim == "sub" and with_tokens.auth.admin_scope == "items:admin"
+
+
+def test_production_serves_only_with_keys_for_its_cursors() -> None:
+    production = {"environment": "production", "database_url": "postgresql://a@db/x"}
+    keyless = settings(**production, auth_allow_unauthenticated=True)
+    (refusal,) = keyless.serving_problems()
+    assert refusal.startswith("CURSOR_SECRETS is required in production")
+    assert keyless.items.cursor_keys == (b"itemstream-development-cursor-key",)
+    keyed = settings(
+        **production,
+        auth_allow_unauthenticated=True,
+        cursor_secrets="new-key-0123456789,old-key-0123456789",
+    )
+    assert keyed.serving_problems() == []
+    assert keyed.items.cursor_keys == (b"new-key-0123456789", b"old-key-0123456789")
+    assert "new-key" not in repr(keyed), "keys are secrets"
+    with pytest.raises(ValidationError, match="at least 16 characters"):
+        settings(cursor_secrets="short")
 
 
 def test_the_served_models_are_the_generation_model_and_the_listed_ones() -> None:

@@ -115,12 +115,13 @@ async def create_item(
     description=(
         "Offset pages (`page`, `per_page`) or keyset pages (`cursor` from `next_cursor`, stable "
         "while rows are inserted); `next_cursor` is null on the last page. `include_total=true` "
-        "adds `total`, at the cost of counting every match. `q` matches name or description, "
+        "adds `total`, at the cost of counting every match; a `cursor` the service did not "
+        "issue, or one of another query, is 400. `q` matches name or description, "
         "case-insensitively and literally (`%` and `_` are not wildcards). Soft-deleted items "
         "are hidden unless `include_deleted=true`."
     ),
     response_model=ItemPageOut,
-    responses={422: PROBLEMS[422], 503: PROBLEMS[503]},
+    responses={400: PROBLEMS[422], 422: PROBLEMS[422], 503: PROBLEMS[503]},
 )
 async def list_items(
     request: Request,
