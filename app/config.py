@@ -274,6 +274,10 @@ class DatabaseSettings(Group):
     # `none` (direct), `pgbouncer` (PgBouncer >= 1.21 with max_prepared_statements) or
     # `pgbouncer-legacy` (older PgBouncer).
     pooler: Pooler = "none"
+    # The worker's pool of PostgreSQL connections: `own` (app/db/pool.py: waiters served in
+    # arrival order, recycled by age) or `asyncpg` (asyncpg's own pool with a no-op reset; kept
+    # for `make bench` to compare the two, see docs/benchmarks.md).
+    pool_impl: Literal["own", "asyncpg"] = "own"
     # Connections per worker process kept open.
     pool_size: int = Field(10, ge=1, le=500)
     # Connections per worker above DB_POOL_SIZE under load.

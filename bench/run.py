@@ -372,6 +372,12 @@ def main() -> int:
                 },
             ),
             "itemstream": ("itemstream", itemstream(WORKERS), service_env),
+            # The same with asyncpg's pool (DB_POOL_IMPL=asyncpg) instead of app/db/pool.py.
+            "itemstream (asyncpg pool)": (
+                "itemstream-asyncpg-pool",
+                itemstream(WORKERS),
+                {**service_env, "DB_POOL_IMPL": "asyncpg"},
+            ),
             "itemstream (PgBouncer 1.18)": ("itemstream-legacy", itemstream(WORKERS), legacy_env),
             "common pattern": (
                 "common",

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from typing import Any, Protocol
 
@@ -26,7 +26,7 @@ from app.db.errors import (
     is_unavailable_error,
     one_line,
 )
-from app.db.pool import PostgresPool
+from app.db.pool import AsyncpgPool, PostgresPool
 from app.db.session import PostgresSession, Session, SqlAlchemySession
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,8 @@ def postgres_connect_args(db: DatabaseSettings) -> dict[str, Any]:
     return args
 
 
-Backend = AsyncEngine | PostgresPool
+Pool = PostgresPool | AsyncpgPool
+Backend = AsyncEngine | Pool
 
 
 def create_engine(
@@ -62,7 +63,8 @@ def create_engine(
     url = url or db.app_url
     if url.get_backend_name() == "sqlite":
         return sqlite_engine(url)
-    return PostgresPool(
+    pool = AsyncpgPool if db.pool_impl == "asyncpg" else PostgresPool
+    return pool(
         url,
         postgres_connect_args(db),
         max_size=pool_size or db.pool_size + db.max_overflow,
@@ -136,11 +138,11 @@ class Database:
         # Whether a one-statement unit of work still needs BEGIN/COMMIT: older PgBouncer needs a
         # transaction to pin one server connection between Parse and Execute; SQLite's engine
         # always opens one.
-        self._needs_begin = not isinstance(backend, PostgresPool) or pooler == "pgbouncer-legacy"
+        self._needs_begin = isinstance(backend, AsyncEngine) or pooler == "pgbouncer-legacy"
 
     @property
     def dialect(self) -> str:
-        return "postgresql" if isinstance(self.backend, PostgresPool) else "sqlite"
+        return "sqlite" if isinstance(self.backend, AsyncEngine) else "postgresql"
 
     def transaction(self) -> AbstractAsyncContextManager[Session]:
         """One connection, one transaction: committed when the block ends, rolled back on any
@@ -187,7 +189,7 @@ class Database:
         try:
             async with deadline:
                 started = time.perf_counter()
-                if not isinstance(self.backend, PostgresPool):
+                if isinstance(self.backend, AsyncEngine):
                     async with self.backend.begin() as connection:
                         self._acquired(started)
                         yield SqlAlchemySession(connection)
@@ -218,7 +220,9 @@ class Database:
                     discard = discard_on_error or _in_doubt(error)
                     raise
                 finally:
-                    held.release(discard=discard)
+                    pending = held.release(discard=discard)
+                    if pending is not None:  # asyncpg's pool gives back asynchronously
+                        await pending
         except Exception as error:
             explained = self._explained(error, limit, outcome)
             if explained is None:
@@ -268,17 +272,17 @@ class Database:
     def report_pool_usage(self) -> None:
         """Report the pool's checked-out count (the app samples it every second)."""
         if self._observer is not None:
-            if isinstance(self.backend, PostgresPool):
-                count = self.backend.checked_out()
-            else:
+            if isinstance(self.backend, AsyncEngine):
                 count = self.backend.sync_engine.pool.checkedout()  # type: ignore[attr-defined]
+            else:
+                count = self.backend.checked_out()
             self._observer.pool_checked_out(count)
 
     async def dispose(self) -> None:
-        if isinstance(self.backend, PostgresPool):
-            await self.backend.close()
-        else:
+        if isinstance(self.backend, AsyncEngine):
             await self.backend.dispose()
+        else:
+            await self.backend.close()
 
 
 _schema_warning = {"at": -3600.0}
@@ -294,16 +298,18 @@ class _Held:
 
     __slots__ = ("pool", "raw")
 
-    def __init__(self, pool: PostgresPool, raw: Any) -> None:
+    def __init__(self, pool: Pool, raw: Any) -> None:
         self.pool = pool
         self.raw = raw
 
-    def release(self, *, discard: bool) -> None:
-        self.pool.release(self.raw, discard=discard)
+    def release(self, *, discard: bool) -> Awaitable[None] | None:
+        return self.pool.release(self.raw, discard=discard)
 
     async def replace(self) -> Any:
         """Close this connection and take a fresh one in its place."""
-        self.pool.release(self.raw, discard=True)
+        pending = self.pool.release(self.raw, discard=True)
+        if pending is not None:
+            await pending
         self.raw = await self.pool.acquire()
         return self.raw
 

@@ -10,10 +10,18 @@ pooler in front and for a checkout on every request.
   >= 1.23, which on SIGTERM waits for its clients to leave, go away during a rolling restart
   without one failed request; it also spreads clients over new pooler pods after a scale-out.
 - Fair under contention: a released connection goes to the longest waiter, never to a request
-  that arrives later; idle connections are reused most recent first (warm, and the rest age
-  out).
+  that arrives later; when a released connection is closed instead (discarded, or too old) the
+  slot is reserved for that waiter; idle connections are reused most recent first (warm, and
+  the rest age out).
 - Cheap: a checkout is a list pop when a connection is idle (asyncpg's pool also wraps each
   connection in a proxy and re-arms an idle timer on every release).
+
+Why not asyncpg's own pool (`DB_POOL_IMPL=asyncpg`, AsyncpgPool below, with a no-op reset
+and the same recycling): it lets a late arrival overtake a waiter (asyncio.Queue), and
+`make bench` measures the two side by side (docs/benchmarks.md, "Pool"). Its rules are proven by tests/unit/test_pool_properties.py
+(random interleavings of acquire, release, discard, cancellation at every step, ageing,
+sweeps, failing connects and close, against fake connections) and tests/test_pool.py (each
+rule on a real server).
 """
 
 from __future__ import annotations
@@ -23,6 +31,8 @@ import contextlib
 import logging
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import asyncpg
@@ -34,11 +44,7 @@ CLOSE_TIMEOUT_SECONDS = 5.0
 
 
 class _Connection(asyncpg.Connection):  # type: ignore[misc]
-    __slots__ = ("born",)
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.born = time.monotonic()
+    __slots__ = ("born",)  # when the pool opened it (its clock)
 
 
 def connect_kwargs(url: URL) -> dict[str, Any]:
@@ -61,15 +67,24 @@ class PostgresPool:
         max_size: int,
         acquire_timeout: float,
         recycle_seconds: float,
+        connect: Callable[..., Awaitable[Any]] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.url = url
         self._kwargs = {**connect_kwargs(url), **connect_args}
+        # asyncpg.connect, or a stand-in (the property tests' fake connections).
+        self._connect = connect or partial(asyncpg.connect, connection_class=_Connection)
+        self._clock = clock
         self._max_size = max_size
         self._acquire_timeout = acquire_timeout
         self._recycle = recycle_seconds if recycle_seconds > 0 else None
         self._idle: list[_Connection] = []  # most recently released last
         self._in_use: set[_Connection] = set()
         self._opening = 0
+        # Slots handed to waiters as "open one" that they have not taken up yet: counted, so
+        # that a later arrival cannot take the slot first (which sent the waiter back to the
+        # end of the queue: the FIFO promise broken whenever a released connection was closed).
+        self._reserved = 0
         # Each gets a connection, or None: a slot is free, open one.
         self._waiters: deque[asyncio.Future[_Connection | None]] = deque()
         self._sweeper: asyncio.Task[None] | None = None
@@ -78,7 +93,7 @@ class PostgresPool:
 
     @property
     def _size(self) -> int:
-        return len(self._idle) + len(self._in_use) + self._opening
+        return len(self._idle) + len(self._in_use) + self._opening + self._reserved
 
     async def acquire(self) -> Any:
         """A connection, waiting at most `acquire_timeout` for one (then TimeoutError)."""
@@ -102,44 +117,60 @@ class PostgresPool:
         return None
 
     async def _wait_or_open(self) -> _Connection:
-        while True:
-            connection = self._take_idle()
-            if connection is not None:
-                return connection
-            if self._size < self._max_size:
-                return await self._open()
-            waiter: asyncio.Future[_Connection | None] = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
-            try:
-                handed = await waiter
-            except BaseException:
-                if waiter.done() and not waiter.cancelled():
-                    # Handed something just as the wait ended (timeout, cancel): pass it on.
-                    self._hand_on(waiter.result())
-                else:
-                    with contextlib.suppress(ValueError):
-                        self._waiters.remove(waiter)
-                raise
-            if handed is not None:
-                return handed  # already counted in use by whoever released it
+        connection = self._take_idle()
+        if connection is not None:
+            return connection
+        if self._size < self._max_size:
+            return await self._open()
+        waiter: asyncio.Future[_Connection | None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            handed = await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                # Handed a connection (counted in use for us) or a reserved slot just as the
+                # wait ended (a timeout, a cancellation in the same tick): pass it on whole.
+                self._give_back(waiter.result())
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+            raise
+        if handed is not None:
+            return handed  # already counted in use by whoever released it
+        return await self._open(reserved=True)
 
-    async def _open(self) -> _Connection:
+    def _give_back(self, handed: _Connection | None) -> None:
+        if handed is None:
+            self._reserved -= 1
+            self._hand_on(None)
+            return
+        self._in_use.discard(handed)
+        self._hand_on(handed)
+
+    async def _open(self, *, reserved: bool = False) -> _Connection:
+        if reserved:
+            self._reserved -= 1
+        if self._closed:
+            self._hand_on(None)
+            raise asyncpg.InterfaceError("the connection pool is closed")
         self._opening += 1
         try:
-            connection: _Connection = await asyncpg.connect(
-                connection_class=_Connection, **self._kwargs
-            )
+            connection: _Connection = await self._connect(**self._kwargs)
         except BaseException:
             self._opening -= 1
             self._hand_on(None)  # the slot is free again
             raise
         self._opening -= 1
+        connection.born = self._clock()
         self._in_use.add(connection)
         return connection
 
     def release(self, connection: Any, *, discard: bool = False) -> None:
         """Give a connection back; `discard` (or old age, or an open transaction) closes it
-        instead of reusing it."""
+        instead of reusing it. A connection the pool does not count in use is ignored (given
+        back twice, or cut at close)."""
+        if connection not in self._in_use:
+            return
         self._in_use.discard(connection)
         if self._drained is not None and not self._in_use:
             self._drained.set()
@@ -150,12 +181,15 @@ class PostgresPool:
         self._hand_on(connection)
 
     def _hand_on(self, connection: _Connection | None) -> None:
-        """To the longest waiter if any (a connection, or None for a free slot)."""
+        """To the longest waiter if any: a connection (counted in use from here), or None for
+        a free slot (reserved for it from here)."""
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 if connection is not None:
                     self._in_use.add(connection)
+                else:
+                    self._reserved += 1
                 waiter.set_result(connection)
                 return
         if connection is not None:
@@ -167,7 +201,7 @@ class PostgresPool:
     def _fresh(self, connection: _Connection) -> bool:
         if connection.is_closed():
             return False
-        return self._recycle is None or time.monotonic() - connection.born <= self._recycle
+        return self._recycle is None or self._clock() - connection.born <= self._recycle
 
     @staticmethod
     def _close(connection: _Connection) -> None:
@@ -178,16 +212,20 @@ class PostgresPool:
         interval = max(recycle / 4, 0.25)
         while True:
             await asyncio.sleep(interval)
-            keep: list[_Connection] = []
-            for connection in self._idle:
-                if self._fresh(connection):
-                    keep.append(connection)
-                else:
-                    self._close(connection)
-            self._idle = keep
+            self.sweep()
+
+    def sweep(self) -> None:
+        """Close the idle connections past their age."""
+        keep: list[_Connection] = []
+        for connection in self._idle:
+            if self._fresh(connection):
+                keep.append(connection)
+            else:
+                self._close(connection)
+        self._idle = keep
 
     def checked_out(self) -> int:
-        return len(self._in_use) + self._opening
+        return len(self._in_use) + self._opening + self._reserved
 
     async def close(self) -> None:
         """Close gracefully; connections still checked out after a few seconds are cut."""
@@ -219,3 +257,85 @@ class PostgresPool:
             log.warning("closing a database connection still in use at shutdown")
             connection.terminate()
         self._in_use.clear()
+
+
+async def _no_reset(connection: Any) -> None:
+    """asyncpg's pool runs `RESET ALL; CLOSE ALL; UNLISTEN *; ...` on every release: a round
+    trip per unit of work that PgBouncer's transaction mode makes pointless."""
+
+
+class AsyncpgPool:
+    """asyncpg's own pool (`asyncpg.create_pool`), as the library gives it, with a no-op reset
+    and the recycling rule of PostgresPool applied on release: `DB_POOL_IMPL=asyncpg`, kept so
+    that `make bench` measures the two side by side (docs/benchmarks.md). Its waiters are not
+    served in arrival order (asyncio.Queue lets a late arrival take a connection put back
+    before a woken waiter runs)."""
+
+    def __init__(
+        self,
+        url: URL,
+        connect_args: dict[str, Any],
+        *,
+        max_size: int,
+        acquire_timeout: float,
+        recycle_seconds: float,
+    ) -> None:
+        self.url = url
+        self._kwargs = {**connect_kwargs(url), **connect_args}
+        self._max_size = max_size
+        self._acquire_timeout = acquire_timeout
+        self._recycle = recycle_seconds if recycle_seconds > 0 else None
+        self._pool: asyncpg.Pool | None = None
+        self._creating: asyncio.Lock | None = None
+        self._born: dict[int, float] = {}
+        self._closed = False
+
+    async def _get(self) -> asyncpg.Pool:
+        if self._pool is None:
+            self._creating = self._creating or asyncio.Lock()
+            async with self._creating:
+                if self._pool is None:
+                    self._pool = await asyncpg.create_pool(
+                        min_size=0,
+                        max_size=self._max_size,
+                        reset=_no_reset,
+                        max_inactive_connection_lifetime=self._recycle or 0,
+                        **self._kwargs,
+                    )
+        return self._pool
+
+    async def acquire(self) -> Any:
+        if self._closed:
+            raise asyncpg.InterfaceError("the connection pool is closed")
+        pool = await self._get()
+        connection = await pool.acquire(timeout=self._acquire_timeout)
+        self._born.setdefault(id(connection._con), time.monotonic())
+        return connection
+
+    def release(self, connection: Any, *, discard: bool = False) -> Awaitable[None] | None:
+        raw = connection._con
+        born = self._born.get(id(raw), 0.0)
+        old = self._recycle is not None and time.monotonic() - born > self._recycle
+        if discard or old or connection.is_in_transaction():
+            self._born.pop(id(raw), None)
+            connection.terminate()  # the pool opens a fresh one in its place when needed
+        assert self._pool is not None
+        release: Awaitable[None] = self._pool.release(connection)
+        return release
+
+    def sweep(self) -> None:
+        """asyncpg closes idle connections itself (max_inactive_connection_lifetime)."""
+
+    def checked_out(self) -> int:
+        if self._pool is None:
+            return 0
+        size: int = self._pool.get_size() - self._pool.get_idle_size()
+        return size
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._pool is not None:
+            try:
+                await asyncio.wait_for(self._pool.close(), CLOSE_TIMEOUT_SECONDS)
+            except TimeoutError:
+                self._pool.terminate()
