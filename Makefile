@@ -10,8 +10,8 @@ run:  ## run the service on the embedded SQLite database at http://127.0.0.1:800
 stack:  ## the real stack as local processes: PostgreSQL, PgBouncer (and Redis), the app on :8000
 	$(UV) run --frozen python scripts/local_stack.py
 
-test-fast:  ## the unit tier: pure rules and the layering, no database or server (seconds)
-	$(UV) run --frozen pytest -q tests/unit
+test-fast:  ## the unit tier: pure rules and the layering, no database or server (under 2 s)
+	$(UV) run --frozen pytest -q -p no:schemathesis -p no:llmock -p no:hypothesispytest tests/unit
 
 test-sqlite:  ## everything that needs no PostgreSQL and starts no servers (about 1.5 min)
 	$(UV) run --frozen pytest -q -m "not slow and not postgres"

@@ -116,6 +116,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
             reload=True,
             reload_dirs=["app"],
             http="app.protocol:FromEnvironment",
+            root_path=settings.server.root_path,
             server_header=settings.server.http.server_header,
         )
         return 0

@@ -179,6 +179,9 @@ class ServerSettings(Group):
     max_workers: int = Field(8, ge=1, le=64)
     # Proxies whose X-Forwarded-* headers are believed (gunicorn, uvicorn, rate limits).
     forwarded_allow_ips: str = "127.0.0.1"
+    # The path prefix a proxy mounts the app under and strips (e.g. /api): links the app
+    # makes (Location, the docs' OpenAPI URL) carry it; probes answer with or without it.
+    root_path: str = Field("", pattern=r"^(/[^/\s]+)*$")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="request bodies above get 413")
     # Serve /docs, /redoc and /openapi.json.
     docs_enabled: bool = True

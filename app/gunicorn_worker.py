@@ -31,7 +31,8 @@ class Worker(UvicornWorker):  # type: ignore[misc]
         super().__init__(*args, **kwargs)
         graceful = int(self.cfg.graceful_timeout)
         self.config.timeout_graceful_shutdown = max(1, graceful - SHUTDOWN_RESERVE_SECONDS)
-        http = Settings().server.http
+        settings = Settings()
+        http = settings.server.http
         self.config.http = BoundedHttpToolsProtocol.with_limits(
             HttpLimits.of(
                 http,
@@ -41,6 +42,7 @@ class Worker(UvicornWorker):  # type: ignore[misc]
             )
         )
         self.config.server_header = http.server_header
+        self.config.root_path = settings.server.root_path
 
     async def _serve(self) -> None:
         # Same as UvicornWorker._serve, with the Server subclass above.

@@ -324,7 +324,7 @@ def _add_routes(app: FastAPI, settings: Settings) -> None:
 
         async def root(request: Request) -> RedirectResponse:
             # A first look at the address finds the docs.
-            return RedirectResponse(api_docs.SWAGGER)
+            return RedirectResponse(request.scope.get("root_path", "") + api_docs.SWAGGER)
 
         app.add_route("/", root, include_in_schema=False)
     problems.install(app, retry_after_seconds=settings.db.retry_after_seconds)

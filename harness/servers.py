@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
-
+from app.config import ENV_VARS
 from harness.pgbouncer import PgBouncer
 from harness.postgres import PostgresServer
 from harness.processes import free_port, wait_until
@@ -23,26 +22,19 @@ from harness.processes import free_port, wait_until
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# Variables the libraries under the service read themselves: the OpenTelemetry SDK, gunicorn,
+# prometheus_client.
+FOREIGN_PREFIXES = ("OTEL_", "GUNICORN_", "PROMETHEUS_")
+
+
 def clean_env(**values: str) -> dict[str, str]:
-    """The current environment without any of the service's settings, plus `values`."""
-    prefixes = (
-        "DATABASE_",
-        "MIGRATION_",
-        "DB_",
-        "OTEL_",
-        "METRICS_",
-        "PROMETHEUS_",
-        "WEB_CONCURRENCY",
-        "MAX_WORKERS",
-        "LLM_",
-        "MOCK_",
-        "STREAM_",
-        "GUNICORN_",
-        "FORWARDED_",
-        "READINESS_",
-        "LOG_",
-    )
-    env = {key: value for key, value in os.environ.items() if not key.startswith(prefixes)}
+    """The current environment without any of the service's settings (every variable of the
+    settings tree, in any case, as the settings read them) or its libraries', plus `values`."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key.upper() not in ENV_VARS and not key.upper().startswith(FOREIGN_PREFIXES)
+    }
     env["LOG_FORMAT"] = "json"  # the tests read the logs as JSON; the console format has its own
     env.update(values)
     return env
@@ -105,6 +97,8 @@ def serve(env: dict[str, str], cwd: Path = ROOT, *, port: int | None = None) -> 
     )
     log_file.close()
     server = Server(base=f"http://127.0.0.1:{port}", proc=proc, log_path=log_path)
+
+    import httpx  # here: the unit tier imports this module for clean_env alone
 
     def ready() -> bool:
         if proc.poll() is not None:

@@ -69,6 +69,17 @@ SCENARIOS = [
         "7h",
         quiet=("ItemstreamErrorBudgetBurnFast", "ItemstreamErrorBudgetBurnSlow"),
     ),
+    # A tenth of the requests are clients that left before any answer (499: closed tabs,
+    # streams given up before their first token): not the service's errors, no page.
+    Scenario(
+        "clients leaving early",
+        {
+            f'http_requests_total{{{SEL}, status="200"}}': "0+100x420",
+            f'http_requests_total{{{SEL}, status="499"}}': "0+10x420",
+        },
+        "7h",
+        quiet=("ItemstreamErrorBudgetBurnFast", "ItemstreamErrorBudgetBurnSlow"),
+    ),
     # A short burst (10 minutes of errors) pages only while the hour window agrees.
     Scenario(
         "a burst long past",

@@ -3,6 +3,8 @@ every object against the Kubernetes schemas, and check what each switch does."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
@@ -97,8 +99,8 @@ def test_defaults_hpa_pgbouncer_and_hook_migrations() -> None:
     assert {"checksum/config", "checksum/secret"} <= set(pod["metadata"]["annotations"])
     container = pod["spec"]["containers"][0]
     env = {e["name"]: e for e in container["env"]}
-    field = env["WEB_CONCURRENCY"]["valueFrom"]["resourceFieldRef"]
-    assert field == {"containerName": "api", "resource": "limits.cpu", "divisor": "1"}
+    # Workers: the app sizes itself from its cgroup's CPU limit (the guard counts the same).
+    assert "WEB_CONCURRENCY" not in env
     assert env["DATABASE_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == "database-password"
     probes = {
         kind: container[kind]["httpGet"]["path"]
@@ -348,3 +350,58 @@ def test_the_app_is_configured_only_with_variables_its_settings_read(
     assert not unknown, f"not read by app.config: {sorted(unknown)}"
     secrets = {"DATABASE_PASSWORD": "x", "AUTH_HS256_SECRET": "x" * 32, "LLM_API_KEY": "x"}
     Settings(_env_file=None, **{k.lower(): v for k, v in {**config, **secrets}.items()})
+
+
+# One rule for the workers a pod runs, on both sides: the app (app/workers.py, from its cgroup)
+# and the chart's connection guard. (CPU limit, gunicorn.workers, gunicorn.maxWorkers).
+WORKER_TABLE = [
+    ("250m", None, 8),
+    ("1", None, 8),
+    ("1500m", None, 8),
+    ("2", None, 8),
+    ("4", None, 2),
+    ("12", None, 8),
+    ("12", 12, 8),  # WEB_CONCURRENCY is taken as given, past the cap
+    ("2", 3, 8),
+    (None, None, 8),  # no limit: the app counts the node's CPUs, the guard its cap
+    (None, None, 3),
+]
+
+
+def _cpus(quantity: str) -> float:
+    return int(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
+
+
+@pytest.mark.parametrize(("cpu", "workers", "cap"), WORKER_TABLE)
+def test_the_guard_counts_the_workers_the_app_runs(
+    cpu: str | None, workers: int | None, cap: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from app import workers as sizing
+
+    monkeypatch.setattr(sizing, "affinity_cpus", lambda: 64)  # a big node
+    cgroup = tmp_path / "cgroup"
+    cgroup.mkdir()
+    quota = "max" if cpu is None else str(int(_cpus(cpu) * 100_000))
+    (cgroup / "cpu.max").write_text(f"{quota} 100000\n")
+    app_runs = sizing.worker_count(workers, maximum=cap, cgroup_root=cgroup)
+    sets = [f"gunicorn.maxWorkers={cap}", "pgbouncer.maxClientConn=1", "autoscaling.maxReplicas=4"]
+    sets.append(f"resources.limits.cpu={cpu if cpu is not None else 'null'}")
+    if workers is not None:
+        sets.append(f"gunicorn.workers={workers}")
+    refusal = render_error(None, *sets)
+    counted = re.search(
+        r"up to (\d+) app pods \(with the rollout's surge\) x (\d+) workers", refusal
+    )
+    assert counted, refusal
+    pods, guard_counts = int(counted.group(1)), int(counted.group(2))
+    assert pods == 4 + 1, "4 replicas and a quarter more (rounded up) during a rollout"
+    if cpu is None and workers is None:
+        assert guard_counts == cap >= app_runs  # what the app may run, at most
+    else:
+        assert guard_counts == app_runs
+    rendered = render(None, *sets[:1], *sets[2:], "pgbouncer.maxClientConn=100000")
+    env = rendered.one("Deployment", "api")["spec"]["template"]["spec"]["containers"][0]["env"]
+    given = [e for e in env if e["name"] == "WEB_CONCURRENCY"]
+    assert given == ([{"name": "WEB_CONCURRENCY", "value": str(workers)}] if workers else [])
+    config = rendered.one("ConfigMap", "api")["data"]
+    assert config["MAX_WORKERS"] == str(cap)

@@ -22,21 +22,25 @@ def install(app: FastAPI, title: str) -> None:
     directory = str(files("fastapi_offline") / "static")
     app.mount(ASSETS, StaticFiles(directory=directory), name="docs-assets")
 
+    # Behind a root path (ROOT_PATH) the browser must ask for the document and the assets
+    # under it, as it reached the page.
     async def swagger(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
         return get_swagger_ui_html(
-            openapi_url="/openapi.json",
+            openapi_url=f"{root}/openapi.json",
             title=f"{title} - Swagger UI",
-            swagger_js_url=f"{ASSETS}/swagger-ui-bundle.js",
-            swagger_css_url=f"{ASSETS}/swagger-ui.css",
-            swagger_favicon_url=f"{ASSETS}/favicon.png",
+            swagger_js_url=f"{root}{ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}{ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{root}{ASSETS}/favicon.png",
         )
 
     async def redoc(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
         return get_redoc_html(
-            openapi_url="/openapi.json",
+            openapi_url=f"{root}/openapi.json",
             title=f"{title} - ReDoc",
-            redoc_js_url=f"{ASSETS}/redoc.standalone.js",
-            redoc_favicon_url=f"{ASSETS}/favicon.png",
+            redoc_js_url=f"{root}{ASSETS}/redoc.standalone.js",
+            redoc_favicon_url=f"{root}{ASSETS}/favicon.png",
             with_google_fonts=False,
         )
 

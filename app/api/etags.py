@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from fastapi import HTTPException
+from starlette.exceptions import HTTPException
 
 
 def etag(version: int) -> str:

@@ -1,4 +1,14 @@
-"""Pure ASGI middleware (no BaseHTTPMiddleware: it buffers streams and costs throughput)."""
+"""Pure ASGI middleware (no BaseHTTPMiddleware: it buffers streams and costs throughput).
+
+Each replaces a maintained equivalent for a reason measured against it:
+- BodySizeLimit, not FastAPI's `max_body_size` (Starlette's RequestBodyLimitMiddleware):
+  with it, a body whose Content-Length is over the limit is answered `text/plain` "Content Too
+  Large" by Starlette itself, outside the app's handlers, breaking the problem+json contract
+  (tests/test_items_api.py::test_body_over_limit_is_413 fails with it swapped in).
+- HostAllowlist, not Starlette's TrustedHostMiddleware: that one answers `text/plain` too, and
+  cannot let the probe paths through whatever the Host (kubelet probes send the pod IP).
+- HeadAsGet: FastAPI's routes do not answer HEAD where they answer GET (Starlette's own
+  routes do); no library adds it to FastAPI's."""
 
 from __future__ import annotations
 
@@ -48,6 +58,15 @@ class BodySizeLimit:
         await self.app(scope, limited_receive, send)
 
 
+def route_path(scope: Scope) -> str:
+    """The path the app routes on: behind a root path (ROOT_PATH, a proxy mounting the app
+    under a prefix) uvicorn puts the prefix into `path` as well; probes and docs are matched
+    without it."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
 class HardeningHeaders:
     """The headers every response gets (the edge layer adds them): the API serves JSON and
     event streams; only the self-hosted docs pages need scripts and styles."""
@@ -94,7 +113,7 @@ class HostAllowlist:
         return self.any or name in self.exact or name.endswith(self.suffixes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in PROBE_PATHS:
+        if scope["type"] != "http" or route_path(scope) in PROBE_PATHS:
             await self.app(scope, receive, send)
             return
         host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), "")

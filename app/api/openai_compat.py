@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine
 from typing import Annotated, Any, Literal
 
 from fastapi import Request
@@ -22,8 +22,9 @@ from pydantic import (
     field_validator,
 )
 from starlette.exceptions import HTTPException
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
+from app.api.openai_errors import code_for, error_body, openai_error
 from app.api.problems import (
     UNSUPPORTED_BODY,
     detail_for,
@@ -32,7 +33,7 @@ from app.api.problems import (
     validation_errors,
 )
 from app.api.schemas import NO_NUL, Text, storable
-from app.api.streaming import sse_event
+from app.api.sse import sse_event
 from app.domain import errors
 from app.domain.errors import DatabaseUnavailable
 from app.providers.base import Message, ProviderError
@@ -211,48 +212,6 @@ class ChunkFormat:
         return status, headers, body, "application/json"
 
 
-_TYPES = {
-    400: ("invalid_request_error", None),
-    401: ("invalid_request_error", "invalid_api_key"),
-    403: ("invalid_request_error", "insufficient_scope"),
-    404: ("invalid_request_error", "not_found"),
-    409: ("invalid_request_error", "conflict"),
-    413: ("invalid_request_error", "request_too_large"),
-    422: ("invalid_request_error", None),
-    429: ("rate_limit_error", "rate_limit_exceeded"),
-    502: ("api_error", "upstream_error"),
-    503: ("api_error", "overloaded"),
-    504: ("api_error", "upstream_timeout"),
-}
-
-
-def error_body(
-    status: int, message: str, param: str | None = None, code: str | None = None
-) -> dict[str, Any]:
-    kind, default_code = _TYPES.get(status, ("api_error", None))
-    return {
-        "error": {"message": message, "type": kind, "param": param, "code": code or default_code}
-    }
-
-
-def openai_error(
-    status: int,
-    message: str,
-    *,
-    param: str | None = None,
-    code: str | None = None,
-    headers: Mapping[str, str] | None = None,
-) -> Response:
-    return JSONResponse(
-        error_body(status, message, param, code), status_code=status, headers=dict(headers or {})
-    )
-
-
-def _code(error: BaseException) -> str | None:
-    """OpenAI's own code where it has one for the error (clients match on it)."""
-    return "model_not_found" if isinstance(error, errors.UnknownModel) else None
-
-
 class OpenAIRoute(APIRoute):
     """Routes whose errors use OpenAI's shape instead of problem+json."""
 
@@ -275,7 +234,7 @@ class OpenAIRoute(APIRoute):
                     400 if status == 422 else status,
                     detail_for(exc),
                     param=getattr(exc, "field", None),
-                    code=_code(exc),
+                    code=code_for(exc),
                     headers=headers,
                 )
             except Exception as exc:

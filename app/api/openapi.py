@@ -6,7 +6,6 @@ declare their events, and bearer tokens with the scope each operation needs."""
 from __future__ import annotations
 
 import copy
-import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -16,7 +15,8 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute, iter_route_contexts
 from pydantic import BaseModel
 
-from app.api.problems import OPENAI_PREFIXES, PROBLEM_JSON
+from app.api.openai_errors import OPENAI_PREFIXES
+from app.api.problems import PROBLEM_JSON
 from app.config import Settings
 
 # Why each status may come back (the problem's `detail` says more).
@@ -423,23 +423,3 @@ def _examples(operation: dict[str, Any], path: str, schemas: dict[str, Any]) -> 
                 media["example"] = examples[0]
             elif (path, media_type) in TEXT_EXAMPLES:
                 media["example"] = TEXT_EXAMPLES[(path, media_type)]
-
-
-def allowed_methods(app: FastAPI, path: str) -> list[str]:
-    """The methods the document lists for the resource at `path` (for a 405's Allow header):
-    every route of the path, not only the first one the router tried."""
-    templates = getattr(app.state, "allow_templates", None)
-    if templates is None:
-        templates = app.state.allow_templates = [
-            (re.compile("^" + re.sub(r"\{[^}]+\}", "[^/]+", template) + "$"), set(operations))
-            for template, operations in app.openapi().get("paths", {}).items()
-        ]
-    methods: set[str] = set()
-    literal = [
-        ops for pattern, ops in templates if "[^/]+" not in pattern.pattern and pattern.match(path)
-    ]
-    for operations in literal or [ops for pattern, ops in templates if pattern.match(path)]:
-        methods |= {m.upper() for m in operations}
-    if "GET" in methods:
-        methods.add("HEAD")
-    return sorted(methods)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from http import HTTPStatus
 from typing import Any
@@ -14,6 +15,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
 from app.api.etags import etag
+from app.api.openai_errors import OPENAI_PREFIXES, openai_error
 from app.api.schemas import NO_NUL, NUL_MESSAGE, UNICODE_MESSAGE
 from app.domain import errors
 from app.domain.errors import DatabaseUnavailable, SchemaNotReady
@@ -161,7 +163,6 @@ def validation_errors(exc: RequestValidationError) -> tuple[str, list[dict[str, 
     return summary + more, items
 
 
-OPENAI_PREFIXES = ("/v1/chat/", "/v1/models")
 UNSUPPORTED_BODY = "the request body must be JSON (Content-Type: application/json)"
 
 
@@ -179,12 +180,8 @@ def install(app: FastAPI, *, retry_after_seconds: int) -> None:
         status, headers = status_for(exc, retry_after_seconds)
         if request.url.path.startswith(OPENAI_PREFIXES):
             # Under the OpenAI-compatible paths even a routing error comes in OpenAI's shape.
-            from app.api.openai_compat import openai_error  # it imports this module
-
             return openai_error(status, detail_for(exc), headers=headers)
         if status == 405:
-            from app.api.openapi import allowed_methods  # the document imports this module
-
             headers["Allow"] = ", ".join(allowed_methods(request.app, request.url.path))
         details = None
         if isinstance(exc, errors.InvalidInput):
@@ -217,3 +214,23 @@ def install(app: FastAPI, *, retry_after_seconds: int) -> None:
     app.add_exception_handler(errors.ServiceError, on_error)
     app.add_exception_handler(DatabaseUnavailable, on_error)
     app.add_exception_handler(Exception, on_unexpected)
+
+
+def allowed_methods(app: FastAPI, path: str) -> list[str]:
+    """The methods the document lists for the resource at `path` (for a 405's Allow header):
+    every route of the path, not only the first one the router tried."""
+    templates = getattr(app.state, "allow_templates", None)
+    if templates is None:
+        templates = app.state.allow_templates = [
+            (re.compile("^" + re.sub(r"\{[^}]+\}", "[^/]+", template) + "$"), set(operations))
+            for template, operations in app.openapi().get("paths", {}).items()
+        ]
+    methods: set[str] = set()
+    literal = [
+        ops for pattern, ops in templates if "[^/]+" not in pattern.pattern and pattern.match(path)
+    ]
+    for operations in literal or [ops for pattern, ops in templates if pattern.match(path)]:
+        methods |= {m.upper() for m in operations}
+    if "GET" in methods:
+        methods.add("HEAD")
+    return sorted(methods)

@@ -19,7 +19,7 @@ from pydantic import (
 )
 from pydantic.json_schema import SkipJsonSchema
 
-from app.domain.models import Item, ItemFields, ItemPage
+from app.domain.models import Generation, Item, ItemFields, ItemPage
 
 # PostgreSQL text cannot hold U+0000 (SQLite can): refused on every backend alike, at the
 # boundary, as a pattern every string input declares, so the OpenAPI document says so too and
@@ -225,3 +225,71 @@ class Status(BaseModel):
 
     status: str
     detail: str | None = None
+
+
+# --- generations ---------------------------------------------------------------------------
+
+
+class GenerateIn(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"instructions": "A two-line product blurb", "max_tokens": 64}]
+        },
+    )
+
+    instructions: Text | None = Field(
+        None, min_length=1, max_length=4000, description="what to write; a description by default"
+    )
+    max_tokens: int | None = Field(None, ge=1)
+
+
+class GenerationOut(BaseModel):
+    model_config = ConfigDict(
+        from_attributes=True,
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "01a22d07-0c1e-7d2a-9b3f-5c6d7e8f9a0b",
+                    "kind": "item",
+                    "item_id": "01a22d06-d5f4-7515-bb0a-3196063f3662",
+                    "provider": "mock",
+                    "model": "itemstream-mock",
+                    "status": "completed",
+                    "error": None,
+                    "finish_reason": "stop",
+                    "prompt_tokens": 12,
+                    "completion_tokens": 9,
+                    "time_to_first_token_seconds": 0.012,
+                    "duration_seconds": 0.2,
+                    "output": "A sturdy porcelain cup for a perfect espresso.",
+                    "created_at": "2026-11-30T15:16:00.120000Z",
+                    "finished_at": "2026-11-30T15:16:00.320000Z",
+                    "principal": "user-42",
+                    "tenant": "acme",
+                }
+            ]
+        },
+    )
+
+    id: UUID
+    kind: str = Field(description="chat or item")
+    item_id: UUID | None
+    provider: str
+    model: str
+    status: str = Field(description="streaming, completed, cancelled or failed")
+    error: str | None
+    finish_reason: str | None
+    prompt_tokens: int | None
+    completion_tokens: int
+    time_to_first_token_seconds: float | None
+    duration_seconds: float | None
+    output: str | None
+    created_at: datetime
+    finished_at: datetime | None
+    principal: str | None = Field(None, description="subject of the caller's token")
+    tenant: str = Field(description="the tenant it belongs to (AUTH_TENANT_CLAIM)")
+
+    @classmethod
+    def of(cls, generation: Generation) -> GenerationOut:
+        return cls.model_validate(generation)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 import weakref
@@ -100,6 +99,7 @@ class EventStreamResponse(Response):
         self._heartbeat: asyncio.Future[None] | None = None
         self._drain_until: float | None = None
         self._stop_reason: str | None = None  # why the watch cancelled the producer
+        self._ending = False  # the producer is sending its last event
 
     @classmethod
     def configured(
@@ -181,6 +181,7 @@ class EventStreamResponse(Response):
                         break
                     await self._send(send, self.format.text(run, text, index))
                     index += 1
+                self._ending = True
                 finished = await run.finish("completed")
                 await self._send(send, self.format.closing(run, finished), more=False)
                 return "completed", None
@@ -206,33 +207,50 @@ class EventStreamResponse(Response):
         except _StoppedReading:
             return "cancelled", f"the client read nothing for {self.send_timeout:g}s"
 
-    async def _send(self, send: Send, body: bytes, *, more: bool = True) -> None:
+    async def _send(
+        self, send: Send, body: bytes, *, more: bool = True, start: Message | None = None
+    ) -> None:
+        """One body message (after the status line if it has not gone out: the stream's 200,
+        or `start`, an error's); watched, as every write to the client is."""
+        writing = False  # this call's own write is under way (not only waiting its turn)
         try:
             heartbeat = self._heartbeat
             if heartbeat is not None and heartbeat is not asyncio.current_task():
-                with contextlib.suppress(Exception):
-                    await heartbeat  # one send at a time
+                # One send at a time. wait(), not await: a heartbeat the watch cancelled (a
+                # client that reads nothing) must not cancel this send's task with it.
+                await asyncio.wait({heartbeat})
             if self._detached:
                 return
+            writing = True
             self._sending_since = time.monotonic()
             if not self._started:
                 self._started = True
-                start = {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
+                if start is None:
+                    start = {
+                        "type": "http.response.start",
+                        "status": 200,
+                        "headers": self.raw_headers,
+                    }
+                    body = self.format.opening(self.run) + body
                 await send(start)
-                body = self.format.opening(self.run) + body
             # The server's send waits while the client's socket is full: memory stays bounded,
             # and past send_timeout the watch gives up on the client.
             await send({"type": "http.response.body", "body": body, "more_body": more})
         except asyncio.CancelledError:
             task = asyncio.current_task()
-            if self._stop_reason != "stalled" or task is None or not self.detach:
+            if self._stop_reason != "stalled" or task is None:
                 raise
-            task.uncancel()  # a client that reads nothing is left; the run goes on
+            # The watch gave up on a client that reads nothing, wherever this send came from
+            # (a token, the final event, an error event after a deadline or a shutdown).
+            task.uncancel()
             self._stop_reason = None
-            self._detached = True
+            if not self.detach:
+                raise _StoppedReading from None
+            self._detached = True  # the run goes on without its client
         finally:
-            self._sending_since = None
-            self._last_sent = time.monotonic()
+            if writing:  # a call that never wrote leaves the heartbeat's watched write alone
+                self._sending_since = None
+                self._last_sent = time.monotonic()
         self._ended = not more
 
     def check(self, now: float) -> None:
@@ -245,6 +263,12 @@ class EventStreamResponse(Response):
             or self._stop_reason is not None
             or self._send_to is None
         ):
+            return
+        if self._ending:
+            # Its last event is on its way (the end, or the error a stop produced): only a
+            # client that takes nothing more can still end it sooner.
+            if self._sending_since is not None and now - self._sending_since >= self.send_timeout:
+                self._stop("stalled")
             return
         if self.lifecycle.shutting_down:
             if self._drain_until is None:
@@ -277,6 +301,7 @@ class EventStreamResponse(Response):
         self._producer.cancel()
 
     async def _fail(self, send: Send, failure: Exception) -> None:
+        self._ending = True
         if self._ended:
             return
         if self._started:
@@ -288,9 +313,8 @@ class EventStreamResponse(Response):
             (b"content-length", str(len(body)).encode()),
             *((k.lower().encode(), v.encode()) for k, v in headers.items()),
         ]
-        self._started = self._ended = True
-        await send({"type": "http.response.start", "status": status, "headers": raw_headers})
-        await send({"type": "http.response.body", "body": body, "more_body": False})
+        start = {"type": "http.response.start", "status": status, "headers": raw_headers}
+        await self._send(send, body, more=False, start=start)
 
 
 def _quietly(task: asyncio.Future[Any]) -> None:
@@ -362,17 +386,6 @@ async def _cancel(future: asyncio.Future[Any]) -> None:
     future.cancel()
     with contextlib.suppress(BaseException):
         await future
-
-
-def sse_event(data: Any, *, event: str | None = None, event_id: str | None = None) -> bytes:
-    lines = []
-    if event_id is not None:
-        lines.append(f"id: {event_id}")
-    if event is not None:
-        lines.append(f"event: {event}")
-    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
-    lines.extend(f"data: {line}" for line in payload.split("\n"))
-    return ("\n".join(lines) + "\n\n").encode()
 
 
 class ExportResponse(Response):

@@ -57,9 +57,10 @@ Backend = AsyncEngine | Pool
 def create_engine(
     db: DatabaseSettings, url: URL | None = None, *, pool_size: int | None = None
 ) -> Backend:
-    """Create the app's connection pool: SQLAlchemy's engine for SQLite, asyncpg's pool for
-    PostgreSQL. Call once per process, after any fork. `pool_size` gives a small pool of its
-    own (no overflow), e.g. for the readiness probe."""
+    """Create the app's connection pool: SQLAlchemy's engine for SQLite; for PostgreSQL the
+    worker's own pool of asyncpg connections (app/db/pool.py), or asyncpg's pool with
+    DB_POOL_IMPL=asyncpg. Call once per process, after any fork. `pool_size` gives a small
+    pool of its own (no overflow), e.g. for the readiness probe."""
     url = url or db.app_url
     if url.get_backend_name() == "sqlite":
         return sqlite_engine(url)

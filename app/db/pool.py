@@ -18,10 +18,10 @@ pooler in front and for a checkout on every request.
 
 Why not asyncpg's own pool (`DB_POOL_IMPL=asyncpg`, AsyncpgPool below, with a no-op reset
 and the same recycling): it lets a late arrival overtake a waiter (asyncio.Queue), and
-`make bench` measures the two side by side (docs/benchmarks.md, "Pool"). Its rules are proven by tests/unit/test_pool_properties.py
-(random interleavings of acquire, release, discard, cancellation at every step, ageing,
-sweeps, failing connects and close, against fake connections) and tests/test_pool.py (each
-rule on a real server).
+`make bench` measures the two side by side (docs/benchmarks.md, "Pool"). Its rules are
+proven by tests/properties/test_pool.py (random interleavings of acquire, release,
+discard, cancellation at every step, ageing, sweeps, failing connects and close, against fake
+connections) and tests/test_pool.py (each rule on a real server).
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """How statements reach the database.
 
 Statements are SQLAlchemy Core, built once per *shape* with bind parameters. On PostgreSQL each
-shape is compiled once and runs as plain SQL on the asyncpg connection that SQLAlchemy's pool
-hands out: SQLAlchemy's per-execution machinery costs about three times the CPU of the query
-itself (650 us against 200 us per primary-key read, measured with bench/). SQLite, the
+shape is compiled once and runs as plain SQL on an asyncpg connection from the worker's pool
+(app/db/pool.py): SQLAlchemy's per-execution machinery costs about three times the CPU of the
+query itself (650 us against 200 us per primary-key read, measured with bench/). SQLite, the
 embedded development database, runs the same statements through SQLAlchemy."""
 
 from __future__ import annotations

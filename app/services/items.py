@@ -32,7 +32,9 @@ from app.domain.ports import Writer
 from app.domain.principal import Principal
 
 ExportFormat = Literal["ndjson", "csv"]
-WRITABLE_FIELDS = frozenset({"name", "description", "price", "is_active"})
+# What clients may change: the fields of ItemFields (derived, so a field added there per
+# CONTRIBUTING's recipe is accepted by PATCH without an edit here).
+WRITABLE_FIELDS = frozenset(field.name for field in fields(ItemFields))
 
 
 @dataclass(frozen=True, slots=True)

@@ -221,17 +221,33 @@ imagePullSecrets:
 {{- end -}}
 {{- end -}}
 
-{{/* Workers per pod as the app will run them (the guard's worst case: the app's cap, 8). */}}
+{{/* Workers per pod, by the app's own rule (app/workers.py): WEB_CONCURRENCY as given, else
+     one per CPU of the limit rounded up, at most MAX_WORKERS; without a limit the app counts
+     the node's CPUs, which the chart cannot know: MAX_WORKERS, the most it can be.
+     tests/test_chart.py checks both sides against one table of CPU limits. */}}
 {{- define "itemstream.workers" -}}
 {{- if .Values.gunicorn.workers -}}{{- .Values.gunicorn.workers -}}
 {{- else -}}
 {{- $limit := include "itemstream.cpuCeil" (dig "limits" "cpu" "" (.Values.resources | default dict)) | int -}}
-{{- if gt $limit 0 -}}{{- min $limit 8 -}}{{- else -}}8{{- end -}}
+{{- $cap := int .Values.gunicorn.maxWorkers -}}
+{{- if gt $limit 0 -}}{{- min $limit $cap -}}{{- else -}}{{- $cap -}}{{- end -}}
 {{- end -}}
 {{- end -}}
 
-{{- define "itemstream.maxPods" -}}
+{{/* The rollout's surge: a quarter more pods, rounded up (so at least one). */}}
+{{- define "itemstream.maxSurge" -}}25%{{- end -}}
+{{- define "itemstream.surgePods" -}}
+{{- $pods := include "itemstream.maxPods.steady" . | int -}}
+{{- div (add $pods 3) 4 -}}
+{{- end -}}
+
+{{/* The most app pods at once: every replica the HPA may ask for, plus the rollout's surge
+     (the old and the new ReplicaSet's pods overlap while a new release rolls out). */}}
+{{- define "itemstream.maxPods.steady" -}}
 {{- if .Values.autoscaling.enabled -}}{{- .Values.autoscaling.maxReplicas -}}{{- else -}}{{- .Values.replicaCount -}}{{- end -}}
+{{- end -}}
+{{- define "itemstream.maxPods" -}}
+{{- add (include "itemstream.maxPods.steady" . | int) (include "itemstream.surgePods" . | int) -}}
 {{- end -}}
 
 {{/* Render-time guards ---------------------------------------------------------------- */}}
@@ -269,7 +285,7 @@ imagePullSecrets:
 {{- $dbBudget := ternary (sub (int .Values.postgresql.maxConnections) 10) (int .Values.externalDatabase.maxConnections) .Values.postgresql.enabled | int -}}
 {{- if .Values.pgbouncer.enabled -}}
 {{- if gt $appConns (int .Values.pgbouncer.maxClientConn) -}}
-{{- fail (printf "connection guard: up to %d app pods x %d workers x %d connections (dbPoolSize + dbMaxOverflow) = %d exceeds pgbouncer.maxClientConn (%d); lower autoscaling.maxReplicas, gunicorn.workers or config.dbPoolSize, or raise pgbouncer.maxClientConn" $pods $workers $perWorker $appConns (int .Values.pgbouncer.maxClientConn)) -}}
+{{- fail (printf "connection guard: up to %d app pods (with the rollout's surge) x %d workers x %d connections (dbPoolSize + dbMaxOverflow) = %d exceeds pgbouncer.maxClientConn (%d); lower autoscaling.maxReplicas, gunicorn.workers or config.dbPoolSize, or raise pgbouncer.maxClientConn" $pods $workers $perWorker $appConns (int .Values.pgbouncer.maxClientConn)) -}}
 {{- end -}}
 {{- $serverConns := mul (int .Values.pgbouncer.replicaCount) (add .Values.pgbouncer.defaultPoolSize .Values.pgbouncer.reservePoolSize) -}}
 {{- if gt $serverConns $dbBudget -}}
@@ -277,9 +293,14 @@ imagePullSecrets:
 {{- end -}}
 {{- else if not .Values.pgbouncer.external.host -}}
 {{- if gt $appConns $dbBudget -}}
-{{- fail (printf "connection guard: up to %d app pods x %d workers x %d connections = %d exceeds the database budget (%d) without a pooler; enable pgbouncer or lower the sizes" $pods $workers $perWorker $appConns $dbBudget) -}}
+{{- fail (printf "connection guard: up to %d app pods (with the rollout's surge) x %d workers x %d connections = %d exceeds the database budget (%d) without a pooler; enable pgbouncer or lower the sizes" $pods $workers $perWorker $appConns $dbBudget) -}}
 {{- end -}}
 {{- end -}}
+{{- end -}}
+
+{{/* The most connections the app pods open to the pooler or database in front of them. */}}
+{{- define "itemstream.appConnections" -}}
+{{- mul (include "itemstream.maxPods" . | int) (include "itemstream.workers" . | int) (add .Values.config.dbPoolSize .Values.config.dbMaxOverflow | int) -}}
 {{- end -}}
 
 {{/* Environment shared by the app and the migration containers. */}}
@@ -322,6 +343,7 @@ GUNICORN_TIMEOUT: {{ .Values.gunicorn.timeout | quote }}
 GUNICORN_GRACEFUL_TIMEOUT: {{ .Values.gunicorn.gracefulTimeout | quote }}
 GUNICORN_KEEPALIVE: {{ .Values.gunicorn.keepalive | quote }}
 GUNICORN_MAX_REQUESTS: {{ .Values.gunicorn.maxRequests | quote }}
+MAX_WORKERS: {{ .Values.gunicorn.maxWorkers | quote }}
 {{- with .Values.gunicorn.extraArgs }}
 GUNICORN_CMD_ARGS: {{ . | quote }}
 {{- end }}

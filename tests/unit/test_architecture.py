@@ -89,3 +89,43 @@ def test_the_domain_and_services_know_nothing_of_http() -> None:
                     continue
                 for name in names:
                     assert not name.startswith(banned), f"{path}:{node.lineno} imports {name}"
+
+
+def _module(path: Path) -> str:
+    parts = path.relative_to(APP.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_no_module_imports_itself_through_others() -> None:
+    """No import circle among the app's modules, lazy imports included: a circle hides a
+    dependency that points up (it is why a lazy import gets written)."""
+    graph: dict[str, set[str]] = {}
+    for path in APP.rglob("*.py"):
+        here = _module(path)
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            targets |= {name for name in names if name.startswith("app.")}
+        graph[here] = targets
+    modules = set(graph)
+    graph = {m: {t for t in targets if t in modules and t != m} for m, targets in graph.items()}
+    circles = []
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(module: str, trail: list[str]) -> None:
+        state[module] = 1
+        for target in sorted(graph[module]):
+            if state.get(target) == 1:
+                circles.append(" -> ".join([*trail[trail.index(target) :], target]))
+            elif target not in state:
+                visit(target, [*trail, target])
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert not circles, "import circles:\n" + "\n".join(circles)

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from dataclasses import fields
 
-from app.api.routes.generations import GenerationOut
-from app.api.schemas import ItemIn, ItemOut, ItemPatch
+from app.api.schemas import GenerationOut, ItemIn, ItemOut, ItemPatch
 from app.db import items as item_sql
 from app.db.generations import _COLUMNS as GENERATION_COLUMNS
 from app.db.tables import generations, items
 from app.domain.models import Generation, Item, ItemFields
+from app.services.items import WRITABLE_FIELDS
 
 ITEM = [field.name for field in fields(Item)]
 
@@ -40,5 +40,6 @@ def test_the_api_schemas_cover_the_domain_fields() -> None:
     writable = [field.name for field in fields(ItemFields)]
     assert list(ItemIn.model_fields) == writable
     assert list(ItemPatch.model_fields) == writable
+    assert set(WRITABLE_FIELDS) == set(writable), "PATCH accepts exactly the writable fields"
     shown = set(GenerationOut.model_fields)
     assert shown == {f.name for f in fields(Generation)} - {"idempotency_key"}

@@ -93,21 +93,28 @@ class Factory:
         return connection
 
 
+def fake_pool(
+    size: int, timeout: float, clock: Clock, factory: Factory | None = None
+) -> PostgresPool:
+    return PostgresPool(
+        make_url("postgresql://fake@127.0.0.1/fake"),
+        {},
+        max_size=size,
+        acquire_timeout=timeout,
+        recycle_seconds=RECYCLE,
+        connect=factory or Factory(clock),
+        clock=clock,
+    )
+
+
 class PoolMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.loop = asyncio.new_event_loop()
         self.clock = Clock()
         self.factory = Factory(self.clock)
-        self.pool = PostgresPool(
-            make_url("postgresql://fake@127.0.0.1/fake"),
-            {},
-            max_size=MAX_SIZE,
-            acquire_timeout=10_000,  # waits end by cancellation here (a timeout is one)
-            recycle_seconds=RECYCLE,
-            connect=self.factory,
-            clock=self.clock,
-        )
+        # Waits end by cancellation here (a timeout is one).
+        self.pool = fake_pool(MAX_SIZE, 10_000, self.clock, self.factory)
         self.arrivals = 0
         self.pending: list[Client] = []
         self.holding: list[Client] = []
@@ -268,15 +275,7 @@ def test_the_reported_cancellation_race_leaves_the_pool_its_size() -> None:
     tick; then two acquires on an otherwise idle pool of 2 must both succeed."""
     loop = asyncio.new_event_loop()
     clock = Clock()
-    pool = PostgresPool(
-        make_url("postgresql://fake@127.0.0.1/fake"),
-        {},
-        max_size=2,
-        acquire_timeout=0.2,
-        recycle_seconds=RECYCLE,
-        connect=Factory(clock),
-        clock=clock,
-    )
+    pool = fake_pool(2, 0.2, clock)
     try:
 
         async def race() -> None:
@@ -303,14 +302,7 @@ def test_the_reported_cancellation_race_leaves_the_pool_its_size() -> None:
 
 def test_a_closed_pool_refuses_at_once() -> None:
     loop = asyncio.new_event_loop()
-    pool = PostgresPool(
-        make_url("postgresql://fake@127.0.0.1/fake"),
-        {},
-        max_size=1,
-        acquire_timeout=1,
-        recycle_seconds=RECYCLE,
-        connect=Factory(Clock()),
-    )
+    pool = fake_pool(1, 1, Clock())
     loop.run_until_complete(pool.close())
     with pytest.raises(asyncpg.InterfaceError):
         loop.run_until_complete(pool.acquire())
@@ -323,15 +315,7 @@ def test_a_waiter_told_a_slot_is_free_keeps_it_against_a_later_arrival() -> None
     must not take the slot first."""
     loop = asyncio.new_event_loop()
     clock = Clock()
-    pool = PostgresPool(
-        make_url("postgresql://fake@127.0.0.1/fake"),
-        {},
-        max_size=1,
-        acquire_timeout=0.2,
-        recycle_seconds=RECYCLE,
-        connect=Factory(clock),
-        clock=clock,
-    )
+    pool = fake_pool(1, 0.2, clock)
     order: list[str] = []
     try:
 
