@@ -37,3 +37,13 @@ class Lifecycle:
 
 # One per process: the gunicorn worker's signal handler and the app share it.
 process_lifecycle = Lifecycle()
+
+
+# A request's end when its client leaves, agreed between the server's protocol
+# (app.protocol) and the app through the ASGI scope: the protocol cancels a request whose
+# client closed the connection before any answer started (nothing it computes can reach
+# anyone, and its database work stops), marking the scope with CLIENT_GONE first so the edge
+# records a 499; a response that handles its client's departure itself (an SSE stream whose
+# generation goes on, an export) marks the scope with WATCHES_DISCONNECT and is left alone.
+CLIENT_GONE = "itemstream.client_gone"
+WATCHES_DISCONNECT = "itemstream.watches_disconnect"

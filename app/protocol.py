@@ -17,19 +17,28 @@ header size and two deadlines (the measured reasons are in docs/operations.md, "
   app's `receive` gets `http.disconnect`).
 
 Each answer is a problem+json document with `Connection: close`; the parser stops at once.
+
+And one thing uvicorn does not do: a request whose client closes the connection before any
+answer has started is cancelled (uvicorn only tells an app that reads its `receive`, which a
+handler waiting on the database never does: a search whose client had gone kept running to
+its end, in the worker and in PostgreSQL). Responses that handle a departure themselves opt
+out (app.lifecycle.WATCHES_DISCONNECT); the edge records the request as 499.
 The httptools protocol is kept (its parser is the fast one); nothing else is changed."""
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn._types import ASGI3Application
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from app.config import HttpSettings, Settings
+from app.lifecycle import CLIENT_GONE, WATCHES_DISCONNECT
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +118,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._in_headers = True
         self._header_chunks = 0
         self._boundaries = 0  # parser events that start or end a part of a request
+        # The cycle whose app task runs, and that task (one at a time: pipelined requests wait).
+        self._running: tuple[RequestResponseCycle, asyncio.Task[None]] | None = None
 
     @classmethod
     def with_limits(cls, limits: HttpLimits) -> type[BoundedHttpToolsProtocol]:
@@ -155,6 +166,24 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
+        running, self._running = self._running, None
+        if running is None:
+            return
+        cycle, task = running
+        if cycle.response_started or task.done() or cycle.scope.get(WATCHES_DISCONNECT):
+            return
+        cycle.scope[CLIENT_GONE] = True  # type: ignore[literal-required]
+        task.cancel()
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
+        # uvicorn's, keeping the task (uvicorn adds it to a set shared by all connections).
+        if self.config.reset_contextvars:
+            task = self.loop.create_task(cycle.run_asgi(app), context=contextvars.Context())
+        else:
+            task = self.loop.create_task(cycle.run_asgi(app))
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
+        self._running = (cycle, task)
 
     def data_received(self, data: bytes) -> None:
         self._unset_keepalive_if_required()

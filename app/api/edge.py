@@ -20,6 +20,7 @@ tests/properties/test_edge.py."""
 
 from __future__ import annotations
 
+import asyncio
 from time import perf_counter
 
 from fastapi import FastAPI
@@ -29,6 +30,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.middleware import HardeningHeaders, route_path
+from app.lifecycle import CLIENT_GONE
 from app.probes import PROBE_PATHS
 from app.telemetry.access import log_request
 from app.telemetry.metrics import AppMetrics
@@ -76,6 +78,15 @@ class Edge:
         exchange.receive_from = receive
         try:
             await app(scope, exchange.receive, exchange.send)
+        except asyncio.CancelledError:
+            if not scope.get(CLIENT_GONE):
+                raise
+            # The server cancelled the request because its client left (app.protocol): the
+            # request ends here, and the worker goes on.
+            exchange.gone = True
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
         finally:
             if in_flight is not None:
                 in_flight.dec()

@@ -29,7 +29,7 @@ from starlette.types import Message, Receive, Scope, Send
 from app.api.problems import detail_for
 from app.config import Settings
 from app.domain.errors import Overloaded, ServiceError, StreamLimitExceeded
-from app.lifecycle import Lifecycle
+from app.lifecycle import WATCHES_DISCONNECT, Lifecycle
 from app.providers.base import ProviderError
 from app.services.generations import Finished, Outcome, Run
 
@@ -125,6 +125,8 @@ class EventStreamResponse(Response):
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # It watches its client itself (a detached generation goes on without it).
+        scope[WATCHES_DISCONNECT] = True
         outcome: Outcome = "cancelled"
         error: str | None = None
         self._send_to = send

@@ -13,6 +13,15 @@ pooler in front and for a checkout on every request.
   that arrives later; when a released connection is closed instead (discarded, or too old) the
   slot is reserved for that waiter; idle connections are reused most recent first (warm, and
   the rest age out).
+- A statement cancelled in flight (a request timeout, a client that left) is stopped on the
+  server before its connection is cut. asyncpg sends PostgreSQL a cancel request from a
+  background task when a query's wait is cancelled, and `terminate()` cancels that task:
+  closing at once left the query running in PostgreSQL (reproduced: `pg_sleep` still active
+  a second after a 0.5 s DB_REQUEST_TIMEOUT; a closed socket does not stop a query that sends
+  nothing). A discarded connection whose cancel request is in progress keeps its slot until
+  PostgreSQL acknowledged the cancellation (at most CANCEL_TIMEOUT_SECONDS), then is closed.
+  This reads asyncpg's protocol state through the two private methods its own pool uses for
+  the same purpose on release (`_is_cancelling`, `_wait_for_cancellation`).
 - Cheap: a checkout is a list pop when a connection is idle (asyncpg's pool also wraps each
   connection in a proxy and re-arms an idle timer on every release).
 
@@ -43,6 +52,7 @@ from sqlalchemy.engine import URL
 log = logging.getLogger(__name__)
 
 CLOSE_TIMEOUT_SECONDS = 5.0
+CANCEL_TIMEOUT_SECONDS = 5.0
 
 
 class _Connection(asyncpg.Connection):  # type: ignore[misc]
@@ -90,12 +100,20 @@ class PostgresPool:
         # Each gets a connection, or None: a slot is free, open one.
         self._waiters: deque[asyncio.Future[_Connection | None]] = deque()
         self._sweeper: asyncio.Task[None] | None = None
+        # Discarded while PostgreSQL cancels their statement: still a server connection each.
+        self._cancelling: dict[_Connection, asyncio.Task[None]] = {}
         self._closed = False
         self._drained: asyncio.Event | None = None  # set at close once nothing is in use
 
     @property
     def _size(self) -> int:
-        return len(self._idle) + len(self._in_use) + self._opening + self._reserved
+        return (
+            len(self._idle)
+            + len(self._in_use)
+            + self._opening
+            + self._reserved
+            + len(self._cancelling)
+        )
 
     async def acquire(self) -> Any:
         """A connection, waiting at most `acquire_timeout` for one (then TimeoutError)."""
@@ -177,10 +195,25 @@ class PostgresPool:
         if self._drained is not None and not self._in_use:
             self._drained.set()
         if discard or self._closed or not self._fresh(connection) or connection.is_in_transaction():
+            if _cancelling(connection):
+                self._cancelling[connection] = asyncio.create_task(
+                    self._close_when_cancelled(connection)
+                )
+                return
             self._close(connection)
             self._hand_on(None)
             return
         self._hand_on(connection)
+
+    async def _close_when_cancelled(self, connection: _Connection) -> None:
+        try:
+            await connection._protocol._wait_for_cancellation(CANCEL_TIMEOUT_SECONDS)
+        except (Exception, asyncio.CancelledError):  # noqa: S110 - closed below either way
+            pass
+        finally:
+            self._close(connection)
+            if self._cancelling.pop(connection, None) is not None:
+                self._hand_on(None)
 
     def _hand_on(self, connection: _Connection | None) -> None:
         """To the longest waiter if any: a connection (counted in use from here), or None for
@@ -227,7 +260,7 @@ class PostgresPool:
         self._idle = keep
 
     def checked_out(self) -> int:
-        return len(self._in_use) + self._opening + self._reserved
+        return len(self._in_use) + self._opening + self._reserved + len(self._cancelling)
 
     async def close(self) -> None:
         """Close gracefully; connections still checked out after a few seconds are cut."""
@@ -259,6 +292,21 @@ class PostgresPool:
             log.warning("closing a database connection still in use at shutdown")
             connection.terminate()
         self._in_use.clear()
+        if self._cancelling:  # cancel requests in progress: let them land, within the deadline
+            await asyncio.wait(
+                list(self._cancelling.values()), timeout=max(deadline - time.monotonic(), 0)
+            )
+            for connection, task in list(self._cancelling.items()):
+                task.cancel()
+                connection.terminate()
+            self._cancelling.clear()
+
+
+def _cancelling(connection: Any) -> bool:
+    """Whether asyncpg is cancelling the connection's statement in flight (a cancel request
+    sent or about to be, not yet acknowledged): its pool checks the same before reusing."""
+    protocol = getattr(connection, "_protocol", None)
+    return protocol is not None and bool(protocol._is_cancelling())
 
 
 async def _no_reset(connection: Any) -> None:
@@ -318,12 +366,22 @@ class AsyncpgPool:
         raw = connection._con
         born = self._born.get(id(raw), 0.0)
         old = self._recycle is not None and time.monotonic() - born > self._recycle
+        assert self._pool is not None
         if discard or old or connection.is_in_transaction():
             self._born.pop(id(raw), None)
-            connection.terminate()  # the pool opens a fresh one in its place when needed
-        assert self._pool is not None
+            return self._terminate(connection)
         release: Awaitable[None] = self._pool.release(connection)
         return release
+
+    async def _terminate(self, connection: Any) -> None:
+        """Close, once a cancellation in progress has reached the server (terminate() would
+        cancel asyncpg's cancel request); the pool opens a fresh one in its place."""
+        if _cancelling(connection._con):
+            with contextlib.suppress(Exception):
+                await connection._con._protocol._wait_for_cancellation(CANCEL_TIMEOUT_SECONDS)
+        connection.terminate()
+        assert self._pool is not None
+        await self._pool.release(connection)
 
     def sweep(self) -> None:
         """asyncpg closes idle connections itself (max_inactive_connection_lifetime)."""

@@ -8,7 +8,10 @@ Invariants, checked after every step:
 - waiters are served in arrival order: no client gets a connection while one that was already
   waiting before it is still waiting;
 - a released slot is always reusable: with nothing held, the pool gives out its full size;
-- close wakes every waiter (each fails at once) and leaves nothing open.
+- close wakes every waiter (each fails at once) and leaves nothing open;
+- a connection discarded while asyncpg cancels its statement is not cut before PostgreSQL
+  acknowledged the cancellation (cutting it cancelled the cancel request: the query ran on in
+  PostgreSQL), and keeps its slot until then.
 
 Two of these failed on the pool as it was (the closing note of issue 26 has the interleavings):
 a waiter handed a connection and cancelled in the same loop tick left it both in use and idle
@@ -34,6 +37,25 @@ MAX_SIZE = 3
 RECYCLE = 60.0
 
 
+class FakeProtocol:
+    """asyncpg's protocol state for a statement being cancelled: `acknowledge` is PostgreSQL
+    answering the cancel request."""
+
+    def __init__(self) -> None:
+        self.cancel: asyncio.Future[None] | None = None
+
+    def _is_cancelling(self) -> bool:
+        return self.cancel is not None and not self.cancel.done()
+
+    async def _wait_for_cancellation(self, timeout: float | None = None) -> None:
+        if self.cancel is not None:
+            await asyncio.shield(self.cancel)
+
+    def acknowledge(self) -> None:
+        if self.cancel is not None and not self.cancel.done():
+            self.cancel.set_result(None)
+
+
 class FakeConnection:
     """What the pool needs of an asyncpg connection."""
 
@@ -42,6 +64,8 @@ class FakeConnection:
         self.born = born
         self.closed = False
         self.in_transaction = False
+        self._protocol = FakeProtocol()
+        self.cut_while_cancelling = False
 
     def is_closed(self) -> bool:
         return self.closed
@@ -50,6 +74,8 @@ class FakeConnection:
         return self.in_transaction
 
     def terminate(self) -> None:
+        if self._protocol._is_cancelling():
+            self.cut_while_cancelling = True
         self.closed = True
 
     async def close(self) -> None:
@@ -123,6 +149,8 @@ class PoolMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         for client in self.pending:
             client.task.cancel()
+        for connection in self.factory.opened:
+            connection._protocol.acknowledge()
         self.loop.run_until_complete(asyncio.sleep(0))
         for client in self.holding:
             self.pool.release(client.connection)
@@ -195,6 +223,31 @@ class PoolMachine(RuleBasedStateMachine):
         client.connection.in_transaction = in_transaction
         self.pool.release(client.connection, discard=discard)
 
+    @precondition(lambda self: self.holding)
+    @rule(data=st.data())
+    def release_mid_statement(self, data: st.DataObject) -> None:
+        """The unit of work was cancelled during a statement: asyncpg has a cancel request
+        in flight, and the connection is given back in doubt."""
+        client = data.draw(st.sampled_from(self.holding))
+        self.holding.remove(client)
+        assert client.connection is not None
+        connection = client.connection
+        connection._protocol.cancel = self.loop.create_future()
+
+        async def release() -> None:  # the app releases on the loop
+            self.pool.release(connection, discard=True)
+
+        self.loop.run_until_complete(release())
+
+    @precondition(lambda self: self._cancels_in_flight())
+    @rule(data=st.data())
+    def cancellation_acknowledged(self, data: st.DataObject) -> None:
+        connection = data.draw(st.sampled_from(self._cancels_in_flight()))
+        connection._protocol.acknowledge()
+
+    def _cancels_in_flight(self) -> list[FakeConnection]:
+        return [c for c in self.factory.opened if c._protocol._is_cancelling()]
+
     @precondition(lambda self: self.holding or self.pool._idle)
     @rule()
     def age(self) -> None:
@@ -222,7 +275,12 @@ class PoolMachine(RuleBasedStateMachine):
     def within_size_and_each_connection_in_one_place(self) -> None:
         pool = self.pool
         idle, in_use = pool._idle, pool._in_use
-        assert len(idle) + len(in_use) + pool._opening + pool._reserved <= MAX_SIZE
+        cancelling = len(getattr(pool, "_cancelling", ()))
+        assert len(idle) + len(in_use) + pool._opening + pool._reserved + cancelling <= MAX_SIZE
+        if self.closing is None:  # close cuts what is left after its grace
+            assert not any(c.cut_while_cancelling for c in self.factory.opened), (
+                "a connection was cut before PostgreSQL acknowledged its cancel request"
+            )
         assert pool._reserved >= 0 and pool._opening >= 0
         assert len(set(map(id, idle))) == len(idle), "a connection idle twice"
         assert not {id(c) for c in idle} & {id(c) for c in in_use}, "both idle and in use"
@@ -242,7 +300,9 @@ def _full_size_after_releasing_everything(machine: PoolMachine) -> None:
     """Liveness: with nothing held, the pool gives out its full size at once."""
     for client in machine.pending:
         client.task.cancel()
-    machine._step(2)
+    for connection in machine.factory.opened:
+        connection._protocol.acknowledge()
+    machine._step(3)
     for client in list(machine.holding):
         machine.pool.release(client.connection)
     machine.holding.clear()
