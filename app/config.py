@@ -364,6 +364,26 @@ class ItemsSettings(Group):
     default_page_size: int = Field(20, ge=1)
     # An export holds one database connection (and a PgBouncer server connection) throughout.
     export_max_seconds: float = Field(3600.0, gt=0)
+    # Offset pages reach this many rows at most (an offset costs every row it skips); past
+    # it, clients follow next_cursor (400 names it).
+    max_offset: int = Field(10_000, ge=100)
+    # A filtered list (q, is_active, prices) first reads at most this many rows of the
+    # tenant in its order; when they do not fill the page it uses the filters' indexes
+    # instead, as an expensive query (below). Bounds the cheap path's cost per request.
+    list_window: int = Field(1000, ge=100, le=100_000)
+    # Expensive queries per worker at once (filtered lists past their window, lists that
+    # include deleted items, totals): more wait up to EXPENSIVE_QUERY_QUEUE_SECONDS, then
+    # 503 with Retry-After. Keeps one route from taking every database connection and core.
+    expensive_query_concurrency: int = Field(2, ge=1, le=64)
+    # How long an expensive query may wait for its turn before the 503.
+    expensive_query_queue_seconds: float = Field(0.5, ge=0)
+    # The share of a worker's time it may spend waiting on expensive queries (a budget of
+    # database seconds refilled at this rate): with W workers in all, expensive queries
+    # keep at most W x this many database cores busy.
+    expensive_query_share: float = Field(0.25, gt=0, le=1)
+    # Database time one expensive query may take; past it the query is cancelled in
+    # PostgreSQL and the client gets 422 (narrow the filter).
+    expensive_query_timeout: float = Field(2.0, gt=0)
     # Keys that sign keyset cursors (HMAC-SHA256), comma-separated, the same in every pod: the
     # first signs, every one verifies, so a new key goes first and an old one is dropped once
     # its cursors no longer matter. Required in production (`openssl rand -hex 32`); elsewhere

@@ -32,6 +32,7 @@ from app.providers.base import Provider
 from app.providers.factory import create_provider
 from app.security.ratelimit import Bucket, LimiterQuota, RateLimiter
 from app.security.tokens import TokenVerifier
+from app.services.admission import QueryGate
 from app.services.generations import GenerationService, StreamLimits
 from app.services.health import HealthService
 from app.services.items import ItemPolicy, ItemService
@@ -230,6 +231,14 @@ def build_components(
         default_page_size=settings.items.default_page_size,
         max_page_size=settings.items.max_page_size,
         cursor_keys=settings.items.cursor_keys,
+        max_offset=settings.items.max_offset,
+        list_window=settings.items.list_window,
+        expensive=QueryGate(
+            settings.items.expensive_query_concurrency,
+            settings.items.expensive_query_queue_seconds,
+            settings.items.expensive_query_timeout,
+            settings.items.expensive_query_share,
+        ),
     )
     provider = create_provider(settings.llm)
     verifier, limiter = _access(settings, metrics)

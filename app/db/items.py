@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from decimal import Decimal
 from functools import cache
-from typing import Any
+from typing import Any, Literal
 from uuid import UUID
 
 from sqlalchemy import (
@@ -131,48 +131,100 @@ def _delete_item(conditional: bool, scoped: bool) -> Any:
     return build
 
 
-def _filter_conditions(shape: tuple[bool, ...]) -> list[ColumnElement[bool]]:
-    scoped, include_deleted, by_active, by_min, by_max, by_text = shape
+def _scope_conditions(shape: tuple[bool, ...]) -> list[ColumnElement[bool]]:
+    """Which rows a list may see at all: the tenant's, live unless asked (an index range)."""
+    scoped, include_deleted = shape[:2]
     conditions: list[ColumnElement[bool]] = []
     if scoped:
         conditions.append(items.c.tenant == bindparam("scope_tenant"))
     if not include_deleted:
         conditions.append(items.c.deleted_at.is_(None))
+    return conditions
+
+
+def _narrowing_conditions(shape: tuple[bool, ...], c: Any) -> list[ColumnElement[bool]]:
+    """What the client filters by, on the columns `c` (the table's, or a subquery's)."""
+    by_active, by_min, by_max, by_text = shape[2:]
+    conditions: list[ColumnElement[bool]] = []
     if by_active:
-        conditions.append(items.c.is_active == bindparam("is_active"))
+        conditions.append(c.is_active == bindparam("is_active"))
     if by_min:
-        conditions.append(items.c.price >= bindparam("min_price"))
+        conditions.append(c.price >= bindparam("min_price"))
     if by_max:
-        conditions.append(items.c.price <= bindparam("max_price"))
+        conditions.append(c.price <= bindparam("max_price"))
     if by_text:
         # Two predicates, each backed by its own pg_trgm GIN index (BitmapOr on Postgres).
         pattern: Any = bindparam("pattern")
         conditions.append(
-            or_(
-                items.c.name.ilike(pattern, escape="\\"),
-                items.c.description.ilike(pattern, escape="\\"),
-            )
+            or_(c.name.ilike(pattern, escape="\\"), c.description.ilike(pattern, escape="\\"))
         )
     return conditions
 
 
+def _filter_conditions(shape: tuple[bool, ...]) -> list[ColumnElement[bool]]:
+    return [*_scope_conditions(shape), *_narrowing_conditions(shape, items.c)]
+
+
+# How a page is read (app.services.items chooses; each plan's shape forces its plan, so a
+# generic plan of a prepared statement, which PostgreSQL adopts after five executions, is the
+# same plan: with the plain query it walked the whole sort index for a rare search term).
+Plan = Literal["walk", "window", "indexed"]
+
+
+def _opaque(column: Any, dialect: str) -> Any:
+    """The column in an expression no index provides (same order, same values)."""
+    if dialect != "postgresql":
+        return column
+    if column.name == "created_at":
+        return column + literal_column("interval '0 s'")
+    if column.name == "price":
+        return column + 0
+    return column.op("||")(literal_column("''"))
+
+
 @cache
-def _page(filter_shape: tuple[bool, ...], sort: Sort, keyset: bool) -> Any:
+def _page(filter_shape: tuple[bool, ...], sort: Sort, keyset: bool, plan: Plan) -> Any:
+    """- walk: the sort index, in order, filtered as it goes (stops at the page's end: for
+      a list that does not narrow, or whose matches are dense);
+    - window: the same walk over at most `window` rows of the scope, then the filters: cost
+      bounded by the window whatever the filters; complete when the page fills;
+    - indexed: the rows the filters' indexes give (pg_trgm for q, the price index), sorted
+      afterwards: cost by the number of matches, not by the table (for rare matches)."""
+
     def build(dialect: str) -> Executable:
-        column = _SORT_COLUMNS[sort.field]
-        conditions = _filter_conditions(filter_shape)
-        if keyset:
-            key = tuple_(column, items.c.id)
+        def ordered(c: Any, opaque: bool) -> tuple[Any, ...]:
+            column = c[sort.field]
+            key = _opaque(column, dialect) if opaque else column
             start = tuple_(
                 bindparam("after_value", type_=column.type),
                 bindparam("after_id", type_=items.c.id.type),
             )
-            conditions.append(key < start if sort.descending else key > start)
-        order = (column.desc(), items.c.id.desc()) if sort.descending else (column, items.c.id)
-        return (
+            after = tuple_(key, c.id) < start if sort.descending else tuple_(key, c.id) > start
+            order = (key.desc(), c.id.desc()) if sort.descending else (key, c.id)
+            return after, order
+
+        opaque = plan == "indexed"
+        after, order = ordered(items.c, opaque)
+        scope = _scope_conditions(filter_shape)
+        if keyset:
+            scope.append(after)
+        if plan != "window":
+            query = select(*_ITEM_COLUMNS).where(
+                and_(true(), *scope, *_narrowing_conditions(filter_shape, items.c))
+            )
+            return query.order_by(*order).limit(bindparam("limit")).offset(bindparam("offset"))
+        recent = (
             select(*_ITEM_COLUMNS)
-            .where(and_(true(), *conditions))
+            .where(and_(true(), *scope))
             .order_by(*order)
+            .limit(bindparam("window"))
+            .subquery("recent")
+        )
+        _, outer_order = ordered(recent.c, False)
+        return (
+            select(*recent.c)
+            .where(and_(true(), *_narrowing_conditions(filter_shape, recent.c)))
+            .order_by(*outer_order)
             .limit(bindparam("limit"))
             .offset(bindparam("offset"))
         )
@@ -426,11 +478,16 @@ class ItemRepository:
         limit: int,
         offset: int = 0,
         after: Position | None = None,
+        plan: Plan = "walk",
+        window: int = 0,
     ) -> list[Item]:
+        """A page of the list, read by `plan` (see _page); `window` rows for "window"."""
         filter_shape, params = _filter_params(filters, tenant)
-        shape = (filter_shape, sort, after is not None)
+        shape = (filter_shape, sort, after is not None, plan)
         build = _page(*shape)
         params.update(limit=limit, offset=offset)
+        if plan == "window":
+            params["window"] = window
         if after is not None:
             params.update(after_value=after.value, after_id=after.id)
         return [Item(*row) for row in await self._s.fetch_all(("page", *shape), build, params)]

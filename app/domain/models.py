@@ -54,6 +54,17 @@ class ItemFilter:
     q: str | None = None
     include_deleted: bool = False
 
+    @property
+    def narrows(self) -> bool:
+        """Whether it filters beyond "the tenant's items" (then a walk in sort order may have
+        to read far before its page is full)."""
+        return bool(
+            self.q
+            or self.is_active is not None
+            or self.min_price is not None
+            or self.max_price is not None
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Position:

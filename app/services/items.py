@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import base64
 import binascii
+import builtins
 import hashlib
 import hmac
 import json
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from functools import partial
 from typing import Any, Literal, get_args, get_type_hints
 from uuid import UUID
 
 from app.config import DEVELOPMENT_CURSOR_SECRET
 from app.db.engine import Database
-from app.db.items import ItemRepository
+from app.db.items import ItemRepository, Plan
 from app.domain.errors import (
     IdempotencyKeyInProgress,
     IdempotencyKeyReused,
@@ -30,6 +32,7 @@ from app.domain.ids import uuid7
 from app.domain.models import Item, ItemFields, ItemFilter, ItemPage, Position, Sort
 from app.domain.ports import Writer
 from app.domain.principal import Principal
+from app.services.admission import QueryGate
 
 ExportFormat = Literal["ndjson", "csv"]
 # What clients may change: the fields of ItemFields (derived, so a field added there per
@@ -46,6 +49,9 @@ class ItemPolicy:
     max_page_size: int = 100
     # Keys that sign keyset cursors: the first signs, any verifies (rotation).
     cursor_keys: tuple[bytes, ...] = (DEVELOPMENT_CURSOR_SECRET.encode(),)
+    max_offset: int = 10_000
+    list_window: int = 1000
+    expensive: QueryGate = field(default_factory=QueryGate)
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,27 +157,31 @@ class ItemService:
         """Offset pages or keyset pages (cursor, stable under inserts); both return next_cursor
         when more rows follow. The total costs a COUNT over every matching row, so it is only
         computed when asked for (free on the last page)."""
-        per_page = per_page or self._policy.default_page_size
-        if per_page > self._policy.max_page_size:
-            raise InvalidQuery(f"per_page must be at most {self._policy.max_page_size}", "per_page")
+        policy = self._policy
+        per_page = per_page or policy.default_page_size
+        if per_page > policy.max_page_size:
+            raise InvalidQuery(f"per_page must be at most {policy.max_page_size}", "per_page")
         if cursor is not None:
             page = None  # a cursor says where the page starts: it wins over a page number
-        cursors = _Cursors(self._policy.cursor_keys, filters, sort, caller.reach)
+        cursors = _Cursors(policy.cursor_keys, filters, sort, caller.reach)
         after = cursors.decode(cursor) if cursor is not None else None
         offset = 0 if page is None else (page - 1) * per_page
-        # Separate single-statement reads: under READ COMMITTED a transaction would not make
-        # the page and the count consistent anyway, and each read skips BEGIN/COMMIT.
-        async with self._db.read() as session:
-            repo = ItemRepository(session)
-            rows = await repo.page(
-                filters, sort, tenant=caller.reach, limit=per_page + 1, offset=offset, after=after
+        if offset + per_page > policy.max_offset:
+            raise InvalidQuery(
+                f"page numbers reach the first {policy.max_offset} items; "
+                "follow next_cursor to go further",
+                "page",
             )
+        rows = await self._page(caller, filters, sort, per_page + 1, offset, after)
         total = None
         if include_total:
             if cursor is None and len(rows) <= per_page and (rows or offset == 0):
                 total = offset + len(rows)  # on the last page: no count query needed
             else:
-                async with self._db.read() as session:
+                async with (
+                    policy.expensive.admit("the total", "include_total"),
+                    self._db.read() as session,
+                ):
                     total = await ItemRepository(session).count(filters, tenant=caller.reach)
         has_more = len(rows) > per_page
         rows = rows[:per_page]
@@ -183,6 +193,58 @@ class ItemService:
             total=total,
             next_cursor=next_cursor,
         )
+
+    async def _page(
+        self,
+        caller: Principal,
+        filters: ItemFilter,
+        sort: Sort,
+        limit: int,
+        offset: int,
+        after: Position | None,
+    ) -> builtins.list[Item]:
+        """A page by the cheapest plan that answers it exactly, each bounded: the sort
+        index's walk when nothing narrows the list; else first a walk over a window of rows
+        (complete if the page fills), then the filters' indexes as an expensive query."""
+        read = partial(self._read_page, caller, filters, sort, limit, offset, after)
+        scoped = not filters.include_deleted  # the sort indexes hold live rows only
+        if not filters.narrows:
+            if scoped:
+                return await read("walk")
+            async with self._policy.expensive.admit(
+                "a list that includes deleted items", "include_deleted"
+            ):
+                return await read("walk")
+        window = self._policy.list_window
+        if scoped and offset + limit <= window:
+            rows = await read("window", window)
+            if len(rows) == limit:
+                return rows
+        async with self._policy.expensive.admit(*_expensive_part(filters)):
+            return await read("indexed")
+
+    async def _read_page(
+        self,
+        caller: Principal,
+        filters: ItemFilter,
+        sort: Sort,
+        limit: int,
+        offset: int,
+        after: Position | None,
+        plan: Plan,
+        window: int = 0,
+    ) -> builtins.list[Item]:
+        async with self._db.read() as session:
+            return await ItemRepository(session).page(
+                filters,
+                sort,
+                tenant=caller.reach,
+                limit=limit,
+                offset=offset,
+                after=after,
+                plan=plan,
+                window=window,
+            )
 
     # --- update ---------------------------------------------------------------------------
 
@@ -318,6 +380,18 @@ def _check_version(item: Item, expected_versions: Collection[int] | None) -> Non
             f"item {item.id} is at version {item.version}, not the one in If-Match",
             current_version=item.version,
         )
+
+
+# --- lists ---------------------------------------------------------------------------------
+
+
+def _expensive_part(filters: ItemFilter) -> tuple[str, str]:
+    """What makes a filtered list expensive, and its parameter."""
+    if filters.q:
+        return "this search", "q"
+    if filters.min_price is not None or filters.max_price is not None:
+        return "this price range", "min_price" if filters.min_price is not None else "max_price"
+    return "this filter", "is_active"
 
 
 # --- idempotency snapshots ----------------------------------------------------------------

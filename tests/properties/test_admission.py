@@ -1,0 +1,56 @@
+"""The expensive-query budget (app.services.admission.Budget) under generated timelines of
+queries: whatever their arrivals and durations, the database time a worker spends on them in
+any stretch of time stays within `share` of it plus one full query, and a worker that waits
+as long as `wait()` says is always let in."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from app.services.admission import Budget
+
+SHARE = 0.25
+CAPACITY = 2.0
+
+# (gap before the query arrives, its duration), in seconds
+queries = st.lists(
+    st.tuples(st.floats(0, 10, allow_nan=False), st.floats(0, 4, allow_nan=False)),
+    max_size=60,
+)
+
+
+@given(queries)
+def test_time_spent_stays_within_the_share(timeline: list[tuple[float, float]]) -> None:
+    budget = Budget.full(SHARE, CAPACITY, now=0.0)
+    now = 0.0
+    runs: list[tuple[float, float]] = []  # (start, end) of every admitted query, one at a time
+    for gap, duration in timeline:
+        now += gap
+        now += budget.wait(now)  # a caller that waits its turn
+        assert budget.wait(now) == 0, "told to wait, then still not let in"
+        start, now = now, now + duration
+        budget.spend(duration, now)
+        runs.append((start, now))
+    for i, (first_start, _) in enumerate(runs):
+        for _, last_end in runs[i:]:
+            spent = sum(end - start for start, end in runs if first_start <= start < last_end)
+            allowed = (
+                SHARE * (last_end - first_start)
+                + CAPACITY
+                + max((end - start for start, end in runs), default=0)
+            )
+            assert spent <= allowed + 1e-6, (spent, allowed)
+
+
+@given(st.floats(0.01, 100, allow_nan=False), st.floats(0, 100, allow_nan=False))
+def test_the_balance_refills_to_capacity_and_no_further(spent: float, idle: float) -> None:
+    budget = Budget.full(SHARE, CAPACITY, now=0.0)
+    budget.spend(spent, 0.0)
+    waited = budget.wait(0.0)
+    budget.wait(idle)
+    assert budget.balance <= CAPACITY
+    if idle >= waited:
+        assert budget.wait(idle) == 0
+    else:
+        assert budget.wait(idle) > 0
