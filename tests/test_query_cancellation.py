@@ -93,16 +93,59 @@ def _service(
     return env
 
 
-@pytest.fixture
-def bouncers(pgbouncer_modern: PgBouncer, pgbouncer_legacy: PgBouncer) -> dict[str, PgBouncer]:
-    return {"pgbouncer": pgbouncer_modern, "pgbouncer-legacy": pgbouncer_legacy}
+@pytest.fixture(scope="module")
+def database(pg: PostgresServer) -> str:
+    """A database of this module's own: the lock it takes and the statements it counts must not
+    meet another test's (the shared one once held a leftover client that skewed the count)."""
+    from app.db.migrations import migrate
+
+    name = pg.create_database()
+    run_coroutine(lambda: migrate(pg.url(name)))
+    return name
+
+
+@pytest.fixture(scope="module")
+def bouncers(pg: PostgresServer) -> Iterator[dict[str, PgBouncer]]:
+    """PgBouncers of their own, for the same reason (no pool state from earlier tests)."""
+    from harness.pgbouncer import LEGACY, MODERN
+    from tests.support.app import start_bouncer
+
+    started = {"pgbouncer": start_bouncer(MODERN, pg)}
+    try:
+        started["pgbouncer-legacy"] = start_bouncer(LEGACY, pg)
+        yield started
+    finally:
+        for bouncer in started.values():
+            bouncer.close()
+
+
+def _activity(pg: PostgresServer, database: str) -> list[str]:
+    """What the database's sessions are doing, for a failure's message."""
+
+    async def rows() -> list[str]:
+        conn = await asyncpg.connect(_dsn(pg, database))
+        try:
+            found = await conn.fetch(
+                "SELECT state, wait_event_type, wait_event, left(query, 80) AS query"
+                " FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+                database,
+            )
+            return [str(dict(row)) for row in found]
+        finally:
+            await conn.close()
+
+    return run_coroutine(rows)
 
 
 def _leave_during_query(server: Server, pg: PostgresServer, database: str) -> None:
     port = int(server.base.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port)) as client:
         client.sendall(f"GET {SEARCH} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
-        assert wait_until(lambda: _waiting(pg, database) == 1, 10), "the search never started"
+        if not wait_until(lambda: _waiting(pg, database) == 1, 10):
+            pytest.fail(
+                "the search never started (or not alone); sessions: "
+                f"{_activity(pg, database)}\nservice log:\n{server.output()[-3000:]}"
+            )
     # The client is gone: within a second the search is no longer running in PostgreSQL.
     time.sleep(1.0)
     assert _waiting(pg, database) == 0, "the search of a client that left is still running"
@@ -110,11 +153,11 @@ def _leave_during_query(server: Server, pg: PostgresServer, database: str) -> No
 
 @pytest.mark.parametrize("kind", ["direct", "pgbouncer", "pgbouncer-legacy"])
 def test_a_search_whose_client_leaves_or_times_out_stops_in_postgres(
-    kind: str, pg: PostgresServer, schema_db: str, bouncers: dict[str, PgBouncer]
+    kind: str, pg: PostgresServer, database: str, bouncers: dict[str, PgBouncer]
 ) -> None:
-    with serve(_service(kind, pg, schema_db, bouncers)) as server:
-        with _table_locked(pg, schema_db):
-            _leave_during_query(server, pg, schema_db)
+    with serve(_service(kind, pg, database, bouncers)) as server:
+        with _table_locked(pg, database):
+            _leave_during_query(server, pg, database)
 
             started = time.monotonic()
             answer = httpx.get(server.base + SEARCH, timeout=30)
@@ -122,7 +165,7 @@ def test_a_search_whose_client_leaves_or_times_out_stops_in_postgres(
             assert answer.status_code == 503, answer.text
             assert 2.5 < waited < 5, waited  # DB_REQUEST_TIMEOUT is 3 s
             time.sleep(1.0)
-            assert _waiting(pg, schema_db) == 0, "the timed-out search is still running"
+            assert _waiting(pg, database) == 0, "the timed-out search is still running"
 
         # The departure is the client's (499), not a server error.
         scrape = httpx.get(server.base + "/metrics").text
