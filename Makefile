@@ -2,7 +2,7 @@ HELM ?= helm
 # uv from PATH, ~/.local/bin, `python3 -m uv`, or installed on first use (scripts/uv.sh).
 UV ?= ./scripts/uv.sh
 
-.PHONY: run stack test-fast test-sqlite test bench lint fmt typecheck check migrate k8s-rules
+.PHONY: run stack test-fast test-sqlite test bench soak lint fmt typecheck check migrate k8s-rules
 
 run:  ## run the service on the embedded SQLite database at http://127.0.0.1:8000
 	$(UV) run --frozen itemstream serve
@@ -19,8 +19,11 @@ test-sqlite:  ## everything that needs no PostgreSQL and starts no servers (abou
 test:  ## the whole test suite (installs uv, Python deps and PgBouncer where missing)
 	./scripts/test.sh
 
-bench:  ## benchmark: the service vs the raw-ASGI limit and the common FastAPI pattern (~12 min)
+bench:  ## benchmark: routes vs bare FastAPI and the limit, streams, export, 2M-row scale (~30 min)
 	./scripts/bench.sh
+
+soak:  ## the service under a steady mix for SOAK_SECONDS (1800): RSS, fds, tasks, p99 over time
+	./scripts/soak.sh
 
 lint:
 	$(UV) run --frozen ruff check .

@@ -62,10 +62,11 @@ async def _every(interval: float, what: str, job: Callable[[], Awaitable[int]]) 
             log.warning("%s failed: %s", what, error)
 
 
-async def _refresh_pool_gauge(database: Database, interval: float = 1.0) -> None:
+async def _refresh_gauges(database: Database, metrics: AppMetrics, interval: float = 1.0) -> None:
     while True:
         await asyncio.sleep(interval)
         database.report_pool_usage()
+        metrics.event_loop_tasks.set(len(asyncio.all_tasks()))
 
 
 DESCRIPTION = """
@@ -95,6 +96,7 @@ def _access(
             jwks_cache_seconds=settings.auth.jwks_cache_seconds,
             jwks_min_refresh_seconds=settings.auth.jwks_min_refresh_seconds,
             tenant_claim=settings.auth.tenant_claim,
+            verified_tokens_cached=settings.auth.verified_tokens_cached,
         )
     elif settings.auth.mode == "hs256":
         assert settings.auth.hs256_secret is not None
@@ -105,6 +107,7 @@ def _access(
             hs256_secret=settings.auth.hs256_secret.get_secret_value(),
             leeway_seconds=settings.auth.leeway_seconds,
             tenant_claim=settings.auth.tenant_claim,
+            verified_tokens_cached=settings.auth.verified_tokens_cached,
         )
     else:
         log.warning(
@@ -293,7 +296,7 @@ def _background_jobs(
         asyncio.create_task(components.generations.checkpoints.run_forever()),
     ]
     if metrics is not None:
-        jobs.append(asyncio.create_task(_refresh_pool_gauge(database)))
+        jobs.append(asyncio.create_task(_refresh_gauges(database, metrics)))
     if components.access.limiter is not None:
         # A connection and the scripts loaded before the first requests need them.
         jobs.append(asyncio.create_task(components.access.limiter.warm()))

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from app.db.migrations import migrate  # noqa: E402
-from bench import run  # noqa: E402
+from bench import load, run  # noqa: E402
 from bench.streams import hold_streams  # noqa: E402
 from harness.pgbouncer import MODERN, PgBouncer, find_binary  # noqa: E402
 from harness.postgres import throwaway_cluster  # noqa: E402
@@ -106,9 +106,9 @@ def main() -> int:
         workers, seconds = (1, run.STREAMS // run.STREAM_RAMP + 5) if streams else (2, DURATION)
         if streams:
             env = run.streams_env(env)
-        server = stack.enter_context(run.running("itemstream", run.itemstream(workers), env))
+        server = stack.enter_context(load.running("itemstream", load.itemstream(workers), env))
         worker = worker_pids(server.proc.pid)[0]
-        run.DURATION = DURATION
+        load.DURATION = DURATION
         spy_bin = str(Path(sys.executable).with_name("py-spy"))
         record = ["record", "--pid", str(worker), "--duration", str(seconds), "--rate", "250"]
         spy = subprocess.Popen(
@@ -125,7 +125,7 @@ def main() -> int:
                 f"first token p50 {held.ttft_p50_ms} ms, p99 {held.ttft_p99_ms} ms"
             )
         else:
-            result = run.wrk(server.url + path, script, ids_file, {"app": server.proc.pid})
+            result = load.wrk(server.url + path, script, ids_file, {"app": server.proc.pid})
             summary = f"{result.rps:.0f} rps, p99 {result.p99_ms:.1f} ms"
         spy.wait(seconds + 30)
     total, inclusive, own = summarize(raw)

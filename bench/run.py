@@ -9,7 +9,9 @@ servers take turns in every round and the table reports the median of the rounds
 
 Environment: BENCH_DURATION (seconds per run, 5), BENCH_ROUNDS (3), BENCH_CONNECTIONS (64),
 BENCH_ROWS (20000), BENCH_WORKERS (2), BENCH_STREAMS (10000 concurrent SSE streams held by one
-worker), BENCH_STREAM_RAMP (500 new streams per second), BENCH_EXPORT_ROWS (1000000), BENCH_SECTIONS (routes,scaling,cold,streams,export),
+worker), BENCH_STREAM_RAMP (500 new streams per second), BENCH_EXPORT_ROWS (1000000),
+BENCH_STREAM_RUNS (3 runs of the held streams), BENCH_SCALE_ROWS (2000000, the scale section's
+large size), BENCH_SCALE_ROUNDS (3), BENCH_SECTIONS (routes,scaling,cold,streams,export,scale),
 BENCH_SERVERS (comma-separated names for a quicker inner loop, e.g. `itemstream`; the limit and
 FastAPI + std instrumentation always run, since the ratios are against them)."""
 
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import statistics
@@ -26,39 +27,54 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from contextlib import ExitStack
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import asyncpg
-import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from app.db.migrations import migrate  # noqa: E402
+from app.domain.principal import DEFAULT_TENANT  # noqa: E402
+from bench.jwt_issuer import BenchIssuer  # noqa: E402
+from bench.load import (  # noqa: E402
+    CONNECTIONS,
+    DURATION,
+    Run,
+    Server,
+    gunicorn,
+    itemstream,
+    median_run,
+    running,
+    stop_server,
+    wait_ready,
+    wrk,
+)
+from bench.scale import measure_scale  # noqa: E402
 from bench.streams import export, hold_streams  # noqa: E402
+from bench.targets import JWT as JWT_ROW  # noqa: E402
+from bench.targets import print_targets  # noqa: E402
 from harness.pgbouncer import LEGACY, MODERN, PgBouncer, find_binary  # noqa: E402
 from harness.postgres import PostgresServer, throwaway_cluster  # noqa: E402
-from harness.processes import free_port, run_coroutine, wait_until, worker_pids  # noqa: E402
+from harness.processes import free_port, run_coroutine, worker_pids  # noqa: E402
 from harness.servers import clean_env  # noqa: E402
 
-DURATION = int(os.environ.get("BENCH_DURATION", "5"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
-CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "64"))
 ROWS = int(os.environ.get("BENCH_ROWS", "20000"))
 WORKERS = int(os.environ.get("BENCH_WORKERS", "2"))
-SECTIONS = set(os.environ.get("BENCH_SECTIONS", "routes,scaling,cold,streams,export").split(","))
+SECTIONS = set(
+    os.environ.get("BENCH_SECTIONS", "routes,scaling,cold,streams,export,scale").split(",")
+)
+STREAM_RUNS = int(os.environ.get("BENCH_STREAM_RUNS", "3"))
 BASELINES = ("limit", "FastAPI + std instrumentation")
 ONLY = [name.strip() for name in os.environ.get("BENCH_SERVERS", "").split(",") if name.strip()]
 STREAMS = int(os.environ.get("BENCH_STREAMS", "10000"))
 STREAM_RAMP = int(os.environ.get("BENCH_STREAM_RAMP", "500"))  # new streams per second
 EXPORT_ROWS = int(os.environ.get("BENCH_EXPORT_ROWS", "1000000"))
-WRK_DIR = Path(__file__).parent / "wrk"
 RESULTS = Path(__file__).parent / "results"
 WORDS = ["amber", "birch", "cobalt", "dune", "ember", "fjord", "garnet", "harbor", "ivory", "jade"]
 
@@ -74,115 +90,18 @@ ROUTES: dict[str, tuple[str, str | None]] = {
 }
 
 
-# --- processes and CPU accounting ----------------------------------------------------------
-
-
-def _cpu_seconds(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    ticks = os.sysconf("SC_CLK_TCK")
-    return (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
-
-
-def _descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, stack = [], [root]
-    while stack:
-        pid = stack.pop()
-        found.append(pid)
-        stack.extend(children.get(pid, []))
-    return found
-
-
-def tree_cpu(root: int) -> float:
-    return sum(_cpu_seconds(pid) for pid in _descendants(root))
-
-
-@dataclass
-class Server:
-    name: str
-    port: int
-    proc: subprocess.Popen[bytes]
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-
-def _wait_ready(server: Server, timeout: float = 60) -> float:
-    started = time.monotonic()
-
-    def ready() -> bool:
-        if server.proc.poll() is not None:
-            raise RuntimeError(f"{server.name} exited with {server.proc.returncode}")
-        try:
-            return httpx.get(f"{server.url}/readyz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    if not wait_until(ready, timeout, interval=0.02):
-        raise TimeoutError(f"{server.name} not ready after {timeout}s")
-    return time.monotonic() - started
-
-
-def _stop(server: Server) -> None:
-    if server.proc.poll() is None:
-        server.proc.send_signal(signal.SIGTERM)
-        try:
-            server.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            server.proc.kill()
-
-
-@contextmanager
-def running(name: str, argv: list[str], env: dict[str, str]) -> Iterator[Server]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [*argv, "--bind", f"127.0.0.1:{port}"]
-        if "gunicorn" in argv
-        else [*argv, "--port", str(port)],
-        cwd=ROOT,
-        env={**env, "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    server = Server(name, port, proc)
-    try:
-        _wait_ready(server)
-        yield server
-    finally:
-        _stop(server)
-
-
-def gunicorn(app: str, workers: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "gunicorn",
-        "-k",
-        "uvicorn_worker.UvicornWorker",
-        "-w",
-        str(workers),
-        "--keep-alive",
-        "75",
-        app,
-    ]
-
-
-def itemstream(workers: int) -> list[str]:
-    return [sys.executable, "-m", "app", "serve", "--workers", str(workers)]
-
-
 class _Sink(BaseHTTPRequestHandler):
+    """The OTLP exporter's endpoint (accepts and drops), and the JWT row's JWKS."""
+
+    jwks = b'{"keys": []}'
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(self.jwks)))
+        self.end_headers()
+        self.wfile.write(self.jwks)
+
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("Content-Length", "0")))
         self.send_response(200)
@@ -191,72 +110,6 @@ class _Sink(BaseHTTPRequestHandler):
 
     def log_message(self, *args: Any) -> None:
         pass
-
-
-# --- wrk -------------------------------------------------------------------------------------
-
-
-@dataclass
-class Run:
-    rps: float
-    p50_ms: float
-    p99_ms: float
-    errors: int
-    requests: int
-    cpu: dict[str, float] = field(default_factory=dict)  # cores used, by component
-
-
-def _ms(text: str) -> float:
-    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text).groups()  # type: ignore[union-attr]
-    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
-
-
-def wrk(url: str, script: str | None, ids_file: Path, cpu_roots: dict[str, int]) -> Run:
-    argv = ["wrk", "-t2", f"-c{CONNECTIONS}", f"-d{DURATION}s", "--latency", "--timeout", "5s"]
-    if script:
-        argv += ["-s", str(WRK_DIR / script)]
-    before = {name: tree_cpu(pid) for name, pid in cpu_roots.items()}
-    started = time.monotonic()
-    proc = subprocess.Popen(
-        [*argv, url],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "BENCH_IDS": str(ids_file)},
-    )
-    assert proc.stdout is not None
-    output = proc.stdout.read().decode()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    elapsed = time.monotonic() - started
-    cpu = {name: (tree_cpu(pid) - before[name]) / elapsed for name, pid in cpu_roots.items()}
-    cpu["wrk"] = (usage.ru_utime + usage.ru_stime) / elapsed
-    if proc.returncode != 0:
-        raise RuntimeError(f"wrk failed: {output}")
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
-    latencies = dict(re.findall(r"^\s+(50|99)%\s+(\S+)\s*$", output, re.M))
-    if "50" not in latencies or "99" not in latencies:
-        raise RuntimeError(f"wrk printed no latency distribution for {url}:\n{output}")
-    requests = int(re.search(r"(\d+) requests in", output).group(1))  # type: ignore[union-attr]
-    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
-    socket = re.search(
-        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output
-    )
-    errors = (int(non_2xx.group(1)) if non_2xx else 0) + (
-        sum(map(int, socket.groups())) if socket else 0
-    )
-    return Run(rps, _ms(latencies["50"]), _ms(latencies["99"]), errors, requests, cpu)
-
-
-def median_run(runs: list[Run]) -> dict[str, Any]:
-    return {
-        "rps": round(statistics.median(r.rps for r in runs), 1),
-        "p50_ms": round(statistics.median(r.p50_ms for r in runs), 2),
-        "p99_ms": round(statistics.median(r.p99_ms for r in runs), 2),
-        "errors": sum(r.errors for r in runs),
-        "requests": sum(r.requests for r in runs),
-        "rounds": [round(r.rps, 1) for r in runs],
-        "cpu_cores": {k: round(statistics.median(r.cpu[k] for r in runs), 2) for k in runs[0].cpu},
-    }
 
 
 # --- data ------------------------------------------------------------------------------------
@@ -349,6 +202,19 @@ def main() -> int:
             OTEL_SERVICE_NAME="itemstream-bench",
         )
         legacy_env = {**service_env, "DATABASE_URL": via(legacy), "DB_POOLER": "pgbouncer-legacy"}
+        # The service with JWT auth on: tokens verified against the sink's JWKS, one token for
+        # the whole run (of the seeded items' tenant), as a client with a cached token sends.
+        issuer = BenchIssuer.new()
+        _Sink.jwks = issuer.jwks()
+        jwt_env = {
+            **service_env,
+            "AUTH_MODE": "jwt",
+            "AUTH_ALLOW_UNAUTHENTICATED": "false",
+            "AUTH_ISSUER": issuer.issuer,
+            "AUTH_AUDIENCE": issuer.audience,
+            "AUTH_JWKS_URL": f"http://127.0.0.1:{sink.server_port}/jwks",
+        }
+        bearer = {"Authorization": f"Bearer {issuer.token(DEFAULT_TENANT)}"}
         # name -> (process label, argv, environment), in the order the table lists them.
         specs: dict[str, tuple[str, list[str], dict[str, str]]] = {
             "limit": (
@@ -372,6 +238,7 @@ def main() -> int:
                 },
             ),
             "itemstream": ("itemstream", itemstream(WORKERS), service_env),
+            JWT_ROW: ("itemstream-jwt", itemstream(WORKERS), jwt_env),
             # The same with asyncpg's pool (DB_POOL_IMPL=asyncpg) instead of app/db/pool.py.
             "itemstream (asyncpg pool)": (
                 "itemstream-asyncpg-pool",
@@ -402,7 +269,8 @@ def main() -> int:
                 "postgres": roots["postgres"],
                 "pgbouncer": bouncer.process.pid,
             }
-            return wrk(server.url + path, script, ids_file, cpu_roots)
+            headers = bearer if server.name == "itemstream-jwt" else {}
+            return wrk(server.url + path, script, ids_file, cpu_roots, headers=headers)
 
         # 1. Routes: every server in turn, every round.
         route_results: dict[str, dict[str, Any]] = {}
@@ -428,7 +296,7 @@ def main() -> int:
 
         # 2. Worker scaling for the service: 1, one per core, and the classic 2 x cores + 1.
         for name in list(servers)[1:]:
-            _stop(servers[name])
+            stop_server(servers[name])
         cpus = os.cpu_count() or 1
         scaling: dict[str, dict[str, Any]] = {}
         for workers in sorted({1, cpus, 2 * cpus + 1}) if "scaling" in SECTIONS else ():
@@ -457,9 +325,9 @@ def main() -> int:
                 stderr=subprocess.DEVNULL,
             )
             server = Server("cold", port, proc)
-            _wait_ready(server)
+            wait_ready(server)
             cold.append(time.monotonic() - started)
-            _stop(server)
+            stop_server(server)
         if cold:
             results["cold_start_s"] = {
                 "median": round(statistics.median(cold), 2),
@@ -474,10 +342,17 @@ def main() -> int:
         if "export" in SECTIONS:
             results["export"] = measure_export(pg, modern, legacy, service_env)
 
+        # 6. Scale: the routes at 20k and 2M catalog items, their plans, and starvation.
+        if "scale" in SECTIONS:
+            for name in list(servers)[:1]:
+                stop_server(servers[name])
+            results["scale"] = measure_scale(service_env, work, WORKERS)
+
     results["finished"] = datetime.now(UTC).isoformat()
     out = RESULTS / f"bench-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
     out.write_text(json.dumps(results, indent=2))
     print_table(results)
+    print_targets(results)
     print(f"\nJSON: {out}")
     shutil.rmtree(work, ignore_errors=True)
     return 0
@@ -502,14 +377,18 @@ def measure_streams(service_env: dict[str, str]) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     held_env = streams_env(service_env)
-    for label, count, env in (
+    cases = [
         (
             "ttft at 100 concurrent",
             100,
             {**held_env, "MOCK_TOKENS": "3", "MOCK_TOKEN_DELAY": "0.05"},
-        ),
-        (f"{STREAMS} held by one worker", STREAMS, held_env),
-    ):
+        )
+    ]
+    cases += [
+        (f"{STREAMS} held by one worker, run {run + 1}", STREAMS, held_env)
+        for run in range(STREAM_RUNS)
+    ]
+    for label, count, env in cases:
         with running("itemstream-streams", itemstream(1), env) as server:
             (worker,) = worker_pids(server.proc.pid)
             result = asyncio.run(hold_streams(server.port, worker, count, ramp_per_s=STREAM_RAMP))

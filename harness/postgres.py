@@ -154,8 +154,11 @@ async def _answers(url: URL) -> bool:
     return True
 
 
-def throwaway_cluster(*, start: bool = True) -> PostgresServer:
-    """A new cluster of our own; `start=False` only creates it (`restart()` starts it)."""
+def throwaway_cluster(
+    *, start: bool = True, settings: dict[str, str] | None = None
+) -> PostgresServer:
+    """A new cluster of our own; `start=False` only creates it (`restart()` starts it).
+    `settings` are passed as `-c name=value` (a bench's shared_buffers, its log)."""
     initdb, postgres = _find_bin("initdb"), _find_bin("postgres")
     if initdb is None or postgres is None:
         raise RuntimeError(
@@ -204,6 +207,7 @@ def throwaway_cluster(*, start: bool = True) -> PostgresServer:
             "fsync=off",
             "-c",
             "max_connections=200",
+            *[arg for name, value in (settings or {}).items() for arg in ("-c", f"{name}={value}")],
         ],
     )
     url = make_url(f"postgresql://postgres@127.0.0.1:{port}/postgres")

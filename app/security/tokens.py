@@ -7,19 +7,26 @@ key type (the HS/RS confusion attack), and tokens without `exp`, `sub` or the te
 No refusal repeats what the token says (its values would reach a response header).
 
 While the issuer's keys cannot be fetched, a token naming a key not in the cache is not called
-invalid (the client would drop a good token): KeySourceUnavailable, which is a 503."""
+invalid (the client would drop a good token): KeySourceUnavailable, which is a 503.
+
+A token that verified is remembered by its exact text (cachetools' TLRUCache, bounded) until
+it expires (with the leeway the check allows), at most `jwks_cache_seconds`, and until the
+issuer's key set changes: the same answer the check would give, without the signature math
+on every request. Refused tokens are never remembered."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import jwt
+from cachetools import TLRUCache
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +52,10 @@ class VerifiedClaims:
     subject: str
     scopes: frozenset[str]
     tenant: str
+
+
+def _until(token: str, remembered: tuple[VerifiedClaims, float], now: float) -> float:
+    return remembered[1]
 
 
 def scopes_of(claims: Mapping[str, Any]) -> frozenset[str]:
@@ -74,6 +85,8 @@ class TokenVerifier:
         jwks_min_refresh_seconds: float = 10.0,
         tenant_claim: str = "sub",
         client: httpx.AsyncClient | None = None,
+        verified_tokens_cached: int = 10_000,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._issuer = issuer
         self._audience = audience
@@ -89,11 +102,33 @@ class TokenVerifier:
         self._fetched_at = 0.0
         self._fetch_failed = False  # the last attempt to fetch the keys failed
         self._lock = asyncio.Lock()
+        self._clock = clock
+        self._fingerprint: set[str] = set()  # the key set's entries, to notice a change
+        # token -> (claims, until when they may be reused), by the wall clock as `exp` is.
+        self._verified: TLRUCache[str, tuple[VerifiedClaims, float]] | None = (
+            TLRUCache(verified_tokens_cached, ttu=_until, timer=clock)
+            if verified_tokens_cached
+            else None
+        )
 
     async def aclose(self) -> None:
         await self._client.aclose()
 
     async def verify(self, token: str) -> VerifiedClaims:
+        if self._verified is not None:
+            remembered = self._verified.get(token)
+            if remembered is not None:
+                return remembered[0]
+        verified, expires = await self._verify(token)
+        if self._verified is not None:
+            now = self._clock()
+            until = min(expires + self._leeway, now + self._cache_seconds)
+            if until > now:
+                self._verified[token] = (verified, until)
+        return verified
+
+    async def _verify(self, token: str) -> tuple[VerifiedClaims, float]:
+        """The claims of a token that verifies, and its expiry (epoch seconds)."""
         alg, key = await self._algorithm_and_key(token)
         try:
             claims: dict[str, Any] = jwt.decode(
@@ -117,9 +152,10 @@ class TokenVerifier:
             raise InvalidToken(f"the token has no {error.claim!r} claim") from error
         except jwt.InvalidTokenError as error:
             raise InvalidToken("the token's signature does not verify") from error
-        return VerifiedClaims(
+        verified = VerifiedClaims(
             _subject(claims), scopes_of(claims), _tenant(claims, self._tenant_claim)
         )
+        return verified, float(claims["exp"])
 
     async def _algorithm_and_key(self, token: str) -> tuple[str, Any]:
         """What the token's header asks for, if this verifier accepts it."""
@@ -180,6 +216,7 @@ class TokenVerifier:
                     return
                 raise KeySourceUnavailable(f"cannot fetch the issuer's keys: {error}") from error
             keys: dict[str, jwt.PyJWK] = {}
+            fingerprint = set()
             for entry in entries:
                 kid = entry.get("kid") if isinstance(entry, dict) else None
                 if not isinstance(kid, str) or entry.get("use", "sig") != "sig":
@@ -188,6 +225,10 @@ class TokenVerifier:
                     keys[kid] = jwt.PyJWK(entry)
                 except (jwt.PyJWKError, jwt.InvalidKeyError, ValueError, TypeError):
                     continue  # a key type this service does not use, or a broken one
+                fingerprint.add(json.dumps(entry, sort_keys=True))
+            if self._verified is not None and fingerprint != self._fingerprint:
+                self._verified.clear()  # a key withdrawn: what it signed must verify again
+            self._fingerprint = fingerprint
             self._keys = keys
             self._fetched_at = time.monotonic()
             self._fetch_failed = False

@@ -123,6 +123,13 @@ class AppMetrics:
             registry=registry,
         )
 
+        self.event_loop_tasks = Gauge(
+            "itemstream_event_loop_tasks",
+            "asyncio tasks alive in the workers' event loops, sampled every second (all "
+            "workers): back to its resting level between bursts, or something leaks",
+            multiprocess_mode="livesum",
+            registry=registry,
+        )
         self.streams_active = Gauge(
             "itemstream_streams_active",
             "Token streams being served (all workers)",

@@ -54,3 +54,18 @@ def test_the_balance_refills_to_capacity_and_no_further(spent: float, idle: floa
         assert budget.wait(idle) == 0
     else:
         assert budget.wait(idle) > 0
+
+
+async def test_quick_queries_are_free_and_slow_ones_pay_their_whole_time() -> None:
+    from app.services.admission import FREE_SECONDS, QueryGate
+
+    now = [100.0]
+    gate = QueryGate(concurrency=1, share=SHARE, timeout=CAPACITY, clock=lambda: now[0])
+    for took, balance in (
+        (FREE_SECONDS / 2, CAPACITY),
+        (FREE_SECONDS * 4, CAPACITY - FREE_SECONDS * 4),
+    ):
+        async with gate.admit("a search", "q"):
+            now[0] += took
+        gate.budget._refill(now[0])  # no refill: the balance was full
+        assert abs(gate.budget.balance - balance) < 1e-9, (took, gate.budget.balance)
