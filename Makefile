@@ -5,7 +5,7 @@ UV ?= ./scripts/uv.sh
 .PHONY: run stack test-fast test-sqlite test bench soak lint fmt typecheck check migrate k8s-rules
 
 run:  ## run the service on the embedded SQLite database at http://127.0.0.1:8000
-	$(UV) run --frozen itemstream serve
+	$(UV) run --frozen --no-dev itemstream serve
 
 stack:  ## the real stack as local processes: PostgreSQL, PgBouncer (and Redis), the app on :8000
 	$(UV) run --frozen python scripts/local_stack.py

@@ -12,6 +12,7 @@ from typing import NoReturn
 
 from pydantic import ValidationError
 
+from app import __version__
 from app.config import URL_VARIABLES, Settings, env_variable
 from app.db import migrations
 from app.telemetry.logs import configure_logging
@@ -40,7 +41,10 @@ def _refuse(lines: list[str]) -> NoReturn:
 
 def _check_serving(settings: Settings) -> None:
     """The rules for a process that serves requests (serve, check-config)."""
-    problems = settings.serving_problems()
+    refused, warnings = settings.unknown_variables(os.environ)
+    for warning in warnings:
+        log.warning("%s", warning)
+    problems = settings.serving_problems() + refused
     if problems:
         _refuse([f"  {problem}" for problem in problems])
 
@@ -161,6 +165,7 @@ def _as_variable(value: object) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="itemstream", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"itemstream {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the HTTP service (gunicorn + uvicorn workers)")

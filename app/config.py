@@ -9,8 +9,10 @@ the same flat names, lower case, as keywords.
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
+import re
 from collections.abc import Iterator, Mapping
 from functools import cached_property
 from typing import Annotated, Any, ClassVar, Literal, get_args, get_origin
@@ -371,10 +373,11 @@ class ItemsSettings(Group):
     # tenant in its order; when they do not fill the page it uses the filters' indexes
     # instead, as an expensive query (below). Bounds the cheap path's cost per request.
     list_window: int = Field(1000, ge=100, le=100_000)
-    # Expensive queries per worker at once (filtered lists past their window, lists that
-    # include deleted items, totals): more wait up to EXPENSIVE_QUERY_QUEUE_SECONDS, then
-    # 503 with Retry-After. Keeps one route from taking every database connection and core.
-    expensive_query_concurrency: int = Field(2, ge=1, le=64)
+    # Expensive queries per worker at once (filtered lists past their window or their quick
+    # attempt, lists that include deleted items, totals), each on one database core (no
+    # parallel workers): more wait up to EXPENSIVE_QUERY_QUEUE_SECONDS, then 503 with
+    # Retry-After. Keeps one route from taking every database connection and core.
+    expensive_query_concurrency: int = Field(1, ge=1, le=64)
     # How long an expensive query may wait for its turn before the 503.
     expensive_query_queue_seconds: float = Field(0.5, ge=0)
     # The share of a worker's time it may spend waiting on expensive queries (a budget of
@@ -592,6 +595,9 @@ class Settings(BaseSettings):
     # `production` refuses SQLite, a wildcard CORS origin, a pooled DATABASE_URL without
     # MIGRATION_DATABASE_URL and the HS256 dev tokens; `serve` migrates first outside production.
     environment: Environment = "development"
+    # A variable that looks like a setting but is none (a typo: ENVIROMENT, DB_POOLSIZE) is
+    # refused in production and warned about elsewhere; true: only warn, also in production.
+    allow_unknown_variables: bool = False
     server: ServerSettings = Field(default_factory=ServerSettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     db: DatabaseSettings = Field(default_factory=DatabaseSettings)
@@ -699,6 +705,21 @@ class Settings(BaseSettings):
             )
         return problems
 
+    def unknown_variables(self, environ: Mapping[str, str]) -> tuple[list[str], list[str]]:
+        """Variables of `environ` that look like settings but are none: (problems that
+        refuse to serve, warnings)."""
+        found = [
+            f"{name} is not a setting of itemstream{_closest(name.upper())}"
+            for name in sorted(environ)
+            if looks_like_a_setting(name.upper())
+        ]
+        if self.environment == "production" and not self.allow_unknown_variables:
+            return [
+                f"{line} (refused in production; ALLOW_UNKNOWN_VARIABLES=true lets it pass)"
+                for line in found
+            ], []
+        return [], found
+
     def _pooler_problems(self) -> list[str]:
         if self.db.pooler == "none" or self.db.migration_url is not None:
             return []
@@ -796,6 +817,30 @@ def _url_variables() -> frozenset[str]:
 
 # The variables whose values are URLs (credentials masked wherever settings are shown).
 URL_VARIABLES = _url_variables()
+
+# Variables that share a prefix with the tree's but belong to others: the OpenTelemetry SDK
+# (OTEL_*), proxies, gunicorn, and Kubernetes' service links (a Service named `db` gives every
+# pod DB_SERVICE_HOST, DB_PORT, DB_PORT_5432_TCP_ADDR, ...).
+FOREIGN_VARIABLES = re.compile(
+    r"^(OTEL_|HTTPS?_PROXY$|NO_PROXY$|GUNICORN_CMD_ARGS$)"
+    r"|_SERVICE_(HOST|PORT)|_PORT(_\d+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)?$"
+)
+_PREFIXES = tuple(
+    sorted({kind.env_prefix for kind in Group.__subclasses__() if kind.env_prefix} - {"OTEL_"})
+)
+
+
+def looks_like_a_setting(name: str) -> bool:
+    if name in ENV_VARS or FOREIGN_VARIABLES.search(name):
+        return False
+    return name.startswith(_PREFIXES) or bool(
+        difflib.get_close_matches(name, ENV_VARS, n=1, cutoff=0.85)
+    )
+
+
+def _closest(name: str) -> str:
+    close = difflib.get_close_matches(name, ENV_VARS, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
 
 
 def _with_password(url: URL, password: SecretStr | None) -> URL:

@@ -12,7 +12,8 @@ from app.telemetry.logs import logging_config
 from app.workers import worker_count
 
 _settings = Settings()
-if _problems := _settings.serving_problems():  # also when gunicorn is started by hand
+_refused, _ = _settings.unknown_variables(os.environ)  # `serve` has warned already
+if _problems := _settings.serving_problems() + _refused:  # also when gunicorn is started by hand
     raise SystemExit("itemstream: invalid configuration\n  " + "\n  ".join(_problems))
 
 bind = [f"{_settings.server.host}:{_settings.server.port}"]

@@ -5,6 +5,8 @@ connection has drained; and read requests within limits (app.protocol), gunicorn
 
 from __future__ import annotations
 
+import asyncio
+import signal
 import sys
 from types import FrameType
 from typing import Any, ClassVar
@@ -45,10 +47,15 @@ class Worker(UvicornWorker):  # type: ignore[misc]
         self.config.root_path = settings.server.root_path
 
     async def _serve(self) -> None:
-        # Same as UvicornWorker._serve, with the Server subclass above.
+        # Same as UvicornWorker._serve, with the Server subclass above, and SIGQUIT (what the
+        # master sends its workers on SIGINT or SIGQUIT) telling the server to stop: uvicorn-
+        # worker's own handler only marks the gunicorn worker dead, which the uvicorn server
+        # never reads, so the master waited its graceful timeout and then SIGKILLed them.
         self.config.app = self.wsgi
         server = _Server(config=self.config)
-        self._install_sigquit_handler()
+        asyncio.get_running_loop().add_signal_handler(
+            signal.SIGQUIT, server.handle_exit, signal.SIGQUIT, None
+        )
         await server.serve(sockets=self.sockets)
         if not server.started:
             sys.exit(Arbiter.WORKER_BOOT_ERROR)

@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import RedirectResponse
 
+from app import __version__
 from app.api import docs as api_docs
 from app.api import edge, problems
 from app.api import openapi as api_contract
@@ -354,7 +355,7 @@ def create_app(settings: Settings | None = None, lifecycle: Lifecycle | None = N
     tracing.configure(settings.telemetry.otel)  # no-op when gunicorn's post_fork already did it
     app = FastAPI(
         title="itemstream",
-        version="0.1.0",
+        version=__version__,
         description=DESCRIPTION,
         lifespan=_lifespan(settings, lifecycle),
         docs_url=None,  # self-hosted below: no CDN

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app.config import ENV_VARS
+from app.config import ENV_VARS, looks_like_a_setting
 from harness.pgbouncer import PgBouncer
 from harness.postgres import PostgresServer
 from harness.processes import free_port, wait_until
@@ -33,7 +33,9 @@ def clean_env(**values: str) -> dict[str, str]:
     env = {
         key: value
         for key, value in os.environ.items()
-        if key.upper() not in ENV_VARS and not key.upper().startswith(FOREIGN_PREFIXES)
+        if key.upper() not in ENV_VARS
+        and not key.upper().startswith(FOREIGN_PREFIXES)
+        and not looks_like_a_setting(key.upper())  # a production server would refuse it
     }
     env["LOG_FORMAT"] = "json"  # the tests read the logs as JSON; the console format has its own
     env.update(values)

@@ -6,6 +6,9 @@ RATE_LIMIT_ENABLED=true, then `itemstream serve` (gunicorn, migrations first) in
 Ctrl-C stops everything it started. Uses the same process harness as the test suite.
 
     make stack                       # API on http://127.0.0.1:8000 (PORT=... to change)
+    STACK_DATABASE=mine make stack   # another database (default itemstream_local)
+
+Needs PgBouncer (apt-get install pgbouncer): checked before anything is created.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from harness.pgbouncer import LEGACY, MODERN, PgBouncer, find_binary  # noqa: E4
 from harness.postgres import PostgresServer, start_or_find  # noqa: E402
 from harness.processes import free_port, run_coroutine, wait_for_port  # noqa: E402
 
-DATABASE = "itemstream_local"
+DATABASE = os.environ.get("STACK_DATABASE", "itemstream_local")
 
 
 def say(message: str) -> None:
@@ -61,15 +64,19 @@ def _redis() -> tuple[str, subprocess.Popen[bytes] | None]:
 
 
 def main() -> int:
+    # Prerequisites first: a missing one stops here, before a database or process exists.
+    kind = MODERN if find_binary(MODERN) else LEGACY
+    binary = find_binary(kind)
+    if binary is None:
+        raise SystemExit(
+            "make stack: no PgBouncer found; install it (apt-get install pgbouncer) or set "
+            "PGBOUNCER_MODERN to a PgBouncer >= 1.21. Nothing was started or created."
+        )
     pg = start_or_find()
     where = "the local server" if pg.process is None else "a throwaway cluster (data not kept)"
     say(f"PostgreSQL: {where} at {pg.host}:{pg.port}, database {DATABASE}")
     run_coroutine(lambda: _ensure_database(pg))
 
-    kind = MODERN if find_binary(MODERN) else LEGACY
-    binary = find_binary(kind)
-    if binary is None:
-        raise SystemExit("no PgBouncer found: apt-get install pgbouncer (or set PGBOUNCER_MODERN)")
     bouncer = PgBouncer(binary=binary, kind=kind, server_host=pg.host, server_port=pg.port)
     bouncer.start()
     say(f"PgBouncer {'.'.join(map(str, bouncer.version))} ({kind}) at 127.0.0.1:{bouncer.port}")

@@ -34,7 +34,14 @@ PY
   rm -rf "$wheels"
 }
 
-uv=$(find_uv) || { install_uv; uv=$(find_uv); }
+uv=$(find_uv) || {
+  install_uv
+  uv=$(find_uv)
+  case ":$PATH:" in
+    *":$(dirname "$uv"):"*) ;;
+    *) echo "==> uv is in $(dirname "$uv"), which is not on PATH: the docs' commands use ./scripts/uv.sh (or add it: export PATH=\"$(dirname "$uv"):\$PATH\")" >&2 ;;
+  esac
+}
 if [ "${1:-}" = "--which" ]; then
   echo "$uv"
   exit 0

@@ -179,3 +179,41 @@ def test_no_url_password_reaches_check_config_or_the_logs(
     assert "cannot verify tokens" in text or "issuer" in text, "the failures were not logged"
     leaked = [name for name, marker in markers.items() if marker in text]
     assert not leaked, f"printed the password of {leaked}"
+
+
+def test_a_misspelt_variable_is_named_with_the_setting_it_resembles() -> None:
+    """A typo never passes silently: outside production `serve`/`check-config` warn naming the
+    closest setting; in production they refuse (ALLOW_UNKNOWN_VARIABLES=true lets it pass).
+    Variables of others with the same prefixes (the OpenTelemetry SDK, Kubernetes' service
+    links, proxies) are not settings and are left alone."""
+    others = {
+        "OTEL_TRACES_SAMPLER": "always_on",
+        "DB_PORT": "tcp://10.0.0.7:5432",
+        "DB_SERVICE_HOST": "10.0.0.7",
+        "HTTP_PROXY": "http://proxy:3128",
+    }
+    typo = {"ENVIROMENT": "production", "DB_POOLSIZE": "3", **others}
+    warned = run_cli("check-config", env=clean_env(**typo))
+    said = warned.stdout + warned.stderr  # the log, then the settings (names, not values)
+    assert warned.returncode == 0, said
+    assert "ENVIROMENT is not a setting of itemstream; did you mean ENVIRONMENT?" in said
+    assert "did you mean DB_POOL_SIZE?" in said
+    assert not any(f"{name} is not" in said for name in others), said
+
+    production = clean_env(
+        ENVIRONMENT="production",
+        DATABASE_URL="postgresql://app@127.0.0.1:1/app",
+        AUTH_ALLOW_UNAUTHENTICATED="true",
+        CURSOR_SECRETS="a-cursor-key-0123456789",
+        AUTH_AUDIANCE="itemstream",
+        **others,
+    )
+    refused = run_cli("check-config", env=production)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "AUTH_AUDIANCE is not a setting of itemstream; did you mean AUTH_AUDIENCE?" in (
+        refused.stderr
+    )
+    assert "Traceback" not in refused.stderr
+    passed = run_cli("check-config", env={**production, "ALLOW_UNKNOWN_VARIABLES": "true"})
+    assert passed.returncode == 0, passed.stderr
+    assert "AUTH_AUDIANCE is not a setting" in passed.stdout + passed.stderr  # still said

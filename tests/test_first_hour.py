@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -171,12 +172,32 @@ def test_production_on_an_unmigrated_database_answers_503_naming_the_fix(
 
 @pytest.mark.postgres
 @pytest.mark.slow
-def test_make_stack_runs_the_app_behind_pgbouncer(tmp_path: Path) -> None:
+def test_sigint_to_the_master_alone_stops_every_worker_quickly(
+    pg: PostgresServer, schema_db: str
+) -> None:
+    """What `kill -INT <master>` (or a runner forwarding Ctrl-C to its child only) sends: the
+    master passes SIGQUIT to its workers, which used to ignore it until the graceful timeout
+    (30 s) ran out and the master SIGKILLed them ("Perhaps out of memory?")."""
+    url = pg.url(schema_db).render_as_string(hide_password=False)
+    with serve(clean_env(DATABASE_URL=url, WEB_CONCURRENCY="2", LOG_LEVEL="INFO")) as server:
+        started = time.monotonic()
+        server.proc.send_signal(signal.SIGINT)
+        server.proc.wait(40)
+        took = time.monotonic() - started
+        output = server.output()
+    assert took < 10, f"{took:.1f} s\n{output[-2000:]}"
+    assert "SIGKILL" not in output and "Traceback" not in output, output[-3000:]
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_make_stack_runs_the_app_behind_pgbouncer(tmp_path: Path, pg: PostgresServer) -> None:
     if find_binary(MODERN) is None and find_binary("legacy") is None:
         missing("no PgBouncer; run `make test`")
     port = free_port()
     log = tmp_path / "stack.log"
-    env = {**os.environ, "PORT": str(port), "LOG_FORMAT": "console"}
+    database = f"itemstream_stack_{os.getpid()}"
+    env = {**os.environ, "PORT": str(port), "LOG_FORMAT": "console", "STACK_DATABASE": database}
     for key in [k for k in env if k.startswith(("DATABASE_", "MIGRATION_", "DB_"))]:
         del env[key]
     proc = _start(["make", "stack"], env, log)
@@ -189,9 +210,42 @@ def test_make_stack_runs_the_app_behind_pgbouncer(tmp_path: Path) -> None:
         assert httpx.get(f"{base}{created.headers['location']}").status_code == 200
     finally:
         code = _stop_group(proc)
+        pg.drop_database(database)  # IF EXISTS: a throwaway cluster of its own took it along
     output = log.read_text()
-    assert "PgBouncer 1." in output and "database itemstream_local" in output
+    assert "PgBouncer 1." in output and f"database {database}" in output
     assert code in (0, -signal.SIGTERM), output[-2000:]
+
+
+def _database_exists(pg: PostgresServer, name: str) -> bool:
+    return bool(
+        pg.fetchval("postgres", f"SELECT count(*) FROM pg_database WHERE datname = '{name}'")
+    )
+
+
+@pytest.mark.postgres
+def test_make_stack_without_pgbouncer_says_so_before_creating_anything(
+    pg: PostgresServer,
+) -> None:
+    database = f"itemstream_stack_none_{os.getpid()}"
+    env = {
+        **os.environ,
+        "STACK_DATABASE": database,
+        "PGBOUNCER_MODERN": "/nonexistent/pgbouncer",
+        "PGBOUNCER_LEGACY": "/nonexistent/pgbouncer",
+    }
+    done = subprocess.run(
+        [sys.executable, "scripts/local_stack.py"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode != 0
+    assert "no PgBouncer found" in done.stderr and "apt-get install pgbouncer" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not _database_exists(pg, database), "a database was left behind"
 
 
 # --- compose.yaml ---------------------------------------------------------------------------
@@ -383,3 +437,65 @@ def test_relative_links_in_the_docs_resolve() -> None:
             path = target.split("#")[0]
             if path and not path.startswith(("http://", "https://", "mailto:")):
                 assert (page.parent / path).exists(), f"{page.name}: {target}"
+
+
+def test_the_console_access_line_states_each_field_once() -> None:
+    from app.telemetry.access import log_request
+
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(ConsoleFormatter().format(record))
+
+    logger = logging.getLogger("itemstream.access")
+    handler, level = Collect(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        log_request(
+            quiet=False,
+            method="POST",
+            route="/v1/items/{item_id}",
+            path="/v1/items/42",
+            status=201,
+            seconds=0.0123,
+            principal="alice",
+        )
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    line = lines[0].split(" ", 1)[1]  # after the time of day, which has digits of its own
+    assert len(lines) == 1
+    assert "POST /v1/items/{item_id} 201" in line
+    for value in ("POST", "/v1/items/{item_id}", "201", "/v1/items/42", "12.3", "alice"):
+        assert line.count(value) == 1, (value, line)
+    assert "path=/v1/items/42" in line and "duration_ms=12.3" in line and "http=" not in line
+
+
+def test_one_version_everywhere() -> None:
+    """The package's version is the release's: the CLI, the OpenAPI document, the build_info
+    metric, the image's label default and the chart's appVersion say the same."""
+    import tomllib
+
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from app import __version__
+    from app.main import create_app
+    from app.telemetry.metrics import AppMetrics
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert __version__ == declared
+    shown = run_cli("--version", env=clean_env())
+    assert shown.stdout.strip() == f"itemstream {declared}", shown.stdout + shown.stderr
+    app = create_app(Settings(_env_file=None, database_url="sqlite+aiosqlite:///:memory:"))
+    assert app.version == declared
+    registry = CollectorRegistry()
+    AppMetrics(registry)
+    assert f'itemstream_build_info{{revision="unknown",version="{declared}"}} 1.0' in (
+        generate_latest(registry).decode()
+    )
+    chart = yaml.safe_load((ROOT / "chart" / "Chart.yaml").read_text())
+    assert chart["appVersion"] == declared
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert f"ARG VERSION={declared}" in dockerfile

@@ -34,6 +34,7 @@ from sqlalchemy import (
     literal_column,
     or_,
     select,
+    text,
     true,
     tuple_,
     update,
@@ -163,6 +164,10 @@ def _narrowing_conditions(shape: tuple[bool, ...], c: Any) -> list[ColumnElement
 
 def _filter_conditions(shape: tuple[bool, ...]) -> list[ColumnElement[bool]]:
     return [*_scope_conditions(shape), *_narrowing_conditions(shape, items.c)]
+
+
+def _one_core_statement(dialect: str) -> Executable:
+    return text("SET LOCAL max_parallel_workers_per_gather = 0")
 
 
 # How a page is read (app.services.items chooses; each plan's shape forces its plan, so a
@@ -480,8 +485,12 @@ class ItemRepository:
         after: Position | None = None,
         plan: Plan = "walk",
         window: int = 0,
+        one_core: bool = False,
     ) -> list[Item]:
-        """A page of the list, read by `plan` (see _page); `window` rows for "window"."""
+        """A page of the list, read by `plan` (see _page); `window` rows for "window";
+        `one_core` (in a transaction) keeps PostgreSQL from adding parallel workers."""
+        if one_core:
+            await self._one_core()
         filter_shape, params = _filter_params(filters, tenant)
         shape = (filter_shape, sort, after is not None, plan)
         build = _page(*shape)
@@ -492,10 +501,21 @@ class ItemRepository:
             params.update(after_value=after.value, after_id=after.id)
         return [Item(*row) for row in await self._s.fetch_all(("page", *shape), build, params)]
 
-    async def count(self, filters: ItemFilter, *, tenant: str | None) -> int:
+    async def count(
+        self, filters: ItemFilter, *, tenant: str | None, one_core: bool = False
+    ) -> int:
+        if one_core:
+            await self._one_core()
         filter_shape, params = _filter_params(filters, tenant)
         build = _count(filter_shape)
         return int(await self._s.scalar(("count", filter_shape), build, params))
+
+    async def _one_core(self) -> None:
+        """An expensive query takes one core of the database, not 1 + its parallel workers:
+        the admission gate bounds how many run at once (their time, not their processes).
+        Only inside a transaction (SET LOCAL)."""
+        if self._s.dialect == "postgresql":
+            await self._s.execute(("one core",), _one_core_statement, {})
 
     async def export(
         self,

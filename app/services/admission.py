@@ -12,10 +12,15 @@ a query that cannot start within `queue_seconds` is refused (503, Retry-After), 
 runs longer than `timeout` is cancelled in PostgreSQL (app.db.pool waits for the cancel
 request before the connection closes) and answered 422 (narrow it).
 
-A query that ends within FREE_SECONDS is not charged to the budget (it still takes a slot):
-a selective search over the trigram indexes costs PostgreSQL about a millisecond, and charging
-it capped such searches at about 300 per second on two workers (`make bench`, scale section)
-while the budget is there for the queries that cost seconds.
+Most queries that may be expensive are not: a selective search over the trigram indexes
+costs PostgreSQL a millisecond or two. Queued behind two slots they fell from about 1,500 to
+about 500 per second on two workers (`make bench`, search route), and with a 20 ms cut on
+their wall time (which under load is mostly waiting for a core, not their cost) to about 200.
+So a query whose indexes can answer it is first tried `quickly()`: at once, without the
+queue, at most QUICK_CONCURRENCY at a time, only while the budget is positive, and cut after
+QUICK_SECONDS (cancelled in PostgreSQL): one cut is charged the time it took and goes
+through `admit()` like any expensive query (NotQuick). Queries admitted through the gate are
+charged their time, except those that end within FREE_SECONDS.
 
 asyncio.Semaphore and asyncio.timeout do the waiting; the bucket is plain arithmetic
 (`Budget`, property-tested in tests/properties/test_admission.py)."""
@@ -32,6 +37,12 @@ from dataclasses import dataclass
 from app.domain.errors import InvalidQuery, Overloaded
 
 FREE_SECONDS = 0.005
+QUICK_SECONDS = 0.25
+QUICK_CONCURRENCY = 4
+
+
+class NotQuick(Exception):
+    """The quick attempt could not run now or ran out of time: go through `admit()`."""
 
 
 @dataclass
@@ -69,7 +80,7 @@ class Budget:
 class QueryGate:
     def __init__(
         self,
-        concurrency: int = 2,
+        concurrency: int = 1,
         queue_seconds: float = 0.5,
         timeout: float = 2.0,
         share: float = 0.25,
@@ -79,6 +90,7 @@ class QueryGate:
         self.queue_seconds = queue_seconds
         self.timeout = timeout
         self._slots = asyncio.Semaphore(concurrency)
+        self._quick_slots = asyncio.Semaphore(QUICK_CONCURRENCY)
         self._clock = clock
         self.budget = Budget.full(share, timeout, clock())
 
@@ -101,11 +113,33 @@ class QueryGate:
                 parameter,
             ) from None
         finally:
-            now = self._clock()
-            took = now - started
-            if took > FREE_SECONDS:
-                self.budget.spend(took, now)
+            self._charge(started)
             self._slots.release()
+
+    @asynccontextmanager
+    async def quickly(self) -> AsyncIterator[None]:
+        """Run the block now, for at most QUICK_SECONDS, or raise NotQuick."""
+        if self._quick_slots.locked() or self.budget.wait(self._clock()) > 0:
+            raise NotQuick
+        await self._quick_slots.acquire()  # free: checked just above, nothing awaited since
+        started = self._clock()
+        deadline = asyncio.timeout(QUICK_SECONDS)
+        try:
+            async with deadline:
+                yield
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            self._charge(started)  # an expensive query after all: it pays for the attempt
+            raise NotQuick from None
+        finally:
+            self._quick_slots.release()
+
+    def _charge(self, started: float) -> None:
+        now = self._clock()
+        took = now - started
+        if took > FREE_SECONDS:
+            self.budget.spend(took, now)
 
     async def _turn(self, what: str) -> None:
         """A slot, and a positive budget, within queue_seconds; else Overloaded."""

@@ -32,7 +32,7 @@ from app.domain.ids import uuid7
 from app.domain.models import Item, ItemFields, ItemFilter, ItemPage, Position, Sort
 from app.domain.ports import Writer
 from app.domain.principal import Principal
-from app.services.admission import QueryGate
+from app.services.admission import NotQuick, QueryGate
 
 ExportFormat = Literal["ndjson", "csv"]
 # What clients may change: the fields of ItemFields (derived, so a field added there per
@@ -180,9 +180,11 @@ class ItemService:
             else:
                 async with (
                     policy.expensive.admit("the total", "include_total"),
-                    self._db.read() as session,
+                    self._db.transaction() as session,
                 ):
-                    total = await ItemRepository(session).count(filters, tenant=caller.reach)
+                    total = await ItemRepository(session).count(
+                        filters, tenant=caller.reach, one_core=True
+                    )
         has_more = len(rows) > per_page
         rows = rows[:per_page]
         next_cursor = cursors.encode(rows[-1]) if has_more else None
@@ -214,14 +216,21 @@ class ItemService:
             async with self._policy.expensive.admit(
                 "a list that includes deleted items", "include_deleted"
             ):
-                return await read("walk")
+                return await read("walk", one_core=True)
         window = self._policy.list_window
         if scoped and offset + limit <= window:
             rows = await read("window", window)
             if len(rows) == limit:
                 return rows
-        async with self._policy.expensive.admit(*_expensive_part(filters)):
-            return await read("indexed")
+        gate = self._policy.expensive
+        if _indexes_can_answer(filters):
+            try:
+                async with gate.quickly():
+                    return await read("indexed")
+            except NotQuick:
+                pass  # not this quickly: wait for a turn like any expensive query
+        async with gate.admit(*_expensive_part(filters)):
+            return await read("indexed", one_core=True)
 
     async def _read_page(
         self,
@@ -233,8 +242,12 @@ class ItemService:
         after: Position | None,
         plan: Plan,
         window: int = 0,
+        *,
+        one_core: bool = False,
     ) -> builtins.list[Item]:
-        async with self._db.read() as session:
+        """`one_core`: an admitted expensive read, in a transaction that keeps it serial."""
+        unit = self._db.transaction() if one_core else self._db.read()
+        async with unit as session:
             return await ItemRepository(session).page(
                 filters,
                 sort,
@@ -244,6 +257,7 @@ class ItemService:
                 after=after,
                 plan=plan,
                 window=window,
+                one_core=one_core,
             )
 
     # --- update ---------------------------------------------------------------------------
@@ -383,6 +397,14 @@ def _check_version(item: Item, expected_versions: Collection[int] | None) -> Non
 
 
 # --- lists ---------------------------------------------------------------------------------
+
+TRIGRAM = 3  # pg_trgm's unit: a term shorter than this has no trigram to look up
+
+
+def _indexes_can_answer(filters: ItemFilter) -> bool:
+    """Whether the filters' indexes can find the matches (a trigram needs three characters:
+    a shorter search term is a scan of every row of the tenant, never tried quickly)."""
+    return filters.q is None or len(filters.q) >= TRIGRAM
 
 
 def _expensive_part(filters: ItemFilter) -> tuple[str, str]:

@@ -79,7 +79,14 @@ class ConsoleFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         moment = datetime.fromtimestamp(record.created).strftime("%H:%M:%S.%f")[:-3]
         parts = [f"{moment} {record.levelname:<7} {record.name:<20} {record.getMessage()}"]
-        parts += [f"{key}={value}" for key, value in _extras(record).items()]
+        # Each field once: a group of fields (the access line's `http`) is spread out, less
+        # the values its message states already (method, route, status).
+        stated = record.args if isinstance(record.args, tuple) else ()
+        for key, value in _extras(record).items():
+            if isinstance(value, dict):
+                parts += [f"{k}={v}" for k, v in value.items() if v not in stated]
+            else:
+                parts.append(f"{key}={value}")
         ids = _trace_ids()
         if ids is not None:
             parts.append(f"trace={ids[0]}")

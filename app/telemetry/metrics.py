@@ -15,6 +15,8 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary, multiprocess
 from prometheus_fastapi_instrumentator import Instrumentator
 
+from app import __version__, build_revision
+
 # Per-route buckets fine enough for p50/p99 panels and the latency SLO (0.5 s is one).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # prometheus-fastapi-instrumentator's defaults for the label-free histogram.
@@ -123,6 +125,15 @@ class AppMetrics:
             registry=registry,
         )
 
+        self.build_info = Gauge(
+            "itemstream_build_info",
+            "Always 1; the labels say which release runs (version) and from which commit "
+            "(revision, baked into the image; unknown from a source tree)",
+            ["version", "revision"],
+            multiprocess_mode="max",
+            registry=registry,
+        )
+        self.build_info.labels(__version__, build_revision()).set(1)
         self.event_loop_tasks = Gauge(
             "itemstream_event_loop_tasks",
             "asyncio tasks alive in the workers' event loops, sampled every second (all "

@@ -69,3 +69,38 @@ async def test_quick_queries_are_free_and_slow_ones_pay_their_whole_time() -> No
             now[0] += took
         gate.budget._refill(now[0])  # no refill: the balance was full
         assert abs(gate.budget.balance - balance) < 1e-9, (took, gate.budget.balance)
+
+
+async def test_a_quick_attempt_runs_only_now_and_only_while_the_budget_lasts() -> None:
+    import asyncio
+
+    import pytest
+
+    from app.services.admission import QUICK_CONCURRENCY, NotQuick, QueryGate
+
+    now = [0.0]
+    gate = QueryGate(concurrency=1, share=SHARE, timeout=CAPACITY, clock=lambda: now[0])
+    async with gate.quickly():
+        pass  # free slot, full budget: runs
+    # Every quick slot taken: the next attempt does not wait for one.
+    release = asyncio.Event()
+
+    async def hold() -> None:
+        async with gate.quickly():
+            await release.wait()
+
+    holders = [asyncio.create_task(hold()) for _ in range(QUICK_CONCURRENCY)]
+    await asyncio.sleep(0)
+    with pytest.raises(NotQuick):
+        async with gate.quickly():
+            pass
+    release.set()
+    await asyncio.gather(*holders)
+    # A spent budget: no quick attempt until it refills.
+    gate.budget.spend(CAPACITY * 2, now[0])
+    with pytest.raises(NotQuick):
+        async with gate.quickly():
+            pass
+    now[0] += CAPACITY / SHARE + 1
+    async with gate.quickly():
+        pass
