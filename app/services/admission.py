@@ -13,13 +13,15 @@ runs longer than `timeout` is cancelled in PostgreSQL (app.db.pool waits for the
 request before the connection closes) and answered 422 (narrow it).
 
 Most queries that may be expensive are not: a selective search over the trigram indexes
-costs PostgreSQL a millisecond or two. Queued behind two slots they fell from about 1,500 to
-about 500 per second on two workers (`make bench`, search route), and with a 20 ms cut on
-their wall time (which under load is mostly waiting for a core, not their cost) to about 200.
-So a query whose indexes can answer it is first tried `quickly()`: at once, without the
-queue, at most QUICK_CONCURRENCY at a time, only while the budget is positive, and cut after
-QUICK_SECONDS (cancelled in PostgreSQL): one cut is charged the time it took and goes
-through `admit()` like any expensive query (NotQuick). Queries admitted through the gate are
+costs PostgreSQL a millisecond or two. Behind the gate's slots they fell from about 1,500 to
+about 500-700 per second on two workers (`make bench`, search route), with the database and
+the workers both half idle: under load a query's wall time is mostly its wait for the event
+loop, so any small concurrency cap on cheap queries caps their throughput. So a query whose
+indexes can answer it is first tried `quickly()`: at once, with no cap but the pool's, while
+the budget is positive, cut after QUICK_SECONDS (cancelled in PostgreSQL). One that is cut
+pays its time from the budget and goes through `admit()` like any expensive query
+(NotQuick): a caller repeating costly searches empties the budget within a few attempts,
+after which every such attempt queues at the gate. Queries admitted through the gate are
 charged their time, except those that end within FREE_SECONDS.
 
 asyncio.Semaphore and asyncio.timeout do the waiting; the bucket is plain arithmetic
@@ -37,8 +39,7 @@ from dataclasses import dataclass
 from app.domain.errors import InvalidQuery, Overloaded
 
 FREE_SECONDS = 0.005
-QUICK_SECONDS = 0.25
-QUICK_CONCURRENCY = 4
+QUICK_SECONDS = 1.0
 
 
 class NotQuick(Exception):
@@ -90,7 +91,6 @@ class QueryGate:
         self.queue_seconds = queue_seconds
         self.timeout = timeout
         self._slots = asyncio.Semaphore(concurrency)
-        self._quick_slots = asyncio.Semaphore(QUICK_CONCURRENCY)
         self._clock = clock
         self.budget = Budget.full(share, timeout, clock())
 
@@ -118,10 +118,10 @@ class QueryGate:
 
     @asynccontextmanager
     async def quickly(self) -> AsyncIterator[None]:
-        """Run the block now, for at most QUICK_SECONDS, or raise NotQuick."""
-        if self._quick_slots.locked() or self.budget.wait(self._clock()) > 0:
+        """Run the block now, for at most QUICK_SECONDS, or raise NotQuick (the budget is
+        spent, or the time ran out)."""
+        if self.budget.wait(self._clock()) > 0:
             raise NotQuick
-        await self._quick_slots.acquire()  # free: checked just above, nothing awaited since
         started = self._clock()
         deadline = asyncio.timeout(QUICK_SECONDS)
         try:
@@ -132,8 +132,6 @@ class QueryGate:
                 raise
             self._charge(started)  # an expensive query after all: it pays for the attempt
             raise NotQuick from None
-        finally:
-            self._quick_slots.release()
 
     def _charge(self, started: float) -> None:
         now = self._clock()

@@ -5,6 +5,7 @@ as long as `wait()` says is always let in."""
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -71,36 +72,50 @@ async def test_quick_queries_are_free_and_slow_ones_pay_their_whole_time() -> No
         assert abs(gate.budget.balance - balance) < 1e-9, (took, gate.budget.balance)
 
 
-async def test_a_quick_attempt_runs_only_now_and_only_while_the_budget_lasts() -> None:
+async def test_a_quick_attempt_runs_while_the_budget_lasts_and_a_cut_one_pays(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     import asyncio
 
     import pytest
 
-    from app.services.admission import QUICK_CONCURRENCY, NotQuick, QueryGate
+    from app.services import admission
+    from app.services.admission import NotQuick, QueryGate
 
+    monkeypatch.setattr(admission, "QUICK_SECONDS", 0.05)
     now = [0.0]
     gate = QueryGate(concurrency=1, share=SHARE, timeout=CAPACITY, clock=lambda: now[0])
-    async with gate.quickly():
-        pass  # free slot, full budget: runs
-    # Every quick slot taken: the next attempt does not wait for one.
+    # No cap on how many run at once: twenty are inside together.
+    inside = 0
     release = asyncio.Event()
 
     async def hold() -> None:
+        nonlocal inside
         async with gate.quickly():
+            inside += 1
             await release.wait()
 
-    holders = [asyncio.create_task(hold()) for _ in range(QUICK_CONCURRENCY)]
-    await asyncio.sleep(0)
-    with pytest.raises(NotQuick):
-        async with gate.quickly():
-            pass
+    holders = [asyncio.create_task(hold()) for _ in range(20)]
+    while inside < 20:
+        await asyncio.sleep(0)
     release.set()
     await asyncio.gather(*holders)
+    assert gate.budget.balance == CAPACITY, "quick ones that finish are not charged"
+
+    # One that runs out of its time is cut (NotQuick), and pays what it took.
+    async def too_slow() -> None:
+        async with gate.quickly():
+            now[0] += 1.0
+            await asyncio.sleep(admission.QUICK_SECONDS * 4)
+
+    with pytest.raises(NotQuick):
+        await too_slow()
+    assert abs(gate.budget.balance - (CAPACITY - 1.0)) < 1e-9
     # A spent budget: no quick attempt until it refills.
     gate.budget.spend(CAPACITY * 2, now[0])
     with pytest.raises(NotQuick):
         async with gate.quickly():
             pass
-    now[0] += CAPACITY / SHARE + 1
+    now[0] += CAPACITY * 3 / SHARE
     async with gate.quickly():
         pass
