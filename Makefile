@@ -2,7 +2,7 @@ HELM ?= helm
 # uv from PATH, ~/.local/bin, `python3 -m uv`, or installed on first use (scripts/uv.sh).
 UV ?= ./scripts/uv.sh
 
-.PHONY: run stack test-fast test-sqlite test bench soak lint fmt typecheck check migrate k8s-rules
+.PHONY: run stack test-fast test-sqlite test bench soak failover lint fmt typecheck check migrate k8s-rules
 
 run:  ## run the service on the embedded SQLite database at http://127.0.0.1:8000
 	$(UV) run --frozen --no-dev itemstream serve
@@ -24,6 +24,9 @@ bench:  ## benchmark: routes vs bare FastAPI and the limit, streams, export, 2M-
 
 soak:  ## the service under a steady mix for SOAK_SECONDS (1800): RSS, fds, tasks, p99 over time
 	./scripts/soak.sh
+
+failover:  ## PostgreSQL failovers under load on a Patroni + etcd + HAProxy rig, with figures (~4 min)
+	./scripts/test.sh -q -s -p no:cacheprovider tests/test_failover.py
 
 lint:
 	$(UV) run --frozen ruff check .

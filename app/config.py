@@ -45,9 +45,33 @@ DEVELOPMENT_CURSOR_SECRET = "itemstream-development-cursor-key"  # noqa: S105 - 
 SHUTDOWN_RESERVE_SECONDS = 5
 
 
+# libpq's form for several hosts (postgresql://user@host1:5432,host2:5432/db), which
+# SQLAlchemy's URL parser does not read.
+_MULTI_HOST = re.compile(
+    r"^(?P<scheme>[\w+.-]+://)(?P<user>[^@/?]*@)?(?P<hosts>[^/?@]*,[^/?@]*)"
+    r"(?P<path>/[^?]*)?(?:\?(?P<query>.*))?$"
+)
+
+
+def _hosts_in_query(url: str) -> str:
+    """libpq's multi-host URL in the form SQLAlchemy and its asyncpg dialect read:
+    ?host=host1:5432&host=host2:5432."""
+    match = _MULTI_HOST.match(url)
+    if match is None:
+        return url
+    hosts = [
+        f"host={host}" if re.search(r":\d+$", host) else f"host={host}:5432"
+        for host in (part.strip() for part in match["hosts"].split(","))
+        if host
+    ]
+    query = "&".join([*hosts, *([match["query"]] if match["query"] else [])])
+    return f"{match['scheme']}{match['user'] or ''}{match['path'] or '/'}?{query}"
+
+
 def normalize_database_url(raw: str) -> str:
-    """Accept the plain URLs hosting providers hand out and pick the async driver."""
-    url = raw.strip()
+    """Accept the plain URLs hosting providers hand out (libpq's several hosts included) and
+    pick the async driver."""
+    url = _hosts_in_query(raw.strip())
     for prefix in (
         "postgres://",
         "postgresql://",

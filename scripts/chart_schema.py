@@ -53,6 +53,11 @@ def port(node: dict[str, Any]) -> None:
     node.update(minimum=1, maximum=65535)
 
 
+def _external_database(p: dict[str, Any]) -> None:
+    p["sslmode"]["enum"] = ["disable", "prefer", "require", "verify-ca", "verify-full"]
+    p["hosts"]["items"] = {"type": "string", "minLength": 1}
+
+
 def schema() -> dict[str, Any]:
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     out = infer(values)
@@ -80,9 +85,7 @@ def schema() -> dict[str, Any]:
     p["tracing"]["properties"]["samplerArg"] = {"type": ["string", "number"]}
     p["migrations"]["properties"]["mode"]["enum"] = ["hook", "job", "initContainer", "none"]
     p["pgbouncer"]["properties"]["appMode"]["enum"] = ["pgbouncer", "pgbouncer-legacy"]
-    p["externalDatabase"]["properties"]["sslmode"]["enum"] = [
-        "disable", "prefer", "require", "verify-ca", "verify-full",
-    ]  # fmt: skip
+    _external_database(p["externalDatabase"]["properties"])
     p["service"]["properties"]["nodePort"] = {
         "type": ["integer", "null"],
         "minimum": 30000,
@@ -137,13 +140,15 @@ def schema() -> dict[str, Any]:
         "0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1.0", "2.5", "5.0", "10.0",
     ]  # fmt: skip
     out["allOf"] = [
-        {  # an external database needs its host
+        {  # an external database needs its host, or its hosts
             "if": {"properties": {"postgresql": {"properties": {"enabled": {"const": False}}}}},
             "then": {
                 "properties": {
                     "externalDatabase": {
-                        "required": ["host"],
-                        "properties": {"host": {"minLength": 1}},
+                        "anyOf": [
+                            {"required": ["host"], "properties": {"host": {"minLength": 1}}},
+                            {"required": ["hosts"], "properties": {"hosts": {"minItems": 1}}},
+                        ]
                     }
                 }
             },

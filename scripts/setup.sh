@@ -108,3 +108,11 @@ if ! command -v redis-server >/dev/null 2>&1 && command -v apt-get >/dev/null 2>
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null 2>&1 \
     || say "could not install redis-server; the Redis tests will say so"
 fi
+
+# The failover tests run Patroni with etcd as its store and HAProxy routing to the primary.
+if ! { command -v patroni && command -v etcd && command -v haproxy; } >/dev/null 2>&1 \
+  && command -v apt-get >/dev/null 2>&1; then
+  say "installing patroni, etcd-server and haproxy (the failover rig)"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq patroni etcd-server haproxy >/dev/null 2>&1 \
+    || say "could not install patroni, etcd-server and haproxy; the failover tests will say so"
+fi

@@ -11,15 +11,21 @@ import kubernetes_validate
 import pytest
 
 from app.config import ENV_VARS, Settings
-from tests.support.helm import CHART, Rendered, helm, render, render_error, values_args
+from tests.support.helm import (
+    CHART,
+    TRY_OUT,
+    Rendered,
+    helm,
+    render,
+    render_error,
+    values_args,
+)
 
-VALUE_SETS = [
-    None,  # the defaults, as the try-out installs them (tests/support/helm.py)
-    "production-values.yaml",
-    "production-minimal-values.yaml",
-    "hpa-off-initcontainer-values.yaml",
-    "job-mode-legacy-pgbouncer-values.yaml",
-    "external-pooler-values.yaml",
+# The defaults, as the try-out installs them (tests/support/helm.py), and every other values
+# file shipped in chart/ci.
+VALUE_SETS: list[str | None] = [
+    None,
+    *sorted(p.name for p in (CHART / "ci").glob("*.yaml") if p.name != TRY_OUT),
 ]
 # Oldest supported (Chart.yaml kubeVersion) and newest schema kubernetes-validate ships.
 KUBE_VERSIONS = ["1.30.0", kubernetes_validate.utils.latest_version()]
@@ -262,6 +268,10 @@ def test_schema_rejects_bad_values(sets: list[str], message: str) -> None:
             "auth.mode=hs256 (a shared secret) is for development only",
         ),
         (["auth.mode=jwt"], "auth.mode=jwt needs auth.issuer"),
+        (
+            ["postgresql.enabled=false", "externalDatabase.hosts={pg-0,pg-1}"],
+            "externalDatabase.hosts: the chart's PgBouncer connects to one host",
+        ),
     ],
 )
 def test_render_time_guards(sets: list[str], message: str) -> None:
@@ -317,9 +327,11 @@ def test_every_value_is_documented_in_the_chart_readme() -> None:
 
 
 # Read by others than the app's settings: gunicorn, prometheus_client, the OpenTelemetry SDK,
-# and the downward API values OTEL_RESOURCE_ATTRIBUTES refers to.
+# asyncpg (libpq's PGSSLROOTCERT, the database's CA), and the downward API values
+# OTEL_RESOURCE_ATTRIBUTES refers to.
 NOT_SETTINGS = {
     "GUNICORN_CMD_ARGS",
+    "PGSSLROOTCERT",
     "PROMETHEUS_MULTIPROC_DIR",
     "OTEL_RESOURCE_ATTRIBUTES",
     "POD_NAME",

@@ -28,6 +28,17 @@ def test_internal_client_error_means_unavailable() -> None:
     assert not is_unavailable_error(asyncpg.UniqueViolationError("duplicate key"))
 
 
+def test_a_standby_and_no_primary_mean_unavailable() -> None:
+    """After a failover: a write on a connection to the demoted primary (25006), or no host
+    of a multi-host DSN accepting writes."""
+    standby = asyncpg.ReadOnlySQLTransactionError(
+        "cannot execute INSERT in a read-only transaction"
+    )
+    assert is_unavailable_error(standby)
+    assert is_unavailable_error(asyncpg.TargetServerAttributeNotMatched("none is read-write"))
+    assert not is_unavailable_error(asyncpg.ReadOnlySQLTransactionError.__mro__[1]("other 25"))
+
+
 @pytest.mark.parametrize("backend", ["postgres"])
 async def test_driver_state_error_discards_the_connection(settings: Settings) -> None:
     db = Database(create_engine(settings.db), request_timeout=5)
@@ -97,3 +108,39 @@ def _select_one(dialect: str) -> Any:
     from sqlalchemy import literal, select
 
     return select(literal(1))
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+async def test_several_units_and_the_waits_between_them_share_one_bound(
+    settings: Settings,
+) -> None:
+    """A page that takes a window query, a turn at the expensive-query gate and another
+    query ends at DB_REQUEST_TIMEOUT as a whole (each unit alone was bounded, not the sum)."""
+    import asyncio
+    import time
+
+    db = Database(create_engine(settings.db), request_timeout=0.3)
+    try:
+
+        async def two_queries_and_a_wait() -> None:
+            async with db.one_bound():
+                async with db.read() as session:
+                    await session.scalar("sleep", _sleep_briefly, {})
+                await asyncio.sleep(0.05)  # waiting for a turn at the gate
+                async with db.read() as session:
+                    await session.scalar("sleep", _sleep_briefly, {})
+
+        started = time.monotonic()
+        with pytest.raises(DatabaseUnavailable, match=r"within 0\.3s"):
+            await two_queries_and_a_wait()
+        assert time.monotonic() - started < 0.45
+        async with db.one_bound(), db.read() as session:  # within the bound: as before
+            assert await session.scalar("one", _select_one, {}) == 1
+    finally:
+        await db.dispose()
+
+
+def _sleep_briefly(dialect: str) -> Any:
+    from sqlalchemy import func, select
+
+    return select(func.pg_sleep(0.2))

@@ -15,13 +15,11 @@ import signal
 import subprocess
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
-import httpx
 import pytest
 
 from app.db.migrations import migrate
@@ -31,16 +29,16 @@ from harness.processes import free_port, run_coroutine, stop, wait_until
 from tests.support.chart_runtime import (
     Cluster,
     RenderedPgBouncer,
+    answers_ready,
     external_database_cluster,
     start_api,
 )
+from tests.support.load import REQUEST_BOUND, Load, exactly_once, unexplained_errors
 from tests.support.skips import missing
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
 PASSWORD = "fault-test"
-# The chart's default (config.dbRequestTimeout), which PgBouncer's query_wait_timeout follows.
-REQUEST_BOUND = 5.0
 MARGIN = 1.5
 
 
@@ -90,14 +88,8 @@ def _stack(*sets: str) -> Iterator[Stack]:
         app = start_api(cluster, work_dir, app_port)
         base = f"http://127.0.0.1:{app_port}"
 
-        def ready() -> bool:
-            try:
-                return httpx.get(f"{base}/readyz", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
         stack = Stack(pg, database, cluster, bouncer, app, base, work_dir)
-        assert wait_until(ready, 60), stack.app_log()
+        assert wait_until(lambda: answers_ready(base), 60), stack.app_log()
         yield stack
     finally:
         if app is not None:
@@ -113,110 +105,18 @@ def stack() -> Iterator[Stack]:
     yield from _stack()
 
 
-@dataclass
-class Outcome:
-    kind: str
-    status: int
-    started: float
-    elapsed: float
-    retry_after: str | None
-
-
-@dataclass
-class Load:
-    """Keyed creates (retried with the same Idempotency-Key until acknowledged) and reads,
-    from several clients at once, until stopped."""
-
-    base: str
-    writers: int = 6
-    readers: int = 6
-    outcomes: list[Outcome] = field(default_factory=list)
-    acknowledged: dict[str, int] = field(default_factory=dict)  # key -> items acknowledged
-    stopping: bool = False
-
-    async def _call(self, client: httpx.AsyncClient, kind: str, request: httpx.Request) -> int:
-        started = time.monotonic()
-        try:
-            response = await client.send(request)
-            status, retry_after = response.status_code, response.headers.get("retry-after")
-        except httpx.HTTPError:
-            status, retry_after = 0, None  # a dropped connection is a failure too
-        self.outcomes.append(
-            Outcome(kind, status, started, time.monotonic() - started, retry_after)
-        )
-        return status
-
-    async def _writer(self, client: httpx.AsyncClient) -> None:
-        while not self.stopping:
-            key = uuid.uuid4().hex
-            request = client.build_request(
-                "POST",
-                "/v1/items",
-                json={"name": key, "price": 1},
-                headers={"Idempotency-Key": key},
-            )
-            give_up = time.monotonic() + 30
-            while time.monotonic() < give_up:  # a started key is finished, even when stopping
-                status = await self._call(client, "write", request)
-                if status == 201:
-                    self.acknowledged[key] = self.acknowledged.get(key, 0) + 1
-                    break
-                await asyncio.sleep(0.1)
-
-    async def _reader(self, client: httpx.AsyncClient, index: int) -> None:
-        while not self.stopping:
-            url = "/v1/items?per_page=5" if index % 2 else "/v1/items?q=a&per_page=5"
-            await self._call(client, "read", client.build_request("GET", url))
-            await asyncio.sleep(0.01)
-
-    async def run(self, script: asyncio.Future[None] | asyncio.Task[None]) -> None:
-        limits = httpx.Limits(max_connections=self.writers + self.readers)
-        timeout = httpx.Timeout(REQUEST_BOUND + 10)
-        async with httpx.AsyncClient(base_url=self.base, limits=limits, timeout=timeout) as client:
-            tasks = [asyncio.create_task(self._writer(client)) for _ in range(self.writers)]
-            tasks += [asyncio.create_task(self._reader(client, i)) for i in range(self.readers)]
-            try:
-                await script
-            finally:
-                self.stopping = True
-                await asyncio.wait_for(asyncio.gather(*tasks), 60)
-
-    def of(self, kind: str) -> list[Outcome]:
-        return [o for o in self.outcomes if o.kind == kind]
-
-
 def _check_no_unexplained_errors(load: Load, stack: Stack) -> None:
-    statuses = {o.status for o in load.outcomes}
-    assert statuses <= {200, 201, 503}, (sorted(statuses), stack.app_log())
-    unavailable = [o for o in load.outcomes if o.status == 503]
-    assert all(o.retry_after for o in unavailable), "a 503 without Retry-After"
-    slowest = max(o.elapsed for o in load.outcomes)
-    assert slowest <= REQUEST_BOUND + MARGIN, f"a request took {slowest:.2f}s"
+    problems = unexplained_errors(load, MARGIN)
+    assert not problems, (problems, stack.app_log())
 
 
 async def _check_exactly_once(load: Load, stack: Stack) -> None:
     rows = await stack.rows_by_name()
     assert load.acknowledged, "no write was acknowledged"
-    assert all(count == 1 for count in load.acknowledged.values())
-    doubled = {name: n for name, n in rows.items() if n != 1}
-    assert not doubled, f"stored more than once: {doubled}"
-    assert set(rows) == set(load.acknowledged), (
-        f"{len(set(rows) - set(load.acknowledged))} stored but never acknowledged, "
-        f"{len(set(load.acknowledged) - set(rows))} acknowledged but lost"
-    )
-
-
-def _first_success_after(load: Load, moment: float) -> float:
-    return (
-        min(
-            (
-                o.started + o.elapsed
-                for o in load.outcomes
-                if o.status in (200, 201) and o.started >= moment
-            ),
-            default=float("inf"),
-        )
-        - moment
+    lost, duplicated, unacknowledged = exactly_once(load, rows)
+    assert not duplicated, f"stored more than once: {duplicated}"
+    assert not lost and not unacknowledged, (
+        f"{len(unacknowledged)} stored but never acknowledged, {len(lost)} acknowledged but lost"
     )
 
 
@@ -247,8 +147,8 @@ async def test_pgbouncer_and_postgres_killed_under_load(stack: Stack) -> None:
     during = [o for o in load.outcomes if o.started >= marks["postgres killed"]]
     assert any(o.status == 503 for o in during), "the outage was not observed: test is void"
     # Recovery within seconds of each restart.
-    assert _first_success_after(load, marks["pgbouncer back"]) < 3
-    assert _first_success_after(load, marks["postgres back"]) < 5
+    assert load.first_success_after(marks["pgbouncer back"]) < 3
+    assert load.first_success_after(marks["postgres back"]) < 5
     assert len(load.of("read")) > 100 and len(load.acknowledged) > 50
     await _check_exactly_once(load, stack)
 

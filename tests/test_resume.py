@@ -5,9 +5,7 @@ event id using what is in PostgreSQL, and the model is called once."""
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -20,25 +18,9 @@ from harness.pgbouncer import PgBouncer
 from harness.postgres import PostgresServer
 from tests.support.app import make_settings, through, truncate
 from tests.support.http_servers import FakeUpstream, fake_upstream, running_app
+from tests.support.sse import each_event
 
 CHECKPOINT = 0.2
-
-
-async def each_event(
-    response: httpx.Response,
-) -> AsyncIterator[tuple[str, str | None, dict[str, Any]]]:
-    """(event, id, data) as they come."""
-    event, event_id, data = "", None, ""
-    async for line in response.aiter_lines():
-        if line.startswith("event:"):
-            event = line[6:].strip()
-        elif line.startswith("id:"):
-            event_id = line[3:].strip()
-        elif line.startswith("data:"):
-            data = line[5:].strip()
-        elif line == "" and data:
-            yield event, event_id, json.loads(data)
-            event, event_id, data = "", None, ""
 
 
 async def events(response: httpx.Response) -> list[tuple[str, str | None, dict[str, Any]]]:

@@ -172,6 +172,27 @@ class Database:
         return self._session(transactional=True, discard_on_error=True, bounded=False)
 
     @asynccontextmanager
+    async def one_bound(self) -> AsyncIterator[None]:
+        """The units of work in the block, and every wait between them (an expensive query's
+        turn at the gate), end within one `request_timeout` as a whole: a request that runs
+        several answers 503 at the bound, like one that runs one."""
+        limit = self._request_timeout
+        if limit is None:
+            yield
+            return
+        deadline = asyncio.timeout(limit)
+        try:
+            async with deadline:
+                yield
+        except TimeoutError as error:
+            if not deadline.expired():
+                raise
+            self._unavailable(error)
+            raise DatabaseUnavailable(
+                f"no answer from the database within {limit}s", outcome="not-applied"
+            ) from None
+
+    @asynccontextmanager
     async def _session(
         self,
         *,

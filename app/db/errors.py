@@ -12,7 +12,11 @@ __all__ = ["DatabaseUnavailable", "Outcome", "SchemaNotReady"]
 # SQLSTATE classes that mean "the database is not there right now", not "your query is wrong":
 # 08 connection exception, 53 insufficient resources, 57P0x shutdown/starting, 57014 cancelled
 # (statement timeout), and PgBouncer's own 08P01 for "no server connection available".
-_UNAVAILABLE_SQLSTATE_PREFIXES = ("08", "53", "57P0", "57014", "58")
+# 25006 read_only_sql_transaction: a write reached a standby. After a failover, a connection
+# opened to the old primary (or a pooler's server connection still routed there) is now on a
+# read-only server; like any unavailable error it is discarded, never reused, and the request
+# is 503 with Retry-After while the next connection finds the new primary.
+_UNAVAILABLE_SQLSTATE_PREFIXES = ("08", "25006", "53", "57P0", "57014", "58")
 
 
 def is_unavailable_error(error: BaseException) -> bool:

@@ -47,6 +47,7 @@ from functools import partial
 from typing import Any
 
 import asyncpg
+from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
 from sqlalchemy.engine import URL
 
 log = logging.getLogger(__name__)
@@ -55,16 +56,20 @@ CLOSE_TIMEOUT_SECONDS = 5.0
 CANCEL_TIMEOUT_SECONDS = 5.0
 
 
+_ASYNCPG_DIALECT = PGDialect_asyncpg()  # type: ignore[no-untyped-call]
+
+
 class _Connection(asyncpg.Connection):  # type: ignore[misc]
     __slots__ = ("born",)  # when the pool opened it (its clock)
 
 
 def connect_kwargs(url: URL) -> dict[str, Any]:
-    """asyncpg.connect() arguments from a SQLAlchemy URL (its query, e.g. ?ssl=require,
-    passes through)."""
-    kwargs: dict[str, Any] = url.translate_connect_args(username="user", database="database")
-    kwargs.update(dict(url.query))
-    return kwargs
+    """asyncpg.connect() arguments from a SQLAlchemy URL, made by SQLAlchemy's asyncpg dialect
+    as the migrations' engine makes them: the query passes through (?ssl=require), and several
+    hosts (?host=a:5432&host=b:5432, with target_session_attrs=read-write to find the primary)
+    become asyncpg's host and port lists."""
+    _, kwargs = _ASYNCPG_DIALECT.create_connect_args(url)  # type: ignore[no-untyped-call]
+    return dict(kwargs)
 
 
 class PostgresPool:

@@ -172,19 +172,22 @@ class ItemService:
                 "follow next_cursor to go further",
                 "page",
             )
-        rows = await self._page(caller, filters, sort, per_page + 1, offset, after)
-        total = None
-        if include_total:
-            if cursor is None and len(rows) <= per_page and (rows or offset == 0):
-                total = offset + len(rows)  # on the last page: no count query needed
-            else:
-                async with (
-                    policy.expensive.admit("the total", "include_total"),
-                    self._db.transaction() as session,
-                ):
-                    total = await ItemRepository(session).count(
-                        filters, tenant=caller.reach, one_core=True
-                    )
+        # A page may take several queries and a turn at the expensive-query gate: all of
+        # them within one DB_REQUEST_TIMEOUT.
+        async with self._db.one_bound():
+            rows = await self._page(caller, filters, sort, per_page + 1, offset, after)
+            total = None
+            if include_total:
+                if cursor is None and len(rows) <= per_page and (rows or offset == 0):
+                    total = offset + len(rows)  # on the last page: no count query needed
+                else:
+                    async with (
+                        policy.expensive.admit("the total", "include_total"),
+                        self._db.transaction() as session,
+                    ):
+                        total = await ItemRepository(session).count(
+                            filters, tenant=caller.reach, one_core=True
+                        )
         has_more = len(rows) > per_page
         rows = rows[:per_page]
         next_cursor = cursors.encode(rows[-1]) if has_more else None

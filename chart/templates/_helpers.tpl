@@ -89,8 +89,13 @@ imagePullSecrets:
 {{- define "itemstream.db.host" -}}
 {{- if .Values.postgresql.enabled -}}
 {{- include "itemstream.postgresql.fullname" . -}}
+{{- else if and .Values.externalDatabase.hosts (not .Values.externalDatabase.host) -}}
+{{- if .Values.pgbouncer.enabled -}}
+{{- fail "externalDatabase.hosts: the chart's PgBouncer connects to one host and cannot tell which one is the primary; name one endpoint that follows the primary in externalDatabase.host (the operator's read-write Service, or HAProxy with Patroni's health check), or set pgbouncer.enabled=false" -}}
+{{- end -}}
+{{- first .Values.externalDatabase.hosts -}}
 {{- else -}}
-{{- required "externalDatabase.host is required when postgresql.enabled is false" .Values.externalDatabase.host -}}
+{{- required "externalDatabase.host (or externalDatabase.hosts) is required when postgresql.enabled is false" .Values.externalDatabase.host -}}
 {{- end -}}
 {{- end -}}
 
@@ -203,11 +208,28 @@ imagePullSecrets:
 {{- define "itemstream.app.databaseUrl" -}}
 {{- $ssl := include "itemstream.db.sslmode" . -}}
 {{- if .Values.pgbouncer.enabled -}}{{- $ssl = "disable" -}}{{- end -}}
+{{- if or .Values.pgbouncer.enabled .Values.pgbouncer.external.host -}}
 {{- printf "postgresql+asyncpg://%s@%s:%s/%s?ssl=%s" (include "itemstream.db.user" .) (include "itemstream.app.dbHost" .) (include "itemstream.app.dbPort" .) (include "itemstream.db.name" .) $ssl -}}
+{{- else -}}
+{{- include "itemstream.db.directUrl" . -}}
+{{- end -}}
 {{- end -}}
 
 {{- define "itemstream.migrationDatabaseUrl" -}}
+{{- include "itemstream.db.directUrl" . -}}
+{{- end -}}
+
+{{/* Straight to PostgreSQL: one host, or with externalDatabase.hosts each of them, the client
+     keeping the one that accepts writes (target_session_attrs=read-write). */}}
+{{- define "itemstream.db.directUrl" -}}
+{{- if and (not .Values.postgresql.enabled) .Values.externalDatabase.hosts (not .Values.externalDatabase.host) -}}
+{{- $port := include "itemstream.db.port" . -}}
+{{- $hosts := list -}}
+{{- range .Values.externalDatabase.hosts -}}{{- $hosts = append $hosts (printf "host=%s:%s" . $port) -}}{{- end -}}
+{{- printf "postgresql+asyncpg://%s@/%s?%s&target_session_attrs=read-write&ssl=%s" (include "itemstream.db.user" .) (include "itemstream.db.name" .) (join "&" $hosts) (include "itemstream.db.sslmode" .) -}}
+{{- else -}}
 {{- printf "postgresql+asyncpg://%s@%s:%s/%s?ssl=%s" (include "itemstream.db.user" .) (include "itemstream.db.host" .) (include "itemstream.db.port" .) (include "itemstream.db.name" .) (include "itemstream.db.sslmode" .) -}}
+{{- end -}}
 {{- end -}}
 
 {{/* gunicorn sizing -------------------------------------------------------------------- */}}

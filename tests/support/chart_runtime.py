@@ -207,3 +207,13 @@ def start_api(cluster: Cluster, work_dir: Path, app_port: int) -> subprocess.Pop
     )
     log.close()
     return process
+
+
+def answers_ready(base: str) -> bool:
+    """The service at `base` says it is ready (its readiness probe)."""
+    import httpx
+
+    try:
+        return httpx.get(f"{base}/readyz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -27,6 +27,29 @@ def test_plain_postgres_urls_get_the_async_driver(raw: str) -> None:
     assert settings(database_url=raw).db.app_url.drivername == "postgresql+asyncpg"
 
 
+@pytest.mark.parametrize(
+    ("raw", "hosts", "ports"),
+    [
+        # libpq's form, as Patroni's and CloudNativePG's docs write it
+        ("postgresql://u@pg0:5432,pg1:5433/app", ["pg0", "pg1"], [5432, 5433]),
+        ("postgres://u:p@pg0,pg1,pg2/app?sslmode=require", ["pg0", "pg1", "pg2"], [5432] * 3),
+        # SQLAlchemy's form
+        ("postgresql+asyncpg://u@/app?host=pg0:5432&host=pg1:5432", ["pg0", "pg1"], [5432] * 2),
+    ],
+)
+def test_several_hosts_reach_asyncpg_as_lists(raw: str, hosts: list[str], ports: list[int]) -> None:
+    from app.db.pool import connect_kwargs
+
+    url = settings(
+        database_url=raw + ("&" if "?" in raw else "?") + "target_session_attrs=read-write",
+        database_password="s3cr:t",
+    ).db.app_url
+    kwargs = connect_kwargs(url)
+    assert (kwargs["host"], kwargs["port"]) == (hosts, ports)
+    assert kwargs["target_session_attrs"] == "read-write"
+    assert kwargs["database"] == "app" and kwargs["password"] == "s3cr:t"
+
+
 def test_password_from_its_own_variable() -> None:
     s = settings(database_url="postgresql://app@db/app", database_password="s3cr:t/@x")
     assert s.db.app_url.password == "s3cr:t/@x"
