@@ -40,7 +40,9 @@ GLOBAL = {"model_id"}
 
 
 def token(sub: str, tenant: str, scope: str = EVERY_SCOPE) -> dict[str, str]:
-    claims = {"sub": sub, TENANT_CLAIM: tenant, "scope": scope, "exp": int(time.time()) + 600}
+    # Minted when the module is collected: valid for a day, however long the suite runs
+    # before these tests (ten minutes was not enough once the failover tests came first).
+    claims = {"sub": sub, TENANT_CLAIM: tenant, "scope": scope, "exp": int(time.time()) + 86400}
     return {"Authorization": f"Bearer {jwt.encode(claims, SECRET, algorithm='HS256')}"}
 
 
