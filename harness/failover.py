@@ -21,7 +21,6 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,14 @@ from typing import Any
 from sqlalchemy.engine import URL, make_url
 
 from harness.postgres import _find_bin
-from harness.processes import free_port, hand_over, run_as, unprivileged_user, wait_until
+from harness.processes import (
+    free_port,
+    hand_over,
+    run_as,
+    run_coroutine,
+    unprivileged_user,
+    wait_until,
+)
 
 TTL = 10
 LOOP_WAIT = 1
@@ -101,14 +107,6 @@ class Rig:
         """Through HAProxy, for asyncpg.connect()."""
         return f"postgresql://postgres@127.0.0.1:{self.haproxy_port}/{database}"
 
-    def multi_host_url(self, database: str = "postgres") -> URL:
-        """Both nodes, for a client that picks the primary itself (libpq's and asyncpg's
-        target_session_attrs=read-write)."""
-        hosts = "&".join(f"host=127.0.0.1:{node.pg_port}" for node in self.nodes)
-        return make_url(
-            f"postgresql://postgres@/{database}?{hosts}&target_session_attrs=read-write"
-        )
-
     def node_url(self, node: Node, database: str = "postgres") -> URL:
         return make_url(f"postgresql://postgres@127.0.0.1:{node.pg_port}/{database}")
 
@@ -178,18 +176,6 @@ class Rig:
             for m in self.members()
         )
 
-    def healthy(self) -> bool:
-        """One primary, one replica streaming (in sync when synchronous)."""
-        if self.primary() is None:
-            return False
-        replicas = [
-            m
-            for m in self.members()
-            if m.get("role") in ("replica", "sync_standby")
-            and m.get("state") in ("running", "streaming")
-        ]
-        return bool(replicas) and (not self.synchronous or self._has_sync_standby())
-
     # -- events ------------------------------------------------------------------------------
 
     def switchover(self) -> None:
@@ -232,11 +218,6 @@ class Rig:
         pid = node.postmaster_pid()
         assert pid is not None, "no postmaster"
         _kill_postgres(pid)
-
-    def restore(self, node: Node) -> None:
-        """Bring a lost node back (it rejoins as a replica, rewound if need be)."""
-        if node.process is None or node.process.poll() is not None:
-            self._start_node(node)
 
     def logs(self) -> str:
         parts = []
@@ -404,7 +385,6 @@ listen primary
 
     def routes_to_primary(self) -> bool:
         """Several connections through HAProxy in a row all land on the primary."""
-        from harness.processes import run_coroutine
 
         async def check() -> bool:
             import asyncpg
@@ -467,13 +447,3 @@ def _bin(name: str) -> str:
     if path is None:
         raise RuntimeError(f"{name} is not installed (apt-get install patroni etcd-server haproxy)")
     return path
-
-
-def wait_for_primary(rig: Rig, timeout: float) -> Node | None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        primary = rig.primary()
-        if primary is not None:
-            return primary
-        time.sleep(0.2)
-    return None

@@ -187,10 +187,7 @@ class Database:
         except TimeoutError as error:
             if not deadline.expired():
                 raise
-            self._unavailable(error)
-            raise DatabaseUnavailable(
-                f"no answer from the database within {limit}s", outcome="not-applied"
-            ) from None
+            raise self._explained(error, limit, "not-applied") or error from None
 
     @asynccontextmanager
     async def _session(
