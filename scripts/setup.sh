@@ -114,5 +114,6 @@ if ! { command -v patroni && command -v etcd && command -v haproxy; } >/dev/null
   && command -v apt-get >/dev/null 2>&1; then
   say "installing patroni, etcd-server and haproxy (the failover rig)"
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq patroni etcd-server haproxy >/dev/null 2>&1 \
+    || { as_root apt-get update -qq >/dev/null 2>&1 && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq patroni etcd-server haproxy >/dev/null; } \
     || say "could not install patroni, etcd-server and haproxy; the failover tests will say so"
 fi
