@@ -25,8 +25,8 @@ bench:  ## benchmark: routes vs bare FastAPI and the limit, streams, export, 2M-
 soak:  ## the service under a steady mix for SOAK_SECONDS (1800): RSS, fds, tasks, p99 over time
 	./scripts/soak.sh
 
-failover:  ## PostgreSQL failovers under load on a Patroni + etcd + HAProxy rig, with figures (~4 min)
-	./scripts/test.sh -q -s -p no:cacheprovider tests/test_failover.py
+failover:  ## PostgreSQL (Patroni + etcd + HAProxy) and Redis (Sentinel) failovers under load, with figures (~5 min)
+	./scripts/test.sh -q -s -p no:cacheprovider tests/test_failover.py tests/test_redis_failover.py
 
 lint:
 	$(UV) run --frozen ruff check .

@@ -14,8 +14,10 @@ import json
 import logging
 import re
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Annotated, Any, ClassVar, Literal, get_args, get_origin
+from urllib.parse import unquote
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import (
@@ -83,6 +85,71 @@ def normalize_database_url(raw: str) -> str:
     if url.startswith("sqlite://") and not url.startswith("sqlite+aiosqlite://"):
         return "sqlite+aiosqlite://" + url[len("sqlite://") :]
     return url
+
+
+REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel")
+SENTINEL_PORT = 26379
+
+
+@dataclass(frozen=True, slots=True)
+class SentinelTarget:
+    """A REDIS_URL naming Sentinels rather than Redis itself:
+    `redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/service[/db]`
+    (the form of the `redis-sentinel-url` package and Celery's docs). The credentials are
+    given to the Sentinels and to the primary they name."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+
+
+def parse_redis_url(raw: str) -> SentinelTarget | None:
+    """None for a URL redis-py reads itself (redis://, rediss://, unix://); the Sentinels of a
+    redis+sentinel:// URL; ValueError naming what is wrong with any other."""
+    scheme, sep, rest = raw.partition("://")
+    if not sep or scheme not in REDIS_SCHEMES:
+        raise ValueError(f"the scheme must be one of {', '.join(REDIS_SCHEMES)}")
+    if scheme != "redis+sentinel":
+        return None
+    userinfo, at, location = rest.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, secret = userinfo.partition(":")
+        username, password = unquote(user) or None, (unquote(secret) if colon else None)
+    hosts, _, path = location.partition("/")
+    path = path.split("?", 1)[0]
+    sentinels = [_sentinel(part) for part in (h.strip() for h in hosts.split(",")) if part]
+    if not sentinels:
+        raise ValueError("name at least one Sentinel: redis+sentinel://host:26379/service")
+    service, _, db = path.strip("/").partition("/")
+    if not service:
+        raise ValueError("name the primary's service after the Sentinels: .../mymaster")
+    if db and not db.isdigit():
+        raise ValueError(f"the database after the service must be a number, not {db!r}")
+    return SentinelTarget(tuple(sentinels), unquote(service), int(db or 0), username, password)
+
+
+def _sentinel(part: str) -> tuple[str, int]:
+    if part.startswith("["):  # [IPv6]:port
+        host, _, tail = part[1:].partition("]")
+        port = tail.removeprefix(":")
+    elif part.count(":") == 1:
+        host, _, port = part.partition(":")
+    else:
+        host, port = part, ""
+    port = port or str(SENTINEL_PORT)
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"a Sentinel must be host[:port], not {part!r}")
+    return host, int(port)
+
+
+def _redis_url(value: object) -> object:
+    if isinstance(value, str):
+        parse_redis_url(value.strip())
+        return value.strip()
+    return value
 
 
 def _split_list(value: object) -> object:
@@ -583,7 +650,9 @@ class RateLimitSettings(Group):
     # else per worker process.
     enabled: bool = False
     # Redis for rate limits shared by all workers and pods.
-    redis_url: Annotated[Url | None, Env("REDIS_URL")] = None
+    # `redis+sentinel://host:26379,host2:26379/service[/db]` names Sentinels instead: the
+    # primary they report is used, and followed across a failover.
+    redis_url: Annotated[Url | None, BeforeValidator(_redis_url), Env("REDIS_URL")] = None
     # Requests per caller per window.
     requests: int = Field(600, ge=1)
     # The request window.

@@ -118,26 +118,15 @@ def _access(
         )
     limiter = None
     if settings.rate_limit.enabled:
-        redis_client = None
+        redis = None
         if settings.rate_limit.redis_url:
-            from redis.asyncio import Redis
-            from redis.backoff import NoBackoff
-            from redis.retry import Retry
+            from app.security.redis_client import connect
 
-            timeout = settings.rate_limit.redis_timeout
-            redis_client = Redis.from_url(
-                settings.rate_limit.redis_url,
-                socket_timeout=timeout,
-                socket_connect_timeout=timeout,
-                # Within the limiter's own bound: no retries of its own, and no CLIENT SETINFO
-                # round trips on every new connection.
-                retry=Retry(NoBackoff(), 0),
-                driver_info=None,
-            )
+            redis = connect(settings.rate_limit.redis_url, settings.rate_limit.redis_timeout)
         else:
             log.warning("rate limits without REDIS_URL are counted per worker process")
         limiter = RateLimiter(
-            redis_client,
+            redis,
             requests=Bucket(
                 "requests", settings.rate_limit.requests, settings.rate_limit.window_seconds
             ),

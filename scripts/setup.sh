@@ -109,11 +109,13 @@ if ! command -v redis-server >/dev/null 2>&1 && command -v apt-get >/dev/null 2>
     || say "could not install redis-server; the Redis tests will say so"
 fi
 
-# The failover tests run Patroni with etcd as its store and HAProxy routing to the primary.
-if ! { command -v patroni && command -v etcd && command -v haproxy; } >/dev/null 2>&1 \
+# The failover tests run Patroni with etcd as its store and HAProxy routing to the primary,
+# and Redis Sentinels promoting a replica.
+if ! { command -v patroni && command -v etcd && command -v haproxy && command -v redis-sentinel; } >/dev/null 2>&1 \
   && command -v apt-get >/dev/null 2>&1; then
-  say "installing patroni, etcd-server and haproxy (the failover rig)"
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq patroni etcd-server haproxy >/dev/null 2>&1 \
-    || { as_root apt-get update -qq >/dev/null 2>&1 && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq patroni etcd-server haproxy >/dev/null; } \
-    || say "could not install patroni, etcd-server and haproxy; the failover tests will say so"
+  say "installing patroni, etcd-server, haproxy and redis-sentinel (the failover rigs)"
+  rigs="patroni etcd-server haproxy redis-sentinel"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $rigs >/dev/null 2>&1 \
+    || { as_root apt-get update -qq >/dev/null 2>&1 && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $rigs >/dev/null; } \
+    || say "could not install $rigs; the failover tests will say so"
 fi

@@ -20,6 +20,7 @@ from app.config import Settings
 from app.db.migrations import migrate
 from harness.postgres import PostgresServer
 from harness.processes import free_port, stop, wait_for_port, wait_until
+from harness.sentinel import redis_server_argv
 from harness.servers import clean_env, serve
 from tests.support.app import make_settings
 from tests.support.http_servers import running_app
@@ -219,19 +220,7 @@ def redis_server(tmp_path: Path) -> Iterator[tuple[int, subprocess.Popen[bytes]]
     assert binary is not None
     port = free_port()
     proc = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(tmp_path),
-        ],
+        redis_server_argv(port, tmp_path),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -417,3 +417,26 @@ def test_the_guard_counts_the_workers_the_app_runs(
     assert given == ([{"name": "WEB_CONCURRENCY", "value": str(workers)}] if workers else [])
     config = rendered.one("ConfigMap", "api")["data"]
     assert config["MAX_WORKERS"] == str(cap)
+
+
+def _redis_egress_ports(rendered: Any) -> set[int]:
+    policy = rendered.get("NetworkPolicy", "demo-itemstream")
+    return {
+        port["port"]
+        for rule in policy["spec"]["egress"]
+        for port in rule.get("ports", [])
+        if port["port"] in (6379, 26379, 26380)
+    }
+
+
+def test_redis_sentinels_are_reachable_through_the_network_policy() -> None:
+    """A REDIS_URL naming Sentinels needs their port as well as the primary's, or every
+    rate-limit check times out behind the NetworkPolicy."""
+    common = ("networkPolicy.enabled=true", "rateLimit.enabled=true")
+    plain = render(None, *common, "redis.url=redis://cache:6379/0")
+    assert _redis_egress_ports(plain) == {6379}
+    sentinels = render(None, *common, r"redis.url=redis+sentinel://s1:26379\,s2:26379/primary")
+    assert _redis_egress_ports(sentinels) == {6379, 26379}
+    assert sentinels.one("ConfigMap", "api")["data"]["REDIS_URL"].startswith("redis+sentinel://")
+    hidden = render(None, *common, "redis.existingSecret=redis", "redis.ports={6379,26380}")
+    assert _redis_egress_ports(hidden) == {6379, 26380}

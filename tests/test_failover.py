@@ -3,18 +3,19 @@ primary and a streaming replica, HAProxy routing to the primary on Patroni's hea
 chart's PgBouncer (its command and rendered pgbouncer.ini) in front of HAProxy, and the app as
 the chart runs it (gunicorn, 2 workers, production settings).
 
-Each scenario runs under 32 keyed writers, 8 readers and 10 long generations and asserts:
+Each scenario runs under 32 keyed writers, 8 readers and 10 long generations, whose clients
+hang up during the outage and after it and resume with Last-Event-ID, and asserts:
 statuses only 2xx and 503 + Retry-After, no request longer than DB_REQUEST_TIMEOUT + 0.5 s
 by the service's own clock (+ 1.5 s as its clients see it, queueing included),
 the first successful write within the scenario's bound, every acknowledged key stored exactly
 once on the primary after the event (synchronous replication), every generation complete with
-the stored text equal to the text its client received, and no worker restarted. Each prints
+the stored text equal to the text its client received across its resumes (the rest exactly
+once), and no worker restarted. Each prints
 its figures (`make failover` runs them with the output shown)."""
 
 from __future__ import annotations
 
 import asyncio
-import re
 import shutil
 import tempfile
 import time
@@ -38,7 +39,14 @@ from tests.support.chart_runtime import (
     external_database_cluster,
     start_api,
 )
-from tests.support.load import REQUEST_BOUND, Load, exactly_once, timeline, unexplained_errors
+from tests.support.load import (
+    REQUEST_BOUND,
+    Load,
+    exactly_once,
+    slowest_answered,
+    timeline,
+    unexplained_errors,
+)
 from tests.support.skips import missing
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
@@ -81,20 +89,6 @@ class HaStack:
 
     def worker_boots(self) -> int:
         return self.app_log().count("Booting worker")
-
-
-def slowest_answered(log: str) -> float:
-    """The longest request (streams aside) the service itself measured, from its access log,
-    in seconds. What a client sees beyond it was spent queueing before the service read the
-    request (on this 2-core machine, beside the whole rig and the load generator)."""
-    durations = [
-        float(match.group(1)) / 1000
-        for line in log.splitlines()
-        if '"itemstream.access"' in line and "/generate" not in line
-        for match in [re.search(r'"duration_ms": ([\d.]+)', line)]
-        if match
-    ]
-    return max(durations, default=0.0)
 
 
 @contextmanager
@@ -185,6 +179,9 @@ async def _run(
     async def script() -> None:
         await asyncio.sleep(3)
         moments["event"] = time.monotonic()
+        # Every stream's client hangs up during the outage and again after it, and resumes
+        # with Last-Event-ID each time.
+        load.hang_ups += [moments["event"] + 1.5, moments["event"] + settle - 4]
         await asyncio.to_thread(event, stack.rig)
         await asyncio.sleep(settle)
         moments["end"] = time.monotonic()
@@ -210,6 +207,17 @@ async def _run(
     print(figures.line())
     print(f"  slowest request as the service measured it: {stack.slowest_answered():.2f} s")
     print(f"  writes ok/failed per second around the event: {timeline(load, 'write', at)}")
+    waits = [
+        resumed - hung_up
+        for stream in load.streams
+        for hung_up, resumed in zip(stream.hung_up, stream.resumed, strict=False)
+    ]
+    hung_up = sum(len(stream.hung_up) for stream in load.streams)
+    print(
+        f"  streams: {len(load.streams)} clients hung up {hung_up}"
+        f" times (during the outage and after it), resumed with Last-Event-ID; longest wait for"
+        f" a resume {max(waits, default=0):.1f} s"
+    )
     assert stack.worker_boots() == boots, "a worker restarted"
     assert not unacknowledged, f"{len(unacknowledged)} stored but never acknowledged"
     return load, figures, at
@@ -232,6 +240,8 @@ async def _check(stack: HaStack, load: Load, figures: Figures, bound: float) -> 
     assert len(load.acknowledged) > 100, figures.line()
     for stream in load.streams:
         assert stream.status == "completed", (stream, stack.app_log()[-3000:])
+        assert len(stream.hung_up) == len(load.hang_ups) == 2, stream
+        assert len(stream.resumed) >= 2, stream
         row = await stack.generation(stream.generation_id)
         assert row is not None and row["status"] == "completed", (stream, row)
         assert row["output"] == stream.received, "the stored text is not what the client got"

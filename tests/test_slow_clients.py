@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
-from app.db.migrations import migrate
 from harness.pgbouncer import PgBouncer
 from harness.postgres import PostgresServer
-from harness.processes import memory_kib, run_coroutine, wait_until, worker_pids
+from harness.processes import memory_kib, wait_until, worker_pids
 from harness.servers import Server, pooled_env, serve
+from tests.support.app import migrated_database
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
@@ -31,10 +31,7 @@ SLOW_BODIES = 50
 
 @pytest.fixture(scope="module")
 def database(pg: PostgresServer) -> Iterator[str]:
-    name = pg.create_database("itemstream_slow")
-    run_coroutine(lambda: migrate(pg.url(name)))
-    yield name
-    pg.drop_database(name)
+    yield from migrated_database(pg, "itemstream_slow")
 
 
 def _service_env(

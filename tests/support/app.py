@@ -3,7 +3,7 @@ PostgreSQL helpers. Imported by tests and fixtures alike (never from conftest)."
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -78,3 +78,14 @@ def through(bouncer: PgBouncer, pg: PostgresServer, database: str, **overrides: 
         migration_database_url=pg.url(database).render_as_string(hide_password=False),
         **overrides,
     )
+
+
+def migrated_database(pg: PostgresServer, name: str) -> Iterator[str]:
+    """A database of its own for a test module, at the schema's head; dropped afterwards."""
+    from app.db.migrations import migrate
+    from harness.processes import run_coroutine
+
+    created = pg.create_database(name)
+    run_coroutine(lambda: migrate(pg.url(created)))
+    yield created
+    pg.drop_database(created)

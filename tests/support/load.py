@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -45,6 +46,8 @@ class Stream:
     resumes: int = 0
     status: str = ""
     errors: list[str] = field(default_factory=list)
+    hung_up: list[float] = field(default_factory=list)  # when the client left on purpose
+    resumed: list[float] = field(default_factory=list)  # when a resume was answered 200
 
 
 @dataclass
@@ -58,6 +61,11 @@ class Load:
     acknowledged: dict[str, int] = field(default_factory=dict)  # key -> items acknowledged
     attempted: set[str] = field(default_factory=set)
     streams: list[Stream] = field(default_factory=list)
+    # Moments (time.monotonic()) at which every stream's client hangs up and resumes with
+    # Last-Event-ID, as a browser whose connection drops does; a script may add to it.
+    hang_ups: list[float] = field(default_factory=list)
+    # Headers added to every request (e.g. X-Forwarded-For: a caller per request).
+    headers: Callable[[], dict[str, str]] | None = None
     stopping: bool = False
 
     async def _call(self, client: httpx.AsyncClient, kind: str, request: httpx.Request) -> int:
@@ -129,6 +137,8 @@ class Load:
                         stream.errors.append(f"{response.status_code}")
                         await asyncio.sleep(0.5)
                         continue
+                    if stream.resumes:
+                        stream.resumed.append(time.monotonic())
                     await self._read_events(response, stream)
                 finally:
                     await response.aclose()
@@ -136,14 +146,17 @@ class Load:
                 stream.errors.append(type(error).__name__)
                 await asyncio.sleep(0.2)
 
-    @staticmethod
-    async def _read_events(response: httpx.Response, stream: Stream) -> None:
+    async def _read_events(self, response: httpx.Response, stream: Stream) -> None:
         async for event, event_id, payload in each_event(response):
             if event == "generation":
                 stream.generation_id = payload["generation_id"]
             elif event == "token":
                 stream.received += payload["text"]
                 stream.last_id = event_id or stream.last_id
+                due = [m for m in self.hang_ups if m <= time.monotonic()]
+                if len(due) > len(stream.hung_up):
+                    stream.hung_up.append(time.monotonic())
+                    return  # closing the response drops the connection
             elif event == "done":
                 stream.status = payload.get("status", "done")
             elif event == "error":
@@ -154,7 +167,10 @@ class Load:
     ) -> None:
         limits = httpx.Limits(max_connections=self.writers + self.readers + self.generations + 4)
         timeout = httpx.Timeout(REQUEST_BOUND + 10, read=REQUEST_BOUND + 30)
-        async with httpx.AsyncClient(base_url=self.base, limits=limits, timeout=timeout) as client:
+        hooks = {"request": [self._add_headers]} if self.headers is not None else {}
+        async with httpx.AsyncClient(
+            base_url=self.base, limits=limits, timeout=timeout, event_hooks=hooks
+        ) as client:
             tasks = [asyncio.create_task(self._writer(client)) for _ in range(self.writers)]
             tasks += [asyncio.create_task(self._reader(client, i)) for i in range(self.readers)]
             streams = [
@@ -165,6 +181,10 @@ class Load:
             finally:
                 self.stopping = True
                 await asyncio.wait_for(asyncio.gather(*tasks, *streams), 150)
+
+    async def _add_headers(self, request: httpx.Request) -> None:
+        assert self.headers is not None
+        request.headers.update(self.headers())
 
     def of(self, kind: str) -> list[Outcome]:
         return [o for o in self.outcomes if o.kind == kind]
@@ -227,6 +247,22 @@ def unexplained_errors(load: Load, margin: float) -> list[str]:
             + ", ".join(f"{o.kind} {o.status} {o.elapsed:.2f}s" for o in slow[:5])
         )
     return problems
+
+
+def slowest_answered(log: str) -> float:
+    """The longest request (streams aside) the service itself measured, from its access log,
+    in seconds. What a client sees beyond it was spent queueing before the service read the
+    request (on a 2-core machine, beside the rig and the load generator)."""
+    durations = [
+        float(match.group(1)) / 1000
+        for line in log.splitlines()
+        if '"itemstream.access"' in line
+        and "/generate" not in line
+        and "/events" not in line  # a resumed stream
+        for match in [re.search(r'"duration_ms": ([\d.]+)', line)]
+        if match
+    ]
+    return max(durations, default=0.0)
 
 
 def exactly_once(load: Load, stored: dict[str, int]) -> tuple[list[str], list[str], list[str]]:
