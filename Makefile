@@ -2,13 +2,16 @@ HELM ?= helm
 # uv from PATH, ~/.local/bin, `python3 -m uv`, or installed on first use (scripts/uv.sh).
 UV ?= ./scripts/uv.sh
 
-.PHONY: run stack test-fast test-sqlite test bench soak failover lint fmt typecheck check migrate k8s-rules
+.PHONY: run stack kind test-fast test-sqlite test bench soak failover lint fmt typecheck check migrate k8s-rules
 
 run:  ## run the service on the embedded SQLite database at http://127.0.0.1:8000
 	$(UV) run --frozen --no-dev itemstream serve
 
 stack:  ## the real stack as local processes: PostgreSQL, PgBouncer (and Redis), the app on :8000
 	$(UV) run --frozen python scripts/local_stack.py
+
+kind:  ## a kind cluster with metrics-server and the local observability stack (k8s/kind-up.sh)
+	k8s/kind-up.sh
 
 test-fast:  ## the unit tier: pure rules and the layering, no database or server (under 2 s)
 	$(UV) run --frozen pytest -q -p no:schemathesis -p no:llmock -p no:hypothesispytest tests/unit

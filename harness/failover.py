@@ -1,12 +1,14 @@
-"""A PostgreSQL failover rig on loopback, from distribution packages: etcd as Patroni's store,
-two Patroni nodes (a primary and a streaming replica), HAProxy routing to whichever node
+"""A PostgreSQL failover rig on loopback (etcd and HAProxy from Debian, Patroni from PyPI):
+etcd as Patroni's store, two Patroni nodes (a primary and a streaming replica), HAProxy
+routing to whichever node
 Patroni's REST API calls the primary (the layout Patroni documents). tests/test_failover.py
 puts the chart's PgBouncer and the app, as the chart runs them, in front of HAProxy.
 
 Patroni's timings are as low as its rule allows (loop_wait + 2 * retry_timeout <= ttl):
-TTL 10 s, loop_wait 1 s, retry_timeout 3 s. So a lost primary's leader key expires within
-10 s and the replica promotes at its next loop; HAProxy checks every second and marks a node
-down after two failures, closing its sessions (`on-marked-down shutdown-sessions`).
+TTL 20 s (Patroni 4 raises any lower ttl to 20), loop_wait 1 s, retry_timeout 3 s. So a
+lost primary's leader key expires within 20 s and the replica promotes at its next loop;
+HAProxy checks every second and marks a node down after two failures, closing its sessions
+(`on-marked-down shutdown-sessions`).
 
 `Rig(synchronous=...)` chooses the durability: with Patroni's synchronous_mode a commit
 returns only once the replica has the WAL, and only that replica may be promoted.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -38,20 +41,53 @@ from harness.processes import (
     wait_until,
 )
 
-TTL = 10
+TTL = 20  # the lowest Patroni >= 3.1 accepts (lower values are raised to it)
 LOOP_WAIT = 1
 RETRY_TIMEOUT = 3
 SCOPE = "itemstream"
 
 
+# Patroni from PyPI, in a virtual environment of its own that scripts/setup.sh makes (readable
+# by the postgres user it runs as under root). Debian 12's Patroni 3.0.2 is refused: with
+# etcd3, a primary that resumes after a pause longer than ttl overwrites the new leader's key
+# and the promoted replica is rewound, losing every write it acknowledged
+# (test_the_primary_is_cut_off found it; fixed in 3.0.3, patroni/patroni#2689).
+PATRONI_VERSION = "4.1.5"
+OLDEST_SAFE_PATRONI = (3, 0, 3)
+
+
+def patroni_dir() -> Path:
+    base = Path("/var/cache/itemstream") if os.geteuid() == 0 else Path.home() / ".cache/itemstream"
+    return base / f"patroni-{PATRONI_VERSION}" / "bin"
+
+
 def available() -> str | None:
     """Why the rig cannot run here, or None."""
-    for binary in ("etcd", "patroni", "patronictl", "haproxy"):
-        if shutil.which(binary) is None:
-            return f"{binary} is not installed (apt-get install patroni etcd-server haproxy)"
+    for binary in ("etcd", "haproxy", "patroni", "patronictl"):
+        if shutil.which(binary, path=_search_path()) is None:
+            return f"{binary} is not installed (scripts/setup.sh installs it)"
+    version = _patroni_version()
+    if version < OLDEST_SAFE_PATRONI:
+        return (
+            f"Patroni {'.'.join(map(str, version))} can lose acknowledged writes after a paused "
+            f"primary resumes (patroni/patroni#2689, fixed in 3.0.3): scripts/setup.sh installs "
+            f"{PATRONI_VERSION} from PyPI into {patroni_dir().parent}"
+        )
     if _find_bin("postgres") is None:
         return "no PostgreSQL server binaries"
     return None
+
+
+def _search_path() -> str:
+    return os.pathsep.join([str(patroni_dir()), os.environ.get("PATH", "")])
+
+
+def _patroni_version() -> tuple[int, ...]:
+    done = subprocess.run(
+        [_bin("patroni"), "--version"], capture_output=True, text=True, timeout=60, check=False
+    )
+    found = re.search(r"(\d+)\.(\d+)\.(\d+)", done.stdout)
+    return tuple(int(part) for part in found.groups()) if found else (0,)
 
 
 @dataclass
@@ -131,13 +167,17 @@ class Rig:
 
     def close(self) -> None:
         for node in self.nodes:
+            self.thaw_node(node)  # a frozen process would hold SIGTERM until continued
             self._stop(node.process)
             pid = node.postmaster_pid()
             if pid is not None:
                 _kill_postgres(pid)
         self._stop(self.haproxy)
         self._stop(self.etcd)
-        shutil.rmtree(self.work, ignore_errors=True)
+        if os.environ.get("ITEMSTREAM_KEEP_RIG"):  # the logs and data, for a post-mortem
+            print(f"the rig's files are kept in {self.work}")
+        else:
+            shutil.rmtree(self.work, ignore_errors=True)
 
     def __enter__(self) -> Rig:
         return self.start()
@@ -212,6 +252,25 @@ class Rig:
             node.process = None
         if pid is not None:
             _kill_postgres(pid)
+
+    def freeze_node(self, node: Node) -> None:
+        """The node stops answering without closing anything (SIGSTOP to its Patroni and its
+        PostgreSQL), as behind a network partition: connections to it hang instead of being
+        reset, its leader key expires, the replica takes over."""
+        self._signal_node(node, signal.SIGSTOP)
+
+    def thaw_node(self, node: Node) -> None:
+        """The partition heals (SIGCONT): its Patroni finds another leader and demotes it."""
+        self._signal_node(node, signal.SIGCONT)
+
+    def _signal_node(self, node: Node, sig: signal.Signals) -> None:
+        if node.process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(node.process.pid, sig)
+        pid = node.postmaster_pid()
+        if pid is not None:
+            for each in [pid, *_children(pid)]:
+                _kill(each, sig)
 
     def kill_postgres(self, node: Node) -> None:
         """PostgreSQL alone dies (SIGKILL to the postmaster); Patroni restarts it."""
@@ -426,14 +485,17 @@ listen primary
             process.wait(5)
 
 
+def _children(pid: int) -> list[int]:
+    try:
+        return list(map(int, Path(f"/proc/{pid}/task/{pid}/children").read_text().split()))
+    except OSError:
+        return []
+
+
 def _kill_postgres(postmaster: int) -> None:
     """SIGKILL to the postmaster and its children at once, as when the machine or container
     goes (a backend whose postmaster died would otherwise serve on until it notices)."""
-    try:
-        children = Path(f"/proc/{postmaster}/task/{postmaster}/children").read_text().split()
-    except OSError:
-        children = []
-    for pid in [postmaster, *map(int, children)]:
+    for pid in [postmaster, *_children(postmaster)]:
         _kill(pid, signal.SIGKILL)
 
 
@@ -443,7 +505,7 @@ def _kill(pid: int, sig: signal.Signals) -> None:
 
 
 def _bin(name: str) -> str:
-    path = shutil.which(name)
+    path = shutil.which(name, path=_search_path())
     if path is None:
-        raise RuntimeError(f"{name} is not installed (apt-get install patroni etcd-server haproxy)")
+        raise RuntimeError(f"{name} is not installed (scripts/setup.sh installs it)")
     return path

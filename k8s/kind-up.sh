@@ -8,6 +8,29 @@ root=$(dirname "$here")
 cluster=itemstream
 metrics_server=v0.8.0
 
+# Everything this needs, checked before anything is created.
+missing=()
+need() {  # need TOOL HINT...: note TOOL as missing (with where to get it) unless on PATH
+  local tool=$1
+  shift
+  command -v "$tool" >/dev/null 2>&1 || missing+=("  $tool: $*")
+}
+need kind "https://kind.sigs.k8s.io/docs/user/quick-start/#installation (>= 0.33)"
+need kubectl "https://kubernetes.io/docs/tasks/tools/"
+need helm "https://helm.sh/docs/intro/install/ (Helm 4)"
+need make "apt-get install make"
+if ! command -v docker >/dev/null 2>&1 && ! command -v podman >/dev/null 2>&1; then
+  missing+=("  docker or podman: https://docs.docker.com/engine/install/ or apt-get install podman")
+fi
+if ! command -v docker >/dev/null 2>&1; then
+  export KIND_EXPERIMENTAL_PROVIDER=podman  # kind's switch for podman
+fi
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "kind-up.sh: install these first (nothing was created):" >&2
+  printf '%s\n' "${missing[@]}" >&2
+  exit 2
+fi
+
 if ! kind get clusters | grep -qx "$cluster"; then
   kind create cluster --config "$here/kind-config.yaml"
 fi

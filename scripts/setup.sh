@@ -111,11 +111,27 @@ fi
 
 # The failover tests run Patroni with etcd as its store and HAProxy routing to the primary,
 # and Redis Sentinels promoting a replica.
-if ! { command -v patroni && command -v etcd && command -v haproxy && command -v redis-sentinel; } >/dev/null 2>&1 \
+if ! { command -v etcd && command -v haproxy && command -v redis-sentinel; } >/dev/null 2>&1 \
   && command -v apt-get >/dev/null 2>&1; then
-  say "installing patroni, etcd-server, haproxy and redis-sentinel (the failover rigs)"
-  rigs="patroni etcd-server haproxy redis-sentinel"
+  say "installing etcd-server, haproxy and redis-sentinel (the failover rigs)"
+  rigs="etcd-server haproxy redis-sentinel"
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $rigs >/dev/null 2>&1 \
     || { as_root apt-get update -qq >/dev/null 2>&1 && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $rigs >/dev/null; } \
     || say "could not install $rigs; the failover tests will say so"
+fi
+# Patroni from PyPI (the version in harness/failover.py; Debian 12's 3.0.2 can lose
+# acknowledged writes), in a virtual environment of the system's Python that the postgres
+# user it runs as can read.
+patroni_bin=$(uv run --frozen python -c 'from harness.failover import patroni_dir; print(patroni_dir())')
+if [ ! -x "$patroni_bin/patroni" ]; then
+  patroni_version=$(uv run --frozen python -c 'from harness.failover import PATRONI_VERSION; print(PATRONI_VERSION)')
+  say "installing Patroni $patroni_version from PyPI into $(dirname "$patroni_bin")"
+  system_python=$(PATH=/usr/local/bin:/usr/bin:/bin command -v python3 || true)
+  if [ -n "$system_python" ] && ! "$system_python" -c 'import ensurepip' 2>/dev/null; then
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null 2>&1 || true
+  fi
+  { [ -n "$system_python" ] \
+    && "$system_python" -m venv "$(dirname "$patroni_bin")" \
+    && "$patroni_bin/pip" install --quiet "patroni[etcd3]==$patroni_version" psycopg2-binary; } \
+    || say "could not install Patroni; the failover tests will say so"
 fi

@@ -56,7 +56,7 @@ PASSWORD = "failover-test"
 # requests also queue before the service reads them, within DB_REQUEST_TIMEOUT + CLIENT_MARGIN.
 MARGIN = 0.5
 CLIENT_MARGIN = 1.5
-TOKENS = 500  # at 50 ms each: 25 s, longer than any outage here
+TOKENS = 900  # at 50 ms each: 45 s, longer than any scenario here
 TOKEN_DELAY = 0.05
 
 
@@ -170,9 +170,15 @@ class Figures:
 
 
 async def _run(
-    stack: HaStack, scenario: str, event: Callable[[Rig], None], *, settle: float
+    stack: HaStack,
+    scenario: str,
+    event: Callable[[Rig], None],
+    *,
+    settle: float,
+    aftermath: Callable[[Rig], None] | None = None,
 ) -> tuple[Load, Figures, float]:
-    """The load for 3 s, the event, then `settle` seconds; the figures."""
+    """The load for 3 s, the event, then `settle` seconds (and the aftermath, then 5 s more);
+    the figures."""
     moments: dict[str, float] = {}
     boots = stack.worker_boots()
 
@@ -184,6 +190,9 @@ async def _run(
         load.hang_ups += [moments["event"] + 1.5, moments["event"] + settle - 4]
         await asyncio.to_thread(event, stack.rig)
         await asyncio.sleep(settle)
+        if aftermath is not None:
+            await asyncio.to_thread(aftermath, stack.rig)
+            await asyncio.sleep(5)
         moments["end"] = time.monotonic()
 
     load = Load(stack.base, writers=32, readers=8, generations=10, generation_tokens=TOKENS)
@@ -206,7 +215,11 @@ async def _run(
     )
     print(figures.line())
     print(f"  slowest request as the service measured it: {stack.slowest_answered():.2f} s")
-    print(f"  writes ok/failed per second around the event: {timeline(load, 'write', at)}")
+    seconds = int(moments["end"] - at) + 1
+    print(
+        "  writes ok/failed per second around the event: "
+        + timeline(load, "write", at, after=seconds)
+    )
     waits = [
         resumed - hung_up
         for stream in load.streams
@@ -270,6 +283,33 @@ async def test_the_primary_node_is_lost() -> None:
 
         load, figures, _ = await _run(stack, "node lost", lose, settle=failover.TTL + 10)
         assert stack.rig.primary() not in (None, lost[0]), "the replica was not promoted"
+        await _check(stack, load, figures, bound=failover.TTL + 5)
+
+
+async def test_the_primary_is_cut_off() -> None:
+    """The primary freezes (SIGSTOP to its Patroni and PostgreSQL), as behind a partition:
+    its connections hang rather than reset, so every request must be cut by its own bound.
+    The leader key expires and the replica takes over: the first write within TTL + 5 s.
+    Then the old primary comes back (SIGCONT) under the same load and is demoted: nothing
+    is written to it, nothing acknowledged is lost."""
+    with ha_stack(synchronous=True) as stack:
+        cut: list[Node] = []
+
+        def freeze(rig: Rig) -> None:
+            primary = rig.primary()
+            assert primary is not None
+            cut.append(primary)
+            rig.freeze_node(primary)
+
+        load, figures, _ = await _run(
+            stack,
+            "primary cut off, then back",
+            freeze,
+            settle=failover.TTL + 8,
+            aftermath=lambda rig: rig.thaw_node(cut[0]),
+        )
+        new = stack.rig.primary()
+        assert new is not None and new.name != cut[0].name, "the replica was not promoted"
         await _check(stack, load, figures, bound=failover.TTL + 5)
 
 
