@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from app import __version__
 from app.config import URL_VARIABLES, Settings, env_variable
 from app.db import migrations
-from app.telemetry.logs import configure_logging
+from app.telemetry.logs import configure_logging, logging_config
 from app.telemetry.redact import redact
 
 log = logging.getLogger("itemstream")
@@ -122,6 +122,8 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
             http="app.protocol:FromEnvironment",
             root_path=settings.server.root_path,
             server_header=settings.server.http.server_header,
+            # The service's own format, not uvicorn's (as under gunicorn).
+            log_config=logging_config(settings.telemetry.log_level, settings.telemetry.log_format),
         )
         return 0
     return _exec_gunicorn()

@@ -499,3 +499,47 @@ def test_one_version_everywhere() -> None:
     assert chart["appVersion"] == declared
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert f"ARG VERSION={declared}" in dockerfile
+
+
+@pytest.mark.slow
+def test_pages_outside_the_api_are_logged_by_the_route_that_served_them(tmp_path: Path) -> None:
+    """The docs, their assets and the OpenAPI document are named by their route in the access
+    log and the metrics, not `unmatched` (left for what no route serves); gunicorn's and
+    uvicorn's lines come from `gunicorn` and `uvicorn`, not their `*.error` loggers."""
+    env = clean_env(DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'routes.db'}")
+    paths = ["/docs", "/openapi.json", "/static/docs/swagger-ui.css", "/nowhere"]
+    with serve(env) as server:
+        for path in paths:
+            httpx.get(f"{server.base}{path}", timeout=10)
+        assert wait_until(lambda: server.output().count('"itemstream.access"') >= 4, 10)
+        lines = server.json_lines()
+    routes = {
+        line["http"]["path"]: line["http"]["route"]
+        for line in lines
+        if line.get("logger") == "itemstream.access"
+    }
+    assert routes == {
+        "/docs": "/docs",
+        "/openapi.json": "/openapi.json",
+        "/static/docs/swagger-ui.css": "/static/docs/{path}",
+        "/nowhere": "unmatched",
+    }
+    loggers = {line.get("logger") for line in lines}
+    assert {"gunicorn", "uvicorn"} <= loggers
+    assert not loggers & {"gunicorn.error", "uvicorn.error"}
+
+
+@pytest.mark.slow
+def test_serve_reload_logs_in_the_service_format(tmp_path: Path) -> None:
+    port = free_port()
+    env = clean_env(DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'reload.db'}")
+    log = tmp_path / "reload.log"
+    proc = _start([sys.executable, "-m", "app", "serve", "--reload", "--port", str(port)], env, log)
+    try:
+        assert wait_until(lambda: _answers(f"http://127.0.0.1:{port}"), 60), log.read_text()
+    finally:
+        _stop_group(proc)
+    lines = [line for line in log.read_text().splitlines() if line.strip()]
+    parsed = [json.loads(line) for line in lines if line.startswith("{")]
+    assert len(parsed) == len(lines), [line for line in lines if not line.startswith("{")]
+    assert any(entry["logger"] == "uvicorn" for entry in parsed), lines

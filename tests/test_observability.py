@@ -113,8 +113,8 @@ def test_skaffold_config_matches_schema_chart_and_dockerfile() -> None:
         for key in release["setValueTemplates"]:
             section, field = key.split(".")
             assert field in values[section], key
-    assert configs["production"]["build"]["artifacts"][0]["docker"]["target"] == "runtime"
-    assert "sync" not in configs["production"]["build"]["artifacts"][0]
+    assert configs["runtime-one-pod"]["build"]["artifacts"][0]["docker"]["target"] == "runtime"
+    assert "sync" not in configs["runtime-one-pod"]["build"]["artifacts"][0]
 
     # Port-forwards point at services that exist: the dev release's and the local stack's.
     services = {

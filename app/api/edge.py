@@ -21,12 +21,14 @@ tests/properties/test_edge.py."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from time import perf_counter
 
 from fastapi import FastAPI
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext
+from starlette.routing import BaseRoute, Match, Mount, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.middleware import HardeningHeaders, route_path
@@ -49,8 +51,12 @@ class Edge:
         metrics: AppMetrics | None,
         sampler: HeadSampler | None,
         headers: HardeningHeaders | None,
+        routes: Sequence[BaseRoute] = (),
     ) -> None:
         self.app = app
+        # The app's routes, to name a request no API route matched (the docs pages, their
+        # assets, the OpenAPI document) by the route that served it, as the instrumentator does.
+        self.routes = routes
         # Without the OpenTelemetry middleware in the stack there is nothing to sample for.
         self.untraced = without_tracing(app) if sampler is not None else None
         self.sampler = sampler if self.untraced is not None else None
@@ -92,6 +98,15 @@ class Edge:
                 in_flight.dec()
             self._finish(scope, exchange, quiet)
 
+    def _served_by(self, scope: Scope) -> str | None:
+        """The template of the plain route or mount that served a request outside the API."""
+        # A mount moved the root path down to itself; match from where the app saw it.
+        scope = {**scope, "root_path": scope.get("app_root_path", scope.get("root_path", ""))}
+        for route in self.routes:
+            if isinstance(route, Route | Mount) and route.matches(scope)[0] == Match.FULL:
+                return f"{route.path}/{{path}}" if isinstance(route, Mount) else route.path
+        return None
+
     def _finish(self, scope: Scope, exchange: _Exchange, quiet: bool) -> None:
         ended = perf_counter()
         if not exchange.first_byte and exchange.gone:
@@ -99,6 +114,8 @@ class Edge:
             # first token): nginx's 499, not a server error for the 5xx alerts.
             exchange.status = CLIENT_CLOSED
         template: str | None = getattr(scope.get("route"), "path", None)
+        if template is None and exchange.status != 404:
+            template = self._served_by(scope)
         if self.metrics is not None and not quiet:
             # Streams are timed to their first byte: their length is the client's.
             self.metrics.http.observe(
@@ -204,6 +221,8 @@ def install(
     build = app.build_middleware_stack
 
     def build_with_edge() -> ASGIApp:
-        return Edge(build(), metrics=metrics, sampler=sampler, headers=headers)
+        return Edge(
+            build(), metrics=metrics, sampler=sampler, headers=headers, routes=app.router.routes
+        )
 
     app.build_middleware_stack = build_with_edge  # type: ignore[method-assign]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import logging.config
-import sys
 import time
 from datetime import datetime
 from typing import Any
@@ -55,12 +54,20 @@ def _trace_ids() -> tuple[str, str] | None:
     return format(context.trace_id, "032x"), format(context.span_id, "016x")
 
 
+# gunicorn and uvicorn log their server's life under `*.error`; it is not an error channel.
+_SHOWN_AS = {"gunicorn.error": "gunicorn", "uvicorn.error": "uvicorn"}
+
+
+def shown_name(logger: str) -> str:
+    return _SHOWN_AS.get(logger, logger)
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
             "ts": _timestamp(record.created),
             "level": record.levelname.lower(),
-            "logger": record.name,
+            "logger": shown_name(record.name),
             "msg": record.getMessage(),
             "pid": record.process,
         }
@@ -78,7 +85,8 @@ class ConsoleFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         moment = datetime.fromtimestamp(record.created).strftime("%H:%M:%S.%f")[:-3]
-        parts = [f"{moment} {record.levelname:<7} {record.name:<20} {record.getMessage()}"]
+        name = shown_name(record.name)
+        parts = [f"{moment} {record.levelname:<7} {name:<20} {record.getMessage()}"]
         # Each field once: a group of fields (the access line's `http`) is spread out, less
         # the values its message states already (method, route, status).
         stated = record.args if isinstance(record.args, tuple) else ()
@@ -119,7 +127,8 @@ def logging_config(level: str, log_format: str = "json") -> dict[str, Any]:
             "stdout": {
                 "class": "logging.StreamHandler",
                 "formatter": "main",
-                "stream": sys.stdout,
+                # A name, not the object: uvicorn's reloader pickles the configuration.
+                "stream": "ext://sys.stdout",
                 "filters": ["noise"],
             }
         },
