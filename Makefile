@@ -22,7 +22,7 @@ test-sqlite:  ## everything that needs no PostgreSQL and starts no servers (abou
 test:  ## the whole test suite (installs uv, Python deps and PgBouncer where missing)
 	./scripts/test.sh
 
-bench:  ## benchmark: routes vs bare FastAPI and the limit, streams, export, 2M-row scale (~30 min)
+bench:  ## benchmark: routes vs bare FastAPI and the limit, streams, export, 2M-row scale (~40 min)
 	./scripts/bench.sh
 
 soak:  ## the service under a steady mix for SOAK_SECONDS (1800): RSS, fds, tasks, p99 over time
