@@ -2,13 +2,16 @@ HELM ?= helm
 # uv from PATH, ~/.local/bin, `python3 -m uv`, or installed on first use (scripts/uv.sh).
 UV ?= ./scripts/uv.sh
 
-.PHONY: run stack kind test-fast test-sqlite test bench soak failover lint fmt typecheck check migrate k8s-rules
+.PHONY: run stack kind fleet test-fast test-sqlite test bench soak failover lint fmt typecheck check migrate k8s-rules
 
 run:  ## run the service on the embedded SQLite database at http://127.0.0.1:8000
 	$(UV) run --frozen --no-dev itemstream serve
 
 stack:  ## the real stack as local processes: PostgreSQL, PgBouncer (and Redis), the app on :8000
 	$(UV) run --frozen python scripts/local_stack.py
+
+fleet:  ## three instances behind HAProxy with Prometheus and the chart's rules, on loopback
+	$(UV) run --frozen python scripts/fleet.py
 
 kind:  ## a kind cluster with metrics-server and the local observability stack (k8s/kind-up.sh)
 	k8s/kind-up.sh
@@ -28,7 +31,7 @@ bench:  ## benchmark: routes vs bare FastAPI and the limit, streams, export, 2M-
 soak:  ## the service under a steady mix for SOAK_SECONDS (1800): RSS, fds, tasks, p99 over time
 	./scripts/soak.sh
 
-failover:  ## PostgreSQL (Patroni + etcd + HAProxy) and Redis (Sentinel) failovers under load, with figures (~5 min)
+failover:  ## PostgreSQL (Patroni + etcd + HAProxy) and Redis (Sentinel) failovers under load, with figures (~7 min)
 	./scripts/test.sh -q -s -p no:cacheprovider tests/test_failover.py tests/test_redis_failover.py
 
 lint:

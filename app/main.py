@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, get_args
 
 from fastapi import FastAPI, Request
 from starlette.middleware.cors import CORSMiddleware
@@ -29,12 +29,12 @@ from app.api.routes import generations as generations_routes
 from app.config import Settings
 from app.db.engine import Database, create_engine
 from app.lifecycle import Lifecycle, process_lifecycle
-from app.providers.base import Provider
+from app.providers.base import ErrorKind, Provider
 from app.providers.factory import create_provider
 from app.security.ratelimit import Bucket, LimiterQuota, RateLimiter
 from app.security.tokens import TokenVerifier
 from app.services.admission import QueryGate
-from app.services.generations import GenerationService, StreamLimits
+from app.services.generations import GenerationService, Outcome, StreamLimits
 from app.services.health import HealthService
 from app.services.items import ItemPolicy, ItemService
 from app.telemetry import tracing
@@ -234,6 +234,8 @@ def build_components(
         ),
     )
     provider = create_provider(settings.llm)
+    if metrics is not None:
+        metrics.expect_provider(provider.name, get_args(Outcome), get_args(ErrorKind))
     verifier, limiter = _access(settings, metrics)
     generations = GenerationService(
         database,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -52,6 +53,24 @@ def pooled_env(
         MIGRATION_DATABASE_URL=pg.url(database).render_as_string(hide_password=False),
         DB_POOLER="pgbouncer",
         **{"WEB_CONCURRENCY": "2", **values},
+    )
+
+
+def production_env(
+    pg: PostgresServer, bouncer: PgBouncer, database: str, **values: str
+) -> dict[str, str]:
+    """`pooled_env` with production settings and no identity provider, as the chart runs a
+    try-out in production mode (a cursor key of its own per call)."""
+    return pooled_env(
+        pg,
+        bouncer,
+        database,
+        **{
+            "ENVIRONMENT": "production",
+            "AUTH_ALLOW_UNAUTHENTICATED": "true",
+            "CURSOR_SECRETS": secrets.token_hex(16),
+            **values,
+        },
     )
 
 

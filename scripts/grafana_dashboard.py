@@ -66,7 +66,9 @@ def dashboard() -> dict[str, Any]:
             "Error ratio (5xx)",
             [
                 (
-                    f'sum(rate(http_requests_total{{{SEL}, status=~"5.."}}[$__rate_interval]))'
+                    # No 5xx at all is a ratio of 0, not "no data".
+                    f'(sum(rate(http_requests_total{{{SEL}, status=~"5.."}}[$__rate_interval]))'
+                    " or vector(0))"
                     f" / sum(rate(http_requests_total{{{SEL}}}[$__rate_interval]))",
                     "5xx / all",
                 )

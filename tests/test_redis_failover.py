@@ -35,7 +35,7 @@ from harness import sentinel
 from harness.pgbouncer import PgBouncer
 from harness.postgres import PostgresServer
 from harness.sentinel import SentinelRig
-from harness.servers import Server, pooled_env, serve
+from harness.servers import Server, production_env, serve
 from tests.support.app import migrated_database
 from tests.support.load import Load, slowest_answered, unexplained_errors
 from tests.support.skips import missing
@@ -103,13 +103,10 @@ def _service(
     rig: SentinelRig, pg: PostgresServer, bouncer: PgBouncer, database: str, mode: str
 ) -> AbstractContextManager[Server]:
     return serve(
-        pooled_env(
+        production_env(
             pg,
             bouncer,
             database,
-            ENVIRONMENT="production",
-            AUTH_ALLOW_UNAUTHENTICATED="true",
-            CURSOR_SECRETS="redis-failover-cursor-key-0123456789",
             RATE_LIMIT_ENABLED="true",
             REDIS_URL=rig.url(),
             RATE_LIMIT_REQUESTS=str(LIMIT),

@@ -18,7 +18,7 @@ import pytest
 from harness.pgbouncer import PgBouncer
 from harness.postgres import PostgresServer
 from harness.processes import memory_kib, wait_until, worker_pids
-from harness.servers import Server, pooled_env, serve
+from harness.servers import Server, production_env, serve
 from tests.support.app import migrated_database
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
@@ -37,13 +37,10 @@ def database(pg: PostgresServer) -> Iterator[str]:
 def _service_env(
     pg: PostgresServer, bouncer: PgBouncer, database: str, **extra: str
 ) -> dict[str, str]:
-    return pooled_env(
+    return production_env(
         pg,
         bouncer,
         database,
-        ENVIRONMENT="production",
-        AUTH_ALLOW_UNAUTHENTICATED="true",
-        CURSOR_SECRETS="slow-clients-cursor-key-0123456789",
         HTTP_HEADER_TIMEOUT=str(HEADER_TIMEOUT),
         HTTP_BODY_TIMEOUT=str(BODY_TIMEOUT),
         **extra,

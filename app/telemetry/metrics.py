@@ -8,6 +8,7 @@ variable (tests, `serve --reload`) one in-process registry per app is used."""
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -197,6 +198,17 @@ class AppMetrics:
 
     def upstream_error(self, provider: str, kind: str) -> None:
         self.upstream_errors.labels(provider, kind).inc()
+
+    def expect_provider(
+        self, provider: str, outcomes: Iterable[str], error_kinds: Iterable[str]
+    ) -> None:
+        """Export the provider's series at zero before the first stream ends (Prometheus's
+        advice for known label values): panels and alerts see 0, not "no data"."""
+        self.stream_tokens.labels(provider)
+        for outcome in outcomes:
+            self.streams.labels(provider, outcome)
+        for kind in error_kinds:
+            self.upstream_errors.labels(provider, kind)
 
     # DatabaseObserver protocol (app.db.engine)
     def connection_acquired(self, seconds: float) -> None:

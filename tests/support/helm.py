@@ -96,15 +96,6 @@ def render_error(values_file: str | None = None, *sets: str) -> str:
 
 def rendered_rules(release: str = "itemstream", namespace: str = "apps") -> dict[str, Any]:
     """The spec of the chart's PrometheusRule (its rule groups), as Helm renders it."""
-    out = helm(
-        "template",
-        release,
-        str(CHART),
-        "-n",
-        namespace,
-        *values_args(None, ["prometheusRule.enabled=true"]),
-        "--show-only",
-        "templates/prometheusrule.yaml",
-    ).stdout
-    spec: dict[str, Any] = yaml.safe_load(out)["spec"]
-    return spec
+    from harness.fleet import chart_rules
+
+    return chart_rules(helm_binary(), release, namespace)

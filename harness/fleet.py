@@ -1,0 +1,310 @@
+"""A fleet on loopback, as a cluster runs the service: several app instances (gunicorn, each
+with its own metrics port, like pods), HAProxy in front as the Service (round robin, a server
+taken out when its `/readyz` fails twice, as a readiness probe does), and a real Prometheus
+(Debian's) scraping every instance with the chart's recording rules and alerts, every second.
+
+The scrape adds the labels a ServiceMonitor gives (`namespace`, `job`, `pod`), so the chart's
+rules and the dashboard's queries run unchanged. `make fleet` starts one by hand
+(scripts/fleet.py); tests/test_fleet.py kills instances under load and queries Prometheus.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from harness.processes import free_port, wait_for_port, wait_until
+
+ROOT = Path(__file__).resolve().parents[1]
+NAMESPACE = "apps"
+JOB = "itemstream"  # the Service's name, which a ServiceMonitor's scrape uses as the job
+PROMETHEUS_CACHE = Path.home() / ".cache/itemstream/promtool/usr/bin"  # scripts/setup.sh
+
+
+def chart_rules(helm: str, release: str = JOB, namespace: str = NAMESPACE) -> dict[str, Any]:
+    """The spec of the chart's PrometheusRule (its rule groups), as Helm renders it: the same
+    file a cluster's Prometheus loads."""
+    out = subprocess.run(
+        [
+            helm,
+            "template",
+            release,
+            str(ROOT / "chart"),
+            "-n",
+            namespace,
+            "-f",
+            str(ROOT / "chart" / "ci" / "try-out-values.yaml"),
+            "--set",
+            "prometheusRule.enabled=true",
+            "--show-only",
+            "templates/prometheusrule.yaml",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    spec: dict[str, Any] = yaml.safe_load(out)["spec"]
+    return spec
+
+
+def available() -> str | None:
+    """Why the fleet cannot run here, or None."""
+    if shutil.which("haproxy") is None:
+        return "haproxy is not installed (scripts/setup.sh installs it)"
+    if prometheus_binary() is None:
+        return "no prometheus binary (scripts/setup.sh unpacks Debian's)"
+    return None
+
+
+def prometheus_binary() -> str | None:
+    path = os.pathsep.join([str(PROMETHEUS_CACHE), os.environ.get("PATH", "")])
+    return shutil.which("prometheus", path=path)
+
+
+@dataclass
+class Instance:
+    name: str
+    port: int
+    metrics_port: int
+    log: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@dataclass
+class Fleet:
+    env: dict[str, str]
+    size: int = 3
+    rules: dict[str, Any] | None = None  # the PrometheusRule's spec (its groups)
+    work: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="itemstream-fleet-")))
+    instances: list[Instance] = field(default_factory=list)
+    port: int = 0
+    prometheus_port: int = 0
+    _haproxy: subprocess.Popen[bytes] | None = None
+    _prometheus: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base(self) -> str:
+        """Where clients reach the fleet: the Service."""
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Fleet:
+        for index in range(self.size):
+            instance = Instance(
+                f"fleet-{index}", free_port(), free_port(), self.work / f"fleet-{index}.log"
+            )
+            self.instances.append(instance)
+            self.start_instance(instance)
+        for instance in self.instances:
+            # Ready before it gets traffic, as a readiness probe gates a pod: HAProxy counts
+            # a server up until its checks fail, and would answer 503 meanwhile.
+            wait_for_port(instance.port, 60, instance.process)
+            assert wait_until(partial(self.ready, instance), 60), instance.output()[-3000:]
+        self._start_haproxy()
+        if self.rules is not None:
+            self._start_prometheus()
+        return self
+
+    def __enter__(self) -> Fleet:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for instance in self.instances:
+            self.stop(instance)
+        for process in (self._haproxy, self._prometheus):
+            if process is not None and process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+        shutil.rmtree(self.work, ignore_errors=True)
+
+    # -- instances --------------------------------------------------------------------------
+
+    def start_instance(self, instance: Instance) -> None:
+        env = {
+            **self.env,
+            "HOST": "127.0.0.1",
+            "PORT": str(instance.port),
+            "METRICS_PORT": str(instance.metrics_port),
+            "PYTHONPATH": str(ROOT),
+        }
+        with instance.log.open("ab") as log:
+            instance.process = subprocess.Popen(
+                [sys.executable, "-m", "app", "serve"],
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its workers die with it (kill)
+            )
+
+    def kill(self, instance: Instance) -> None:
+        """SIGKILL to the instance's master and workers at once, as when a node goes."""
+        if instance.process is not None and instance.process.poll() is None:
+            os.killpg(instance.process.pid, signal.SIGKILL)
+            instance.process.wait(10)
+
+    def stop(self, instance: Instance, timeout: float = 30) -> None:
+        if instance.process is None or instance.process.poll() is not None:
+            return
+        os.killpg(instance.process.pid, signal.SIGTERM)
+        try:
+            instance.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(instance.process.pid, signal.SIGKILL)
+            instance.process.wait(10)
+
+    def ready(self, instance: Instance) -> bool:
+        try:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{instance.port}/readyz", timeout=2
+            ) as answer:
+                return bool(answer.status == 200)
+        except OSError:  # refused, reset, or an HTTP error status
+            return False
+
+    # -- the Service ------------------------------------------------------------------------
+
+    def _start_haproxy(self) -> None:
+        self.port = free_port()
+        servers = "\n".join(f"  server {i.name} 127.0.0.1:{i.port} check" for i in self.instances)
+        config = self.work / "haproxy.cfg"
+        config.write_text(
+            f"""global
+  maxconn 4096
+defaults
+  mode http
+  timeout connect 2s
+  timeout client 180s
+  timeout server 180s
+  retries 2
+  option redispatch
+frontend service
+  bind 127.0.0.1:{self.port}
+  default_backend pods
+backend pods
+  balance roundrobin
+  option httpchk GET /readyz
+  http-check expect status 200
+  default-server inter 1s fall 2 rise 2
+{servers}
+"""
+        )
+        with (self.work / "haproxy.log").open("wb") as log:
+            self._haproxy = subprocess.Popen(
+                [shutil.which("haproxy") or "haproxy", "-db", "-f", str(config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        wait_for_port(self.port, 15, self._haproxy)
+        assert wait_until(self._answers, 60), (self.work / "haproxy.log").read_text()
+
+    def _answers(self) -> bool:
+        try:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{self.port}/readyz", timeout=2
+            ) as answer:
+                return bool(answer.status == 200)
+        except OSError:
+            return False
+
+    # -- Prometheus -------------------------------------------------------------------------
+
+    def _start_prometheus(self) -> None:
+        binary = prometheus_binary()
+        assert binary is not None, "no prometheus binary"
+        self.prometheus_port = free_port()
+        rules = self.work / "rules.yaml"
+        rules.write_text(yaml.safe_dump(self.rules))
+        targets = [
+            {
+                "targets": [f"127.0.0.1:{i.metrics_port}"],
+                "labels": {"namespace": NAMESPACE, "pod": i.name},
+            }
+            for i in self.instances
+        ]
+        config = self.work / "prometheus.yml"
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                    "rule_files": [str(rules)],
+                    "scrape_configs": [{"job_name": JOB, "static_configs": targets}],
+                }
+            )
+        )
+        with (self.work / "prometheus.log").open("wb") as log:
+            self._prometheus = subprocess.Popen(
+                [
+                    binary,
+                    f"--config.file={config}",
+                    f"--storage.tsdb.path={self.work / 'tsdb'}",
+                    f"--web.listen-address=127.0.0.1:{self.prometheus_port}",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        wait_for_port(self.prometheus_port, 30, self._prometheus)
+        assert wait_until(lambda: len(self.targets_up()) == self.size, 30), self.logs()
+
+    def _api(self, path: str, **params: str) -> Any:
+        query = urllib.parse.urlencode(params)
+        url = f"http://127.0.0.1:{self.prometheus_port}/api/v1/{path}?{query}"
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            body = json.loads(answer.read())
+        assert body["status"] == "success", body
+        return body["data"]
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        """An instant query's result (a vector), as Grafana's panels ask it."""
+        data = self._api("query", query=expr)
+        result: list[dict[str, Any]] = data["result"]
+        return result
+
+    def alerts(self) -> list[dict[str, Any]]:
+        """Alerts pending or firing now."""
+        alerts: list[dict[str, Any]] = self._api("alerts")["alerts"]
+        return alerts
+
+    def rule_health(self) -> list[str]:
+        """Rules Prometheus could not evaluate, with the error."""
+        problems = []
+        for group in self._api("rules")["groups"]:
+            for rule in group["rules"]:
+                if rule.get("health") not in ("ok", "unknown"):
+                    problems.append(f"{rule['name']}: {rule.get('lastError')}")
+        return problems
+
+    def targets_up(self) -> list[str]:
+        return [
+            target["labels"].get("pod", "")
+            for target in self._api("targets")["activeTargets"]
+            if target["health"] == "up"
+        ]
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"--- {path.name}\n{path.read_text(errors='replace')[-2000:]}"
+            for path in sorted(self.work.glob("*.log"))
+        )
