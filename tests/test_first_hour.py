@@ -474,8 +474,8 @@ def test_the_console_access_line_states_each_field_once() -> None:
 
 
 def test_one_version_everywhere() -> None:
-    """The package's version is the release's: the CLI, the OpenAPI document, the build_info
-    metric, the image's label default and the chart's appVersion say the same."""
+    """The package's version is the release's: the CLI, the OpenAPI document, /livez, the
+    build_info metric, the image's label default and the chart's appVersion say the same."""
     import tomllib
 
     from prometheus_client import CollectorRegistry, generate_latest
@@ -490,6 +490,15 @@ def test_one_version_everywhere() -> None:
     assert shown.stdout.strip() == f"itemstream {declared}", shown.stdout + shown.stderr
     app = create_app(Settings(_env_file=None, database_url="sqlite+aiosqlite:///:memory:"))
     assert app.version == declared
+    from fastapi.testclient import TestClient
+
+    with TestClient(app) as client:  # the probe's answer names the build too
+        assert client.get("/livez").json() == {
+            "status": "ok",
+            "detail": None,
+            "version": declared,
+            "revision": "unknown",
+        }
     registry = CollectorRegistry()
     AppMetrics(registry)
     assert f'itemstream_build_info{{revision="unknown",version="{declared}"}} 1.0' in (

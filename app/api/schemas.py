@@ -227,6 +227,20 @@ class Status(BaseModel):
     detail: str | None = None
 
 
+class Liveness(Status):
+    """What /livez says: alive, and which build is running (a rollout shows on a dashboard
+    and in a probe's answer alike)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"status": "ok", "version": "0.1.0", "revision": "1bd9bcd"}]
+        }
+    )
+
+    version: str
+    revision: str
+
+
 # --- generations ---------------------------------------------------------------------------
 
 

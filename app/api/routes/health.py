@@ -1,18 +1,26 @@
 from __future__ import annotations
 
+from functools import cache
+
 from fastapi import APIRouter
 from starlette.responses import JSONResponse
 
+from app import __version__, build_revision
 from app.api.deps import HealthServiceDep
-from app.api.schemas import Status
+from app.api.schemas import Liveness, Status
 from app.telemetry import tracing
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/livez", summary="Process is alive (no I/O)")
-async def livez() -> Status:
-    return Status(status="ok")
+@router.get("/livez", summary="Process is alive (no I/O), and the version it runs")
+async def livez() -> Liveness:
+    return Liveness(status="ok", version=__version__, revision=_revision())
+
+
+@cache
+def _revision() -> str:
+    return build_revision()
 
 
 @router.get(
