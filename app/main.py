@@ -34,7 +34,12 @@ from app.providers.factory import create_provider
 from app.security.ratelimit import Bucket, LimiterQuota, RateLimiter
 from app.security.tokens import TokenVerifier
 from app.services.admission import QueryGate
-from app.services.generations import GenerationService, Outcome, StreamLimits
+from app.services.generations import (
+    ABANDONED_SWEEP_SECONDS,
+    GenerationService,
+    Outcome,
+    StreamLimits,
+)
 from app.services.health import HealthService
 from app.services.items import ItemPolicy, ItemService
 from app.telemetry import tracing
@@ -280,7 +285,7 @@ def _background_jobs(
         ),
         asyncio.create_task(
             _every(
-                HOUSEKEEPING_INTERVAL,
+                ABANDONED_SWEEP_SECONDS,
                 "fail generations abandoned by dead workers",
                 components.generations.sweep_abandoned,
             )

@@ -271,6 +271,10 @@ def test_shared_budget_holds_exactly_across_two_gunicorn_workers(
         REDIS_URL="redis://127.0.0.1:6379/0",
         RATE_LIMIT_REQUESTS="30",
         RATE_LIMIT_WINDOW_SECONDS="3600",
+        # Exactness is the point here, not the timeout (test_slow_clients has that): a burst of
+        # 50 new connections can keep a worker's loop busy past the default 50 ms, and a late
+        # answer fails open (CI once served 42 of 50).
+        RATE_LIMIT_REDIS_TIMEOUT="1",
     )
     subjects: list[str] = []
     with serve(env, tmp_path) as server:

@@ -20,6 +20,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -164,6 +165,60 @@ async def test_an_instance_killed_under_load_loses_no_acknowledged_write(
             assert outcome.started + outcome.elapsed <= kill + 3, outcome
         assert not lost and not duplicated, (lost[:3], duplicated[:3])
         assert served_after > 0, "the restarted instance never got traffic back"
+
+
+async def test_streams_of_an_instance_killed_mid_stream_end_on_the_others(
+    pg: PostgresServer, pgbouncer_modern: PgBouncer, database: str
+) -> None:
+    """Its streams' clients reconnect through the Service with Last-Event-ID to another
+    instance: they get what was saved and then the end (failed: abandoned) once the dead
+    worker's heartbeat is ABANDONED_AFTER_SECONDS old, never a piece twice; the streams of
+    the other instances complete with the stored text equal to the received."""
+    _fleet_or_skip()
+    with Fleet(_env(pg, pgbouncer_modern, database)) as fleet:
+        moments: dict[str, float] = {}
+
+        async def script() -> None:
+            await asyncio.sleep(4)
+            moments["kill"] = time.monotonic()
+            await asyncio.to_thread(fleet.kill, fleet.instances[0])
+
+        load = Load(fleet.base, writers=4, readers=2, generations=9, generation_tokens=900)
+        await load.run(script())
+        cut = [s for s in load.streams if s.resumes]
+        whole = [s for s in load.streams if not s.resumes]
+        ends = []
+        for stream in load.streams:
+            row = await _generation(pg, database, stream.generation_id)
+            stored = row["output"] or ""
+            assert stream.received.startswith(stored), "the stored text is what the client got"
+            if stream in cut:
+                assert stream.status == "failed" and "abandoned" in row["error"], (stream, row)
+                ends.append(row["finished_at"].timestamp() - time.time() + time.monotonic())
+                print(
+                    f"  cut stream: {len(stream.received)} characters received, "
+                    f"{len(stored)} saved (the last checkpoint before the kill)"
+                )
+            else:
+                assert stream.status == "completed" and stored == stream.received, stream
+        print(
+            f"\nfleet [SIGKILL mid-stream]: {len(cut)} streams cut and resumed elsewhere, "
+            f"ended (failed: abandoned) {max(ends, default=0) - moments['kill']:.1f} s after the "
+            f"kill; {len(whole)} streams on the other instances completed"
+        )
+        assert cut, "no stream ran on the killed instance"
+        assert whole, "no stream ran elsewhere"
+
+
+async def _generation(pg: PostgresServer, database: str, generation_id: str) -> Any:
+    conn = await asyncpg.connect(host="127.0.0.1", port=pg.port, user="postgres", database=database)
+    try:
+        return await conn.fetchrow(
+            "SELECT status, output, error, finished_at FROM generations WHERE id = $1::uuid",
+            generation_id,
+        )
+    finally:
+        await conn.close()
 
 
 def _served_after_restart(log: str) -> int:

@@ -9,7 +9,7 @@ from functools import cache
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import bindparam, insert, literal_column, select, text, update
+from sqlalchemy import and_, bindparam, insert, literal_column, or_, select, text, update
 from sqlalchemy.sql import Executable
 
 from app.db.errors import is_unique_violation
@@ -47,6 +47,7 @@ _FINISHED = (
 def _insert(dialect: str) -> Executable:
     values: dict[str, Any] = {name: bindparam(f"g_{name}") for name in _INSERTED}
     values["created_at"] = bindparam("g_created_at", type_=generations.c.created_at.type)
+    values["heartbeat_at"] = bindparam("g_created_at", type_=generations.c.created_at.type)
     return insert(generations).values(values)
 
 
@@ -107,15 +108,20 @@ def _checkpoint(dialect: str) -> Executable:
     (a row that is not was cancelled from elsewhere, or swept)."""
     if dialect == "postgresql":
         return text(
-            "UPDATE generations AS g SET output = v.output, completion_tokens = v.tokens "
+            "UPDATE generations AS g SET output = v.output, completion_tokens = v.tokens, "
+            "heartbeat_at = :g_now "
             "FROM unnest(CAST(:g_ids AS uuid[]), CAST(:g_outputs AS text[]), "
             "CAST(:g_tokens AS integer[])) AS v(id, output, tokens) "
             "WHERE g.id = v.id AND g.status = 'streaming' RETURNING g.id"
-        )
+        ).bindparams(bindparam("g_now", type_=generations.c.heartbeat_at.type))
     return (  # SQLite (development): one row per statement
         update(generations)
         .where(generations.c.id == bindparam("g_id"), generations.c.status == "streaming")
-        .values(output=bindparam("g_output"), completion_tokens=bindparam("g_tokens"))
+        .values(
+            output=bindparam("g_output"),
+            completion_tokens=bindparam("g_tokens"),
+            heartbeat_at=bindparam("g_now", type_=generations.c.heartbeat_at.type),
+        )
         .returning(generations.c.id)
     )
 
@@ -138,11 +144,20 @@ def _cancel(scoped: bool) -> Any:
 
 
 def _abandon(dialect: str) -> Executable:
+    stamp = generations.c.created_at.type
     return (
         update(generations)
         .where(
             generations.c.status == "streaming",
-            generations.c.created_at < bindparam("g_before", type_=generations.c.created_at.type),
+            or_(
+                # Its worker stopped refreshing the heartbeat.
+                generations.c.heartbeat_at < bindparam("g_silent_since", type_=stamp),
+                # Started by a release without heartbeats, and older than any stream can be.
+                and_(
+                    generations.c.heartbeat_at.is_(None),
+                    generations.c.created_at < bindparam("g_before", type_=stamp),
+                ),
+            ),
         )
         .values(
             status="failed",
@@ -198,8 +213,11 @@ class GenerationRepository:
         row = await self._s.fetch_one("store_generation_on_item", _store_on_item, params)
         return None if row is None else int(row[0])
 
-    async def checkpoint(self, progress: Sequence[tuple[UUID, str, int]]) -> set[UUID]:
-        """Save (id, text so far, tokens) of streaming rows; the ids that are still streaming."""
+    async def checkpoint(
+        self, progress: Sequence[tuple[UUID, str, int]], now: datetime
+    ) -> set[UUID]:
+        """Save (id, text so far, tokens) of streaming rows, and their heartbeat; the ids
+        that are still streaming."""
         if not progress:
             return set()
         if self._s.dialect == "postgresql":
@@ -207,12 +225,13 @@ class GenerationRepository:
                 "g_ids": [row[0] for row in progress],
                 "g_outputs": [row[1] for row in progress],
                 "g_tokens": [row[2] for row in progress],
+                "g_now": now,
             }
             rows = await self._s.fetch_all("checkpoint_generations", _checkpoint, params)
             return {UUID(str(row[0])) for row in rows}
         streaming = set()
         for generation_id, output, tokens in progress:
-            params = {"g_id": generation_id, "g_output": output, "g_tokens": tokens}
+            params = {"g_id": generation_id, "g_output": output, "g_tokens": tokens, "g_now": now}
             if await self._s.fetch_one("checkpoint_generation", _checkpoint, params):
                 streaming.add(generation_id)
         return streaming
@@ -227,6 +246,10 @@ class GenerationRepository:
         row = await self._s.fetch_one(("cancel_generation", scoped), _cancel(scoped), params)
         return row is not None
 
-    async def abandon_stale(self, started_before: datetime, now: datetime) -> int:
-        params = {"g_before": started_before, "g_now": now}
+    async def abandon_stale(
+        self, started_before: datetime, silent_since: datetime, now: datetime
+    ) -> int:
+        """Fail the streams whose worker is gone: no heartbeat since `silent_since`, or (rows
+        of a release without heartbeats) started before `started_before`."""
+        params = {"g_before": started_before, "g_silent_since": silent_since, "g_now": now}
         return await self._s.execute("abandon_generations", _abandon, params)

@@ -149,6 +149,8 @@ generations = Table(
     Column("output", Text(), nullable=True),
     Column("created_at", UTCDateTime(), nullable=False),
     Column("finished_at", UTCDateTime(), nullable=True),
+    # Refreshed by the worker running the stream (0005); NULL from a release before it.
+    Column("heartbeat_at", UTCDateTime(), nullable=True),
     Column("principal", String(255), nullable=True),
     Column("tenant", String(255), nullable=False, server_default=DEFAULT_TENANT),
     CheckConstraint(

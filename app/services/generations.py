@@ -43,6 +43,12 @@ log = logging.getLogger(__name__)
 
 # How long a stream at its token limit waits for the upstream's closing usage chunk.
 TRAILER_SECONDS = 1.0
+# A running stream's row is saved at least this often (its heartbeat), tokens or not; one
+# whose heartbeat is older than ABANDONED_AFTER_SECONDS lost its worker (SIGKILL, a node
+# gone) and is failed by the sweeper, so a client following it elsewhere gets its end.
+HEARTBEAT_SECONDS = 5.0
+ABANDONED_AFTER_SECONDS = 20.0
+ABANDONED_SWEEP_SECONDS = 5.0
 _tracer = trace.get_tracer("app.generations")
 
 Outcome = Literal["completed", "cancelled", "failed"]
@@ -335,26 +341,43 @@ class Checkpoints:
         self.interval = interval
         self._db = db
         self._dirty: dict[UUID, GenerationRun] = {}
+        # Every running stream and when its row was last saved (time.monotonic()): one that
+        # waits for tokens is saved too every HEARTBEAT_SECONDS, so its heartbeat goes on.
+        self._running: dict[UUID, tuple[GenerationRun, float]] = {}
+        # When saving last failed (the database down): heartbeats stopped everywhere then.
+        self.last_failure = -float("inf")
+
+    def begin(self, run: GenerationRun) -> None:
+        self._running[run.id] = (run, time.monotonic())
 
     def mark(self, run: GenerationRun) -> None:
         self._dirty[run.id] = run
 
     def forget(self, run: GenerationRun) -> None:
         self._dirty.pop(run.id, None)
+        self._running.pop(run.id, None)
 
     async def save(self) -> None:
-        runs, self._dirty = list(self._dirty.values()), {}
+        now = time.monotonic()
+        due = {
+            run.id: run for run, saved in self._running.values() if now - saved >= HEARTBEAT_SECONDS
+        }
+        runs = list({**due, **self._dirty}.values())
+        self._dirty = {}
         if not runs:
             return
         progress = [(run.id, run.text, run.tokens) for run in runs]
         try:
             async with self._db.write_one() as session:
-                streaming = await GenerationRepository(session).checkpoint(progress)
+                streaming = await GenerationRepository(session).checkpoint(progress, _now())
         except BaseException:
+            self.last_failure = time.monotonic()
             for run in runs:  # saved next time (unless finished meanwhile)
                 self._dirty.setdefault(run.id, run)
             raise
         for run in runs:
+            if run.id in self._running:
+                self._running[run.id] = (run, now)
             if run.id not in streaming:
                 run.stop_from_elsewhere()
 
@@ -560,7 +583,7 @@ class GenerationService:
             raise
         if self._observer is not None:
             self._observer.stream_started(self.provider.name)
-        return GenerationRun(
+        run = GenerationRun(
             self,
             generation_id,
             request,
@@ -570,6 +593,8 @@ class GenerationService:
             created_at=now,
             quota_key=quota_key if quota is not None else None,
         )
+        self.checkpoints.begin(run)
+        return run
 
     # --- called by runs -------------------------------------------------------------------
 
@@ -679,11 +704,17 @@ class GenerationService:
         return generation
 
     async def sweep_abandoned(self) -> int:
-        """Mark streams failed whose process died: older than the longest possible stream."""
+        """Mark streams failed whose worker died: no heartbeat for ABANDONED_AFTER_SECONDS
+        (rows of a release without heartbeats: older than the longest possible stream).
+        Not while this worker's own saves failed recently: after a database outage every
+        worker's heartbeats are late, and their streams are alive."""
+        if time.monotonic() - self.checkpoints.last_failure < ABANDONED_AFTER_SECONDS:
+            return 0
         now = _now()
         cutoff = now - timedelta(seconds=self.limits.max_seconds + 60)
+        silent_since = now - timedelta(seconds=ABANDONED_AFTER_SECONDS)
         async with self._db.transaction() as session:
-            return await GenerationRepository(session).abandon_stale(cutoff, now)
+            return await GenerationRepository(session).abandon_stale(cutoff, silent_since, now)
 
 
 def _item_prompt(item: Item, instructions: str | None) -> tuple[Message, ...]:

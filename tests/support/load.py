@@ -45,6 +45,7 @@ class Stream:
     last_id: str = ""
     resumes: int = 0
     status: str = ""
+    error: str = ""  # the record's error, when it ended otherwise than completed
     errors: list[str] = field(default_factory=list)
     hung_up: list[float] = field(default_factory=list)  # when the client left on purpose
     resumed: list[float] = field(default_factory=list)  # when a resume was answered 200
@@ -142,6 +143,13 @@ class Load:
                     await self._read_events(response, stream)
                 finally:
                     await response.aclose()
+                if not stream.status and stream.errors and stream.generation_id:
+                    # An error event ends the connection; the record says whether the
+                    # generation ended too (failed, cancelled) or goes on (resume it).
+                    record = await client.get(f"/v1/generations/{stream.generation_id}")
+                    if record.status_code == 200 and record.json()["status"] != "streaming":
+                        stream.status = record.json()["status"]
+                        stream.error = str(record.json().get("error"))
             except httpx.HTTPError as error:
                 stream.errors.append(type(error).__name__)
                 await asyncio.sleep(0.2)
