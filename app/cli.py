@@ -13,7 +13,7 @@ from typing import NoReturn
 from pydantic import ValidationError
 
 from app import __version__
-from app.config import URL_VARIABLES, Settings, env_variable
+from app.config import SECRET_VARIABLES, URL_VARIABLES, Settings, env_variable
 from app.db import migrations
 from app.telemetry.logs import configure_logging, logging_config
 from app.telemetry.redact import redact
@@ -30,6 +30,11 @@ def _load_settings() -> Settings:
             # A rule across settings names its variables in the message itself.
             message = problem["msg"].removeprefix("Value error, ")
             variable = env_variable(problem["loc"])
+            given = problem.get("input")
+            if variable and isinstance(given, str | int | float) and not isinstance(given, bool):
+                # The value as given, so a typo shows; never a secret, and no URL password.
+                shown = "(hidden)" if variable in SECRET_VARIABLES else redact(repr(given))[:100]
+                message = f"{message} (got {shown})"
             lines.append(f"  {variable}: {message}" if variable else f"  {message}")
         _refuse(lines)
 

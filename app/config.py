@@ -894,22 +894,34 @@ def _marked_url(annotation: object, metadata: list[object]) -> bool:
     return any(_marked_url(arg, []) for arg in get_args(annotation))
 
 
+def _leaf(path: tuple[str, ...]) -> Any:
+    model: type[BaseModel] = Settings
+    for part in path[:-1]:
+        annotation = model.model_fields[part].annotation
+        assert isinstance(annotation, type)
+        model = annotation
+    return model.model_fields[path[-1]]
+
+
 def _url_variables() -> frozenset[str]:
     found = set()
     for name, path in ENV_VARS.items():
-        model: type[BaseModel] = Settings
-        for part in path[:-1]:
-            annotation = model.model_fields[part].annotation
-            assert isinstance(annotation, type)
-            model = annotation
-        field = model.model_fields[path[-1]]
+        field = _leaf(path)
         if _marked_url(field.annotation, list(field.metadata)):
             found.add(name)
     return frozenset(found)
 
 
+def _secret_variables() -> frozenset[str]:
+    return frozenset(
+        name for name, path in ENV_VARS.items() if "SecretStr" in str(_leaf(path).annotation)
+    )
+
+
 # The variables whose values are URLs (credentials masked wherever settings are shown).
 URL_VARIABLES = _url_variables()
+# The variables whose values are never shown, not even when they are wrong.
+SECRET_VARIABLES = _secret_variables()
 
 # Variables that share a prefix with the tree's but belong to others: the OpenTelemetry SDK
 # (OTEL_*), proxies, gunicorn, and Kubernetes' service links (a Service named `db` gives every

@@ -20,6 +20,22 @@ def test_cli_reports_bad_configuration_clearly() -> None:
     assert "Traceback" not in done.stderr
 
 
+def test_a_refusal_echoes_the_value_it_refused_but_never_a_secret() -> None:
+    env = clean_env(
+        DB_POOL_SIZE="lots",
+        REDIS_URL="http://cache:s3cret-pw@redis:6379",
+        LLM_API_KEY="",  # empty is unset
+        CURSOR_SECRETS='["short-and-secret", 5]',
+    )
+    done = run_cli("check-config", env=env)
+    assert done.returncode == 2
+    assert "DB_POOL_SIZE: Input should be a valid integer" in done.stderr
+    assert "(got 'lots')" in done.stderr, done.stderr
+    assert "REDIS_URL: the scheme must be one of" in done.stderr
+    assert "(got 'http://cache:***@redis:6379')" in done.stderr, done.stderr
+    assert "s3cret-pw" not in done.stderr and "short-and-secret" not in done.stderr
+
+
 def test_cli_check_config_hides_secrets() -> None:
     env = clean_env(
         DATABASE_URL="postgresql://app:hunter2@db/app", DATABASE_PASSWORD="other-secret"
