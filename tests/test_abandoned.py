@@ -21,6 +21,7 @@ from sqlalchemy import bindparam, update
 from app.config import Settings
 from app.db.generations import GenerationRepository
 from app.db.tables import generations
+from app.domain.errors import DatabaseUnavailable
 from app.main import create_app
 from app.services import generations as generation_module
 from tests.support.app import changed
@@ -137,6 +138,32 @@ async def test_no_sweep_right_after_this_workers_saves_failed(settings: Settings
         service.checkpoints.last_failure = time.monotonic()
         assert await service.sweep_abandoned() == 0
         service.checkpoints.last_failure = time.monotonic() - after.total_seconds() - 1
+        assert await service.sweep_abandoned() == 1
+
+
+async def test_a_worker_without_streams_learns_of_an_outage_from_its_own_sweep(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker that runs no stream saves nothing, so only its failed sweep tells it the
+    database was away; the CI's full run caught it failing another worker's live streams
+    right after a 20 s failover."""
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        after = timedelta(seconds=generation_module.ABANDONED_AFTER_SECONDS)
+        await _row(app, started=after * 3, heartbeat=after * 2)
+        service = app.state.components.generations
+
+        async def unavailable(*_: Any) -> int:
+            raise DatabaseUnavailable("the database is unavailable")
+
+        with monkeypatch.context() as patched:
+            patched.setattr(GenerationRepository, "abandon_stale", unavailable)
+            with pytest.raises(DatabaseUnavailable):
+                await service.sweep_abandoned()
+        assert await service.sweep_abandoned() == 0, "the outage just ended: not yet"
+        monkeypatch.setattr(
+            service, "_sweep_failed_at", time.monotonic() - after.total_seconds() - 1
+        )
         assert await service.sweep_abandoned() == 1
 
 

@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 import pytest
 
+from app import __version__ as app_version
 from app.config import Settings
 from app.main import create_app
 from tests.support.app import app_client, changed
@@ -477,7 +478,8 @@ async def test_unexpected_error_is_500_without_trace(
 
 
 async def test_health(client: httpx.AsyncClient) -> None:
-    assert (await client.get("/livez")).json() == {"status": "ok", "detail": None}
+    live = (await client.get("/livez")).json()
+    assert live["status"] == "ok" and live["version"] == app_version and live["revision"]
     ready = await client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["status"] == "ok"
 

@@ -97,12 +97,13 @@ async def _rows(settings: Settings) -> dict[str, dict[str, Any]]:
 
 
 def _settled(rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """acme's rows, less what a running generation changes by itself (its text so far)."""
+    """acme's rows, less what a running generation changes by itself (its text so far, its
+    heartbeat)."""
     kept = {}
     for key, row in rows.items():
         if row.get("tenant") != "acme":
             continue
-        moving = ("output", "completion_tokens", "time_to_first_token_seconds")
+        moving = ("output", "completion_tokens", "time_to_first_token_seconds", "heartbeat_at")
         if key.startswith("generations:") and row["status"] == "streaming":
             kept[key] = {k: v for k, v in row.items() if k not in moving}
         else:

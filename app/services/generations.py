@@ -438,6 +438,7 @@ class GenerationService:
         self._observer = observer
         self._active = 0
         self.checkpoints = Checkpoints(db, checkpoint_seconds)
+        self._sweep_failed_at = -float("inf")
 
     # --- starting -------------------------------------------------------------------------
 
@@ -706,15 +707,24 @@ class GenerationService:
     async def sweep_abandoned(self) -> int:
         """Mark streams failed whose worker died: no heartbeat for ABANDONED_AFTER_SECONDS
         (rows of a release without heartbeats: older than the longest possible stream).
-        Not while this worker's own saves failed recently: after a database outage every
-        worker's heartbeats are late, and their streams are alive."""
-        if time.monotonic() - self.checkpoints.last_failure < ABANDONED_AFTER_SECONDS:
+        Not within ABANDONED_AFTER_SECONDS of this worker's last failure to reach the
+        database (a save or a sweep): after an outage every worker's heartbeats are late,
+        and their streams are alive."""
+        last_failure = max(self.checkpoints.last_failure, self._sweep_failed_at)
+        if time.monotonic() - last_failure < ABANDONED_AFTER_SECONDS:
             return 0
         now = _now()
         cutoff = now - timedelta(seconds=self.limits.max_seconds + 60)
         silent_since = now - timedelta(seconds=ABANDONED_AFTER_SECONDS)
-        async with self._db.transaction() as session:
-            return await GenerationRepository(session).abandon_stale(cutoff, silent_since, now)
+        try:
+            async with self._db.transaction() as session:
+                repo = GenerationRepository(session)
+                return await repo.abandon_stale(cutoff, silent_since, now)
+        except BaseException:
+            # This worker may run no stream, so only its sweep tells it of an outage: one
+            # longer than ABANDONED_AFTER_SECONDS makes every live stream look silent.
+            self._sweep_failed_at = time.monotonic()
+            raise
 
 
 def _item_prompt(item: Item, instructions: str | None) -> tuple[Message, ...]:
