@@ -289,9 +289,11 @@ async def test_the_primary_node_is_lost() -> None:
 async def test_the_primary_is_cut_off() -> None:
     """The primary freezes (SIGSTOP to its Patroni and PostgreSQL), as behind a partition:
     its connections hang rather than reset, so every request must be cut by its own bound.
-    The leader key expires and the replica takes over: the first write within TTL + 5 s.
-    Then the old primary comes back (SIGCONT) under the same load and is demoted: nothing
-    is written to it, nothing acknowledged is lost."""
+    The leader key expires and the replica takes over: the first write within TTL + 10 s
+    (5 s more than for a lost node: the connections through the frozen node hang until
+    HAProxy marks it down and closes them, where a dead one's are reset at once; 23.2 and
+    24.2 s measured). Then the old primary comes back (SIGCONT) under the same load and is
+    demoted: nothing is written to it, nothing acknowledged is lost."""
     with ha_stack(synchronous=True) as stack:
         cut: list[Node] = []
 
@@ -305,12 +307,12 @@ async def test_the_primary_is_cut_off() -> None:
             stack,
             "primary cut off, then back",
             freeze,
-            settle=failover.TTL + 8,
+            settle=failover.TTL + 12,  # thawed only once the replica has surely taken over
             aftermath=lambda rig: rig.thaw_node(cut[0]),
         )
         new = stack.rig.primary()
         assert new is not None and new.name != cut[0].name, "the replica was not promoted"
-        await _check(stack, load, figures, bound=failover.TTL + 5)
+        await _check(stack, load, figures, bound=failover.TTL + 10)
 
 
 async def test_postgres_alone_killed_on_the_primary() -> None:
