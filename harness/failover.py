@@ -37,6 +37,7 @@ from harness.processes import (
     hand_over,
     run_as,
     run_coroutine,
+    stop,
     unprivileged_user,
     wait_until,
 )
@@ -475,14 +476,8 @@ listen primary
 
     @staticmethod
     def _stop(process: subprocess.Popen[bytes] | None) -> None:
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
+        if process is not None:
+            stop(process, 20)
 
 
 def _children(pid: int) -> list[int]:

@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from harness.processes import free_port, wait_for_port, wait_until
+from harness.processes import free_port, stop, stop_group, wait_for_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMESPACE = "apps"
@@ -59,6 +59,15 @@ def chart_rules(helm: str, release: str = JOB, namespace: str = NAMESPACE) -> di
     ).stdout
     spec: dict[str, Any] = yaml.safe_load(out)["spec"]
     return spec
+
+
+def _ready(port: int) -> bool:
+    """Whether /readyz on `port` answers 200 (as a readiness probe asks)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as answer:
+            return bool(answer.status == 200)
+    except OSError:  # refused, reset, or an HTTP error status
+        return False
 
 
 def available() -> str | None:
@@ -131,12 +140,8 @@ class Fleet:
         for instance in self.instances:
             self.stop(instance)
         for process in (self._haproxy, self._prometheus):
-            if process is not None and process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(10)
-                except subprocess.TimeoutExpired:
-                    process.kill()
+            if process is not None:
+                stop(process)
         shutil.rmtree(self.work, ignore_errors=True)
 
     # -- instances --------------------------------------------------------------------------
@@ -166,23 +171,11 @@ class Fleet:
             instance.process.wait(10)
 
     def stop(self, instance: Instance, timeout: float = 30) -> None:
-        if instance.process is None or instance.process.poll() is not None:
-            return
-        os.killpg(instance.process.pid, signal.SIGTERM)
-        try:
-            instance.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(instance.process.pid, signal.SIGKILL)
-            instance.process.wait(10)
+        if instance.process is not None:
+            stop_group(instance.process, timeout)
 
     def ready(self, instance: Instance) -> bool:
-        try:
-            with urllib.request.urlopen(
-                f"http://127.0.0.1:{instance.port}/readyz", timeout=2
-            ) as answer:
-                return bool(answer.status == 200)
-        except OSError:  # refused, reset, or an HTTP error status
-            return False
+        return _ready(instance.port)
 
     # -- the Service ------------------------------------------------------------------------
 
@@ -218,16 +211,7 @@ backend pods
                 stderr=subprocess.STDOUT,
             )
         wait_for_port(self.port, 15, self._haproxy)
-        assert wait_until(self._answers, 60), (self.work / "haproxy.log").read_text()
-
-    def _answers(self) -> bool:
-        try:
-            with urllib.request.urlopen(
-                f"http://127.0.0.1:{self.port}/readyz", timeout=2
-            ) as answer:
-                return bool(answer.status == 200)
-        except OSError:
-            return False
+        assert wait_until(partial(_ready, self.port), 60), (self.work / "haproxy.log").read_text()
 
     # -- Prometheus -------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ import asyncio
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -85,6 +86,19 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(5)
+
+
+def stop_group(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> int:
+    """SIGTERM to a process started with start_new_session=True and everything it started
+    (a gunicorn master and its workers, make and what it runs), then SIGKILL past `timeout`."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    return proc.returncode
 
 
 def run_coroutine(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:

@@ -135,9 +135,10 @@ async def test_no_sweep_right_after_this_workers_saves_failed(settings: Settings
         after = timedelta(seconds=generation_module.ABANDONED_AFTER_SECONDS)
         await _row(app, started=after * 3, heartbeat=after * 2)
         service = app.state.components.generations
-        service.checkpoints.last_failure = time.monotonic()
+        database = service._db
+        database.unavailable_at = time.monotonic()  # as a failed checkpoint leaves it
         assert await service.sweep_abandoned() == 0
-        service.checkpoints.last_failure = time.monotonic() - after.total_seconds() - 1
+        database.unavailable_at = time.monotonic() - after.total_seconds() - 1
         assert await service.sweep_abandoned() == 1
 
 
@@ -154,16 +155,15 @@ async def test_a_worker_without_streams_learns_of_an_outage_from_its_own_sweep(
         service = app.state.components.generations
 
         async def unavailable(*_: Any) -> int:
-            raise DatabaseUnavailable("the database is unavailable")
+            raise ConnectionResetError("connection reset by peer")  # as the driver raises it
 
         with monkeypatch.context() as patched:
             patched.setattr(GenerationRepository, "abandon_stale", unavailable)
             with pytest.raises(DatabaseUnavailable):
                 await service.sweep_abandoned()
         assert await service.sweep_abandoned() == 0, "the outage just ended: not yet"
-        monkeypatch.setattr(
-            service, "_sweep_failed_at", time.monotonic() - after.total_seconds() - 1
-        )
+        database = service._db
+        database.unavailable_at = time.monotonic() - after.total_seconds() - 1
         assert await service.sweep_abandoned() == 1
 
 

@@ -17,7 +17,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import tomllib
@@ -29,7 +28,7 @@ import httpx
 import pytest
 import yaml
 
-from harness.processes import free_port, wait_until
+from harness.processes import free_port, stop_group, wait_until
 from tests.support.helm import render
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -313,13 +312,7 @@ def test_the_docs_commands_run_in_a_fresh_environment(fresh_checkout: Path, tmp_
             assert not re.search(r"HTTP/1\.1 5\d\d", output), f"{block}:\n{output[-3000:]}"
             assert done.stdout.strip(), f"{block} printed nothing"
     finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait(10)
+        stop_group(server)
     served = log.read_text()
     assert "Traceback" not in served, served[-3000:]
     assert '"status": 5' not in served and " 500 " not in served, served[-3000:]

@@ -34,6 +34,7 @@ from harness.processes import (
     hand_over,
     run_coroutine,
     stop,
+    stop_group,
     unprivileged_user,
     wait_for_port,
     wait_until,
@@ -65,17 +66,6 @@ def _start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[
         )
 
 
-def _stop_group(proc: subprocess.Popen[bytes], timeout: float = 30) -> int:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-    return proc.returncode
-
-
 @pytest.mark.slow
 def test_make_run_serves_without_uv_on_path(tmp_path: Path) -> None:
     port = free_port()
@@ -93,7 +83,7 @@ def test_make_run_serves_without_uv_on_path(tmp_path: Path) -> None:
         created = httpx.post(f"{base}/v1/items", json={"name": "first", "price": 1})
         assert created.status_code == 201
     finally:
-        _stop_group(proc)
+        stop_group(proc)
     output = log.read_text()
     base = f"http://127.0.0.1:{port}"
     assert f"itemstream API at {base}, docs at {base}/docs" in output
@@ -162,7 +152,7 @@ def test_production_on_an_unmigrated_database_answers_503_naming_the_fix(
             assert response.headers["retry-after"]
             assert "itemstream migrate" in response.json()["detail"]
     finally:
-        _stop_group(proc)
+        stop_group(proc)
     output = log.read_text()
     assert "database schema not migrated" in output
     assert "Traceback" not in output
@@ -209,7 +199,7 @@ def test_make_stack_runs_the_app_behind_pgbouncer(tmp_path: Path, pg: PostgresSe
         assert created.status_code == 201, created.text
         assert httpx.get(f"{base}{created.headers['location']}").status_code == 200
     finally:
-        code = _stop_group(proc)
+        code = stop_group(proc)
         pg.drop_database(database)  # IF EXISTS: a throwaway cluster of its own took it along
     output = log.read_text()
     assert "PgBouncer 1." in output and f"database {database}" in output
@@ -339,7 +329,7 @@ def test_compose_stack_runs_as_processes(tmp_path: Path) -> None:
         assert httpx.get(f"{base}{created.headers['location']}").status_code == 200
     finally:
         if app is not None:
-            _stop_group(app)
+            stop_group(app)
         if bouncer is not None:
             stop(bouncer)
         pg.close()
@@ -547,7 +537,7 @@ def test_serve_reload_logs_in_the_service_format(tmp_path: Path) -> None:
     try:
         assert wait_until(lambda: _answers(f"http://127.0.0.1:{port}"), 60), log.read_text()
     finally:
-        _stop_group(proc)
+        stop_group(proc)
     lines = [line for line in log.read_text().splitlines() if line.strip()]
     parsed = [json.loads(line) for line in lines if line.startswith("{")]
     assert len(parsed) == len(lines), [line for line in lines if not line.startswith("{")]

@@ -136,6 +136,9 @@ class Database:
         self._observer = observer
         self._pooler = pooler
         self._request_timeout = request_timeout
+        # When this process last found the database unavailable (time.monotonic()), on any
+        # path: a request, a probe, a checkpoint, a sweep.
+        self.unavailable_at = -float("inf")
         # Whether a one-statement unit of work still needs BEGIN/COMMIT: older PgBouncer needs a
         # transaction to pin one server connection between Parse and Execute; SQLite's engine
         # always opens one.
@@ -280,6 +283,7 @@ class Database:
             )
 
     def _unavailable(self, error: BaseException) -> None:
+        self.unavailable_at = time.monotonic()
         log.warning("database unavailable: %s", one_line(error))
         if self._observer is not None:
             self._observer.database_unavailable()

@@ -344,8 +344,6 @@ class Checkpoints:
         # Every running stream and when its row was last saved (time.monotonic()): one that
         # waits for tokens is saved too every HEARTBEAT_SECONDS, so its heartbeat goes on.
         self._running: dict[UUID, tuple[GenerationRun, float]] = {}
-        # When saving last failed (the database down): heartbeats stopped everywhere then.
-        self.last_failure = -float("inf")
 
     def begin(self, run: GenerationRun) -> None:
         self._running[run.id] = (run, time.monotonic())
@@ -371,7 +369,6 @@ class Checkpoints:
             async with self._db.write_one() as session:
                 streaming = await GenerationRepository(session).checkpoint(progress, _now())
         except BaseException:
-            self.last_failure = time.monotonic()
             for run in runs:  # saved next time (unless finished meanwhile)
                 self._dirty.setdefault(run.id, run)
             raise
@@ -438,7 +435,6 @@ class GenerationService:
         self._observer = observer
         self._active = 0
         self.checkpoints = Checkpoints(db, checkpoint_seconds)
-        self._sweep_failed_at = -float("inf")
 
     # --- starting -------------------------------------------------------------------------
 
@@ -707,24 +703,16 @@ class GenerationService:
     async def sweep_abandoned(self) -> int:
         """Mark streams failed whose worker died: no heartbeat for ABANDONED_AFTER_SECONDS
         (rows of a release without heartbeats: older than the longest possible stream).
-        Not within ABANDONED_AFTER_SECONDS of this worker's last failure to reach the
-        database (a save or a sweep): after an outage every worker's heartbeats are late,
-        and their streams are alive."""
-        last_failure = max(self.checkpoints.last_failure, self._sweep_failed_at)
-        if time.monotonic() - last_failure < ABANDONED_AFTER_SECONDS:
+        Not within ABANDONED_AFTER_SECONDS of this process finding the database unavailable
+        on any path (its own sweep included, for a worker that runs no stream): after an
+        outage every worker's heartbeats are late, and their streams are alive."""
+        if time.monotonic() - self._db.unavailable_at < ABANDONED_AFTER_SECONDS:
             return 0
         now = _now()
         cutoff = now - timedelta(seconds=self.limits.max_seconds + 60)
         silent_since = now - timedelta(seconds=ABANDONED_AFTER_SECONDS)
-        try:
-            async with self._db.transaction() as session:
-                repo = GenerationRepository(session)
-                return await repo.abandon_stale(cutoff, silent_since, now)
-        except BaseException:
-            # This worker may run no stream, so only its sweep tells it of an outage: one
-            # longer than ABANDONED_AFTER_SECONDS makes every live stream look silent.
-            self._sweep_failed_at = time.monotonic()
-            raise
+        async with self._db.transaction() as session:
+            return await GenerationRepository(session).abandon_stale(cutoff, silent_since, now)
 
 
 def _item_prompt(item: Item, instructions: str | None) -> tuple[Message, ...]:

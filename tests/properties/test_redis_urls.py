@@ -4,6 +4,7 @@ for that service, and carries the credentials; anything else is refused by name 
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import quote
 
 import pytest
@@ -82,3 +83,29 @@ def test_a_wrong_redis_url_is_refused_by_name(url: str, says: str) -> None:
 def test_plain_urls_are_redis_pys_own() -> None:
     for url in ("redis://cache:6379/0", "rediss://:pw@cache:6380/1", "unix:///run/redis.sock"):
         assert parse_redis_url(url) is None
+
+
+@given(
+    st.one_of(
+        st.text(),
+        st.builds(
+            lambda body: f"redis+sentinel://{body}",
+            st.text(alphabet=st.sampled_from(list(":/,@[]%?#0123456789abc ")), max_size=40),
+        ),
+    )
+)
+def test_any_redis_url_is_accepted_or_refused_by_name(raw: str) -> None:
+    """Hostile values: a REDIS_URL is either accepted, and then names a usable target, or
+    refused as REDIS_URL with a message; never another exception."""
+    errors: list[Any] = []
+    try:
+        Settings(_env_file=None, redis_url=raw)
+    except ValidationError as refused:
+        errors = refused.errors()
+    if errors:
+        assert {env_variable(e["loc"]) for e in errors} == {"REDIS_URL"}
+        return
+    target = parse_redis_url(raw.strip()) if raw.strip() else None
+    if target is not None:
+        assert target.service and target.sentinels
+        assert all(host and 0 < port < 65536 for host, port in target.sentinels)
