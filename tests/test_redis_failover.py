@@ -194,7 +194,10 @@ def _check(
     boots: int,
 ) -> None:
     kill, promoted = moments["kill"], moments["promoted"]
-    before = [p for p in probes.done if p.started + 1 < kill]
+    # The first probe is not judged: its 25 concurrent requests grow each worker's Redis
+    # pool, every new connection asks a Sentinel first, and one later than
+    # RATE_LIMIT_REDIS_TIMEOUT fails open as documented (CI served 25 of 25 there once).
+    before = [p for p in probes.done[1:] if p.started + 1 < kill]
     assert before and all(p.exact for p in before), [p.statuses for p in before]
     assert _exact_again(probes, kill) <= promoted + BREAKER_SECONDS + 2, "not exact again"
     for probe in probes.done:
