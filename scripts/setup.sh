@@ -7,6 +7,11 @@ root=${root:-$(pwd)}
 
 say() { printf '==> %s\n' "$*" >&2; }
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else return 1; fi; }
+# apt_install PACKAGE...: quietly, refreshing the package lists once if they are stale.
+apt_install() {
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null 2>&1 \
+    || { as_root apt-get update -qq >/dev/null 2>&1 && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null; }
+}
 
 if ! command -v uv >/dev/null 2>&1; then
   # scripts/uv.sh finds uv off PATH or installs it (also where pip may not install: PEP 668).
@@ -23,9 +28,7 @@ is_modern() { read -r major minor <<<"$(pgb_version "$1")"; [ -n "${major:-}" ] 
 system_pgb=$(command -v pgbouncer || { [ -x /usr/sbin/pgbouncer ] && echo /usr/sbin/pgbouncer; } || true)
 if [ -z "$system_pgb" ] && command -v apt-get >/dev/null 2>&1; then
   say "installing PgBouncer from the distribution"
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer >/dev/null 2>&1 \
-    || { as_root apt-get update -qq >/dev/null 2>&1 && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer >/dev/null; } \
-    || say "could not install pgbouncer with apt-get"
+  apt_install pgbouncer || say "could not install pgbouncer with apt-get"
   system_pgb=$(command -v pgbouncer || { [ -x /usr/sbin/pgbouncer ] && echo /usr/sbin/pgbouncer; } || true)
 fi
 if [ -n "$system_pgb" ]; then
@@ -105,8 +108,7 @@ fi
 # The rate-limit tests stop a Redis of their own mid-test, so they need the redis-server binary.
 if ! command -v redis-server >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
   say "installing redis-server"
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null 2>&1 \
-    || say "could not install redis-server; the Redis tests will say so"
+  apt_install redis-server || say "could not install redis-server; the Redis tests will say so"
 fi
 
 # The failover tests run Patroni with etcd as its store and HAProxy routing to the primary,
@@ -114,10 +116,16 @@ fi
 if ! { command -v etcd && command -v haproxy && command -v redis-sentinel; } >/dev/null 2>&1 \
   && command -v apt-get >/dev/null 2>&1; then
   say "installing etcd-server, haproxy and redis-sentinel (the failover rigs)"
-  rigs="etcd-server haproxy redis-sentinel"
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $rigs >/dev/null 2>&1 \
-    || { as_root apt-get update -qq >/dev/null 2>&1 && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $rigs >/dev/null; } \
-    || say "could not install $rigs; the failover tests will say so"
+  apt_install etcd-server haproxy redis-sentinel \
+    || say "could not install etcd-server, haproxy, redis-sentinel; the failover tests will say so"
+fi
+# The release test (tests/test_release.py) pushes to Debian's distribution registry and signs
+# and verifies with skopeo and gpg.
+if ! { command -v docker-registry && command -v skopeo && command -v gpg; } >/dev/null 2>&1 \
+  && command -v apt-get >/dev/null 2>&1; then
+  say "installing docker-registry, skopeo and gnupg (the release test)"
+  apt_install docker-registry skopeo gnupg \
+    || say "could not install docker-registry, skopeo, gnupg; the release test will say so"
 fi
 # Patroni from PyPI (the version in harness/failover.py; Debian 12's 3.0.2 can lose
 # acknowledged writes), in a virtual environment of the system's Python that the postgres

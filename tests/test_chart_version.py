@@ -4,6 +4,7 @@ team need, and the hand-edited YAML passes yamllint."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -90,3 +91,31 @@ def test_hand_edited_yaml_passes_yamllint() -> None:
         check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_production_values_pin_every_image_by_digest() -> None:
+    """What production installs is immutable: with the app's digest as a release writes it,
+    every container (hooks and `helm test` included) names its image by digest."""
+    from tests.support.helm import render
+    from tests.test_chart import pod_specs
+
+    digest = "sha256:" + "0" * 64
+    rendered = render("production-values.yaml", f"image.digest={digest}")
+    images = {
+        container["image"]
+        for _, spec in pod_specs(rendered)
+        for container in spec.get("initContainers", []) + spec["containers"]
+    }
+    assert len(images) >= 4, images  # app, PgBouncer, its exporter, the test pod
+    assert all(re.search(r"@sha256:[0-9a-f]{64}$", image) for image in images), images
+
+
+def test_the_default_pgbouncer_has_the_2026_security_fixes() -> None:
+    """PgBouncer 1.25.2 fixes CVE-2026-6664/6665/6666; the chart and compose never default
+    to an older one."""
+    values = yaml.safe_load((ROOT / "chart" / "values.yaml").read_text())
+    tags = [values["pgbouncer"]["image"]["tag"]]
+    tags += re.findall(r"edoburu/pgbouncer:(\S+)", (ROOT / "compose.yaml").read_text())
+    for tag in tags:
+        match = re.match(r"^v?(\d+)\.(\d+)\.(\d+)", tag)
+        assert match and tuple(map(int, match.groups())) >= (1, 25, 2), tag

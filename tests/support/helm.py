@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -12,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from scripts.install_helm import installed
 from tests.support.skips import missing
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -19,10 +18,7 @@ CHART = ROOT / "chart"
 
 
 def helm_binary() -> str:
-    found = os.environ.get("HELM") or shutil.which("helm")
-    cached = Path.home() / ".cache" / "itemstream" / "helm" / "helm"
-    if not found and cached.exists():
-        found = str(cached)
+    found = installed()
     if not found:
         missing("helm 4 not found; run `make test` (installs it) or set HELM")
     assert found is not None
