@@ -26,7 +26,14 @@ from typing import Any
 
 import yaml
 
-from harness.processes import free_port, stop, stop_group, wait_for_port, wait_until
+from harness.processes import (
+    free_port,
+    stop,
+    stop_group,
+    wait_for_port,
+    wait_until,
+    worker_pids,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMESPACE = "apps"
@@ -34,9 +41,11 @@ JOB = "itemstream"  # the Service's name, which a ServiceMonitor's scrape uses a
 PROMETHEUS_CACHE = Path.home() / ".cache/itemstream/promtool/usr/bin"  # scripts/setup.sh
 
 
-def chart_rules(helm: str, release: str = JOB, namespace: str = NAMESPACE) -> dict[str, Any]:
+def chart_rules(
+    helm: str, release: str = JOB, namespace: str = NAMESPACE, sets: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """The spec of the chart's PrometheusRule (its rule groups), as Helm renders it: the same
-    file a cluster's Prometheus loads."""
+    file a cluster's Prometheus loads (with `sets`, values such as a shorter `for`)."""
     out = subprocess.run(
         [
             helm,
@@ -49,6 +58,7 @@ def chart_rules(helm: str, release: str = JOB, namespace: str = NAMESPACE) -> di
             str(ROOT / "chart" / "ci" / "try-out-values.yaml"),
             "--set",
             "prometheusRule.enabled=true",
+            *[arg for value in sets for arg in ("--set", value)],
             "--show-only",
             "templates/prometheusrule.yaml",
         ],
@@ -94,6 +104,20 @@ class Instance:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
+
+    def cpu_seconds(self) -> float:
+        """CPU time of the instance's master and live workers (what a pod's cgroup counts,
+        less the workers that already exited)."""
+        if self.process is None or self.process.poll() is not None:
+            return 0.0
+        total = 0
+        for pid in [self.process.pid, *worker_pids(self.process.pid)]:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # a worker that just exited
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        return total / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -250,7 +274,14 @@ backend pods
                 stderr=subprocess.STDOUT,
             )
         wait_for_port(self.prometheus_port, 30, self._prometheus)
-        assert wait_until(lambda: len(self.targets_up()) == self.size, 30), self.logs()
+
+        def all_up() -> bool:
+            try:
+                return len(self.targets_up()) == self.size
+            except OSError:  # 503 while its storage opens, or not listening yet
+                return False
+
+        assert wait_until(all_up, 30), self.logs()
 
     def _api(self, path: str, **params: str) -> Any:
         query = urllib.parse.urlencode(params)
@@ -265,6 +296,17 @@ backend pods
         data = self._api("query", query=expr)
         result: list[dict[str, Any]] = data["result"]
         return result
+
+    def query_range(self, expr: str, start: float, end: float, step: float = 1) -> list[Any]:
+        """A range query's result (a matrix): one series per label set, [time, value] pairs."""
+        data = self._api("query_range", query=expr, start=str(start), end=str(end), step=str(step))
+        result: list[Any] = data["result"]
+        return result
+
+    def series(self, match: str) -> list[dict[str, str]]:
+        """The label sets of the series a selector matches (what prometheus-adapter lists)."""
+        found: list[dict[str, str]] = self._api("series", **{"match[]": match})
+        return found
 
     def alerts(self) -> list[dict[str, Any]]:
         """Alerts pending or firing now."""

@@ -53,6 +53,16 @@ def port(node: dict[str, Any]) -> None:
     node.update(minimum=1, maximum=65535)
 
 
+def _prometheus_rule(rule: dict[str, Any]) -> None:
+    rule["availabilitySLO"].update(exclusiveMinimum=0, exclusiveMaximum=1)
+    rule["latencySLO"].update(exclusiveMinimum=0, exclusiveMaximum=1)
+    rule["latencyThresholdSeconds"]["enum"] = [
+        "0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1.0", "2.5", "5.0", "10.0",
+    ]  # fmt: skip
+    for duration in ("databaseUnavailableWindow", "databaseUnavailableFor"):
+        rule[duration]["pattern"] = "^([0-9]+(ms|s|m|h))+$"  # a Prometheus duration
+
+
 def _external_database(p: dict[str, Any]) -> None:
     p["sslmode"]["enum"] = ["disable", "prefer", "require", "verify-ca", "verify-full"]
     p["hosts"]["items"] = {"type": "string", "minLength": 1}
@@ -133,12 +143,7 @@ def schema() -> dict[str, Any]:
         p["rateLimit"]["properties"][name]["minimum"] = 1
     p["security"]["properties"]["allowedHosts"]["items"] = {"type": "string"}
     p["redis"]["properties"]["image"]["properties"]["tag"] = {"type": ["string", "number"]}
-    rule = p["prometheusRule"]["properties"]
-    rule["availabilitySLO"].update(exclusiveMinimum=0, exclusiveMaximum=1)
-    rule["latencySLO"].update(exclusiveMinimum=0, exclusiveMaximum=1)
-    rule["latencyThresholdSeconds"]["enum"] = [
-        "0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1.0", "2.5", "5.0", "10.0",
-    ]  # fmt: skip
+    _prometheus_rule(p["prometheusRule"]["properties"])
     out["allOf"] = [
         {  # an external database needs its host, or its hosts
             "if": {"properties": {"postgresql": {"properties": {"enabled": {"const": False}}}}},

@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import httpx
 import pytest
+import yaml
 
 from harness import fleet as fleet_rig
 from harness.fleet import JOB, NAMESPACE, Fleet
@@ -35,6 +37,7 @@ from tests.support.app import migrated_database
 from tests.support.helm import rendered_rules
 from tests.support.load import Load, exactly_once
 from tests.support.skips import missing
+from tests.support.sse import each_event
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
@@ -234,3 +237,350 @@ async def _rows(pg: PostgresServer, database: str) -> dict[str, int]:
     finally:
         await conn.close()
     return {row["name"]: row["n"] for row in rows}
+
+
+STEP = (100, 600)  # concurrent streams before and after the load step
+PHASES = (30.0, 60.0)  # seconds of each (the ramp to 600 takes the client 15-20 s)
+IN_FLIGHT_TARGET = "100"  # the HPA's averageValue in this rehearsal
+
+
+class StreamHolders:
+    """Keeps `target` streams open through the Service: each holder creates an item, then
+    streams generations for it back to back, so the in-flight count is the clients'."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.target = 0
+        self.holders: list[asyncio.Task[None]] = []
+        self.completed = 0
+        self.failures: Counter[str] = Counter()
+        self.stopping = False
+
+    async def hold(self, client: Any, index: int) -> None:
+        item = None
+        while item is None and not self.stopping:
+            created = await client.post("/v1/items", json={"name": f"hpa-{index}", "price": 1})
+            if created.status_code == 201:
+                item = created.json()["id"]
+            else:
+                self.failures[f"create {created.status_code}"] += 1
+                await asyncio.sleep(0.5)
+        while not self.stopping and index < self.target:
+            try:
+                request = client.build_request("POST", f"/v1/items/{item}/generate", json={})
+                response = await client.send(request, stream=True)
+                try:
+                    if response.status_code != 200:
+                        self.failures[str(response.status_code)] += 1
+                        await asyncio.sleep(0.5)
+                        continue
+                    async for event, _, payload in each_event(response):
+                        if self.stopping:
+                            break
+                        if event == "done":
+                            self.completed += 1
+                        elif event == "error":
+                            self.failures[str(payload.get("error", payload))[:60]] += 1
+                finally:
+                    await response.aclose()
+            except httpx.HTTPError as error:
+                self.failures[type(error).__name__] += 1
+                await asyncio.sleep(0.5)
+
+    def scale_to(self, client: Any, target: int) -> None:
+        self.target = target
+        while len(self.holders) < target:
+            self.holders.append(asyncio.create_task(self.hold(client, len(self.holders))))
+
+
+async def test_the_autoscaling_signal_through_a_load_step(
+    pg: PostgresServer, pgbouncer_modern: PgBouncer, database: str
+) -> None:
+    """The HPA's input and decision on real series: the fleet carries 100 concurrent streams,
+    then 600; Prometheus scrapes the in-flight gauge, prometheus-adapter's rule
+    (k8s/prometheus-adapter-values.yaml) is evaluated as the adapter would, and the HPA the
+    chart renders for production (its metrics, targets and behavior) is computed from those
+    series and the instances' CPU, sync by sync (harness/hpa.py). It stays at minReplicas
+    before the step, reaches ceil(600 / target) within one scale-up period of the load
+    arriving, and does not flap while the load holds."""
+    _fleet_or_skip()
+    from harness.hpa import Autoscaler, Sample, adapter_query
+    from tests.support.helm import render
+
+    rendered = render(
+        "production-values.yaml",
+        f"autoscaling.inFlightRequests.averageValue={IN_FLIGHT_TARGET}",
+    )
+    manifest = rendered.one("HorizontalPodAutoscaler", "api")
+    deployment = rendered.one("Deployment", "api")
+    cpu_request = _cores(
+        deployment["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]["cpu"]
+    )
+    adapter = yaml.safe_load((ROOT / "k8s" / "prometheus-adapter-values.yaml").read_text())
+    rule = adapter["rules"]["custom"][0]
+    env = _env(pg, pgbouncer_modern, database) | {"MOCK_TOKENS": "300", "MOCK_TOKEN_DELAY": "0.2"}
+    with Fleet(env, rules=rendered_rules()) as fleet:
+        pods = [i.name for i in fleet.instances]
+        cpu: list[tuple[float, float]] = []
+        holders = StreamHolders(fleet.base)
+        moments: dict[str, float] = {}
+        limits = httpx.Limits(max_connections=STEP[1] + 20)
+        timeout = httpx.Timeout(30, read=120)
+        async with httpx.AsyncClient(base_url=fleet.base, limits=limits, timeout=timeout) as client:
+
+            async def sample_cpu() -> None:
+                while not holders.stopping:
+                    cpu.append((time.time(), sum(i.cpu_seconds() for i in fleet.instances)))
+                    await asyncio.sleep(1)
+
+            sampler = asyncio.create_task(sample_cpu())
+            moments["start"] = time.time()
+            holders.scale_to(client, STEP[0])
+            await asyncio.sleep(PHASES[0])
+            moments["step"] = time.time()
+            holders.scale_to(client, STEP[1])
+            await asyncio.sleep(PHASES[1])
+            moments["end"] = time.time()
+            holders.stopping = True
+            for task in holders.holders:
+                task.cancel()
+            await asyncio.gather(*holders.holders, sampler, return_exceptions=True)
+
+        await asyncio.sleep(2)  # the last scrape
+        assert fleet.series(rule["seriesQuery"]), "the adapter's seriesQuery finds no series"
+        query = adapter_query(rule, NAMESPACE, pods)
+        per_pod = fleet.query_range(query, moments["start"], moments["end"], 1)
+        assert {s["metric"].get("pod") for s in per_pod} == set(pods), per_pod
+        in_flight: dict[int, float] = {}
+        for series in per_pod:
+            for at, value in series["values"]:
+                in_flight[int(at)] = in_flight.get(int(at), 0.0) + float(value)
+
+    def cpu_cores(at: float, window: float = 15) -> float:
+        inside = [(t, s) for t, s in cpu if at - window <= t <= at]
+        if len(inside) < 2:
+            return 0.0
+        return (inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0])
+
+    start = int(moments["start"])
+    syncs = [
+        Sample(at - start, in_flight.get(at, 0.0), cpu_cores(at))
+        for at in range(start + 15, int(moments["end"]) + 1, 15)
+    ]
+    hpa = Autoscaler.from_manifest(manifest, cpu_request)
+    proposals, decisions = [], []
+    for sample in syncs:  # recommend(), with each sync's proposals kept for the timeline
+        proposals.append(hpa.proposals(sample))
+        decisions.append((sample.at, hpa.sync(sample)))
+    step_at = moments["step"] - start
+    target = float(IN_FLIGHT_TARGET)
+    expected = -(-STEP[1] // int(target))  # ceil
+    print(f"\nautoscaling signal: adapter query {query}")
+    print(
+        f"  HPA: {hpa.min_replicas}..{hpa.max_replicas} replicas, in-flight target {target:g}, "
+        f"CPU {hpa.cpu_target_percent:g}% of {cpu_request:g} core; step at {step_at:.0f} s; "
+        f"streams completed {holders.completed}, failures {dict(holders.failures)}"
+    )
+    for sample, proposed, (_, replicas) in zip(syncs, proposals, decisions, strict=True):
+        print(
+            f"  t={sample.at:5.0f} s  in-flight {sample.pods_metric:5.0f}  CPU "
+            f"{sample.cpu_cores:4.2f} cores  proposals {proposed}"
+            f"  -> {replicas} replicas"
+        )
+    _plot(in_flight, start, syncs, decisions, step_at, target, hpa.min_replicas)
+
+    before = [r for s, (_, r) in zip(syncs, decisions, strict=True) if s.at < step_at]
+    assert before and set(before) == {hpa.min_replicas}, decisions
+    full = [
+        (s.at, r)
+        for s, (_, r) in zip(syncs, decisions, strict=True)
+        if s.at > step_at and s.pods_metric >= 0.95 * STEP[1]
+    ]
+    assert full, f"the load never reached {STEP[1]} in-flight streams: {syncs}"
+    reached_at, first = full[0]
+    assert reached_at - step_at <= 30, "the ramp to 600 took more than two syncs"
+    assert first == expected, (
+        f"the first sync under the full load recommends {first}, "
+        f"not ceil({STEP[1]} / {target:g}) = {expected}"
+    )
+    after = [r for s, (_, r) in zip(syncs, decisions, strict=True) if s.at >= reached_at]
+    assert set(after) == {expected}, f"flapping under a steady load: {after}"
+    assert not holders.failures, holders.failures
+
+
+def _cores(quantity: str | int | float) -> float:
+    text = str(quantity)
+    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def _plot(
+    in_flight: dict[int, float],
+    start: int,
+    syncs: list[Any],
+    decisions: list[tuple[float, int]],
+    step_at: float,
+    target: float,
+    minimum: int,
+) -> None:
+    """bench/results/autoscaling.png: the measured signal and the recommendation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = ROOT / "bench" / "results" / "autoscaling.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    times = sorted(in_flight)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 5.5), sharex=True)
+    top.plot(
+        [t - start for t in times],
+        [in_flight[t] for t in times],
+        label="in-flight (sum, Prometheus)",
+    )
+    top.step(
+        [s.at for s in syncs],
+        [s.pods_metric / r for s, (_, r) in zip(syncs, decisions, strict=True)],
+        where="post",
+        label="per pod at the recommended count",
+    )
+    top.axhline(target, linestyle="--", color="grey", label=f"target averageValue {target:g}")
+    top.axvline(step_at, color="red", linewidth=0.8)
+    top.set_ylabel("requests in flight")
+    top.legend(fontsize=8)
+    bottom.step([at for at, _ in decisions], [r for _, r in decisions], where="post", marker="o")
+    bottom.axhline(minimum, linestyle=":", color="grey", label="minReplicas")
+    bottom.axvline(step_at, color="red", linewidth=0.8, label="load step 100 -> 600 streams")
+    bottom.set_ylabel("recommended replicas")
+    bottom.set_xlabel("seconds (one point per 15 s HPA sync)")
+    bottom.legend(fontsize=8)
+    fig.suptitle("The chart's HPA computed from the fleet's measured series")
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    print(f"  picture: {out}")
+
+
+# The rehearsal's durations: ItemstreamDatabaseUnavailable as rendered with a shorter `for`
+# and rate window (chart values) so an outage, the page and its resolution fit in CI.
+ALERT_FOR, ALERT_WINDOW = 15, 30
+DATABASE_ALERT = "ItemstreamDatabaseUnavailable"
+
+
+async def test_a_database_outage_pages_and_resolves_and_disconnects_page_nobody() -> None:
+    """Steady load with clients hanging up mid-stream (disconnects are not errors: the error
+    ratio the burn-rate alerts read stays 0), then PostgreSQL killed for longer than the
+    alert's `for`: ItemstreamDatabaseUnavailable goes pending, then firing (read from
+    Prometheus' API), and resolves once the database is back and the failures leave the rate
+    window; the alert timeline is printed."""
+    _fleet_or_skip()
+    from harness.postgres import throwaway_cluster
+    from tests.support.app import start_bouncer
+
+    own = throwaway_cluster()  # ours to kill: never the shared server
+    bouncer = start_bouncer("modern", own)
+    try:
+        database = own.create_database("itemstream_alerts")
+        from app.db.migrations import migrate
+
+        await migrate(own.url(database))
+        rules = rendered_rules(
+            sets=(
+                f"prometheusRule.databaseUnavailableFor={ALERT_FOR}s",
+                f"prometheusRule.databaseUnavailableWindow={ALERT_WINDOW}s",
+            )
+        )
+        with Fleet(_env(own, bouncer, database), rules=rules) as fleet:
+            await _rehearse_outage(fleet, own)
+    finally:
+        bouncer.close()
+        own.close()
+
+
+async def _rehearse_outage(fleet: Fleet, own: Any) -> None:
+    timeline: list[tuple[float, dict[str, str]]] = []
+    moments: dict[str, float] = {}
+    quiet_statuses: dict[str, float] = {}
+
+    def states() -> dict[str, str]:
+        return {a["labels"]["alertname"]: a["state"] for a in fleet.alerts()}
+
+    async def watch() -> None:
+        while "done" not in moments:
+            timeline.append((time.monotonic(), await asyncio.to_thread(states)))
+            await asyncio.sleep(1)
+
+    async def until(check: Any, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if timeline and check(timeline[-1][1]):
+                return True
+            await asyncio.sleep(0.5)
+        return False
+
+    now = time.monotonic()
+    load = Load(
+        fleet.base,
+        writers=4,
+        readers=2,
+        generations=6,
+        generation_tokens=900,
+        hang_ups=[now + 6, now + 10, now + 14],  # every stream's client leaves, three times
+    )
+
+    async def script() -> None:
+        watcher = asyncio.create_task(watch())
+        await asyncio.sleep(20)
+        # What the burn-rate alerts read, over the disconnects: responses by status.
+        by_status = await asyncio.to_thread(
+            fleet.query,
+            f'sum by (status) (increase(http_requests_total{{namespace="{NAMESPACE}", '
+            f'job="{JOB}"}}[1m]))',
+        )
+        quiet_statuses.update({s["metric"]["status"]: float(s["value"][1]) for s in by_status})
+        moments["quiet"] = time.monotonic()
+        moments["stop"] = time.monotonic()
+        await asyncio.to_thread(own.crash)
+        fired = await until(lambda s: s.get(DATABASE_ALERT) == "firing", ALERT_FOR + 40)
+        moments["fired"] = time.monotonic()
+        await asyncio.sleep(3)
+        moments["back"] = time.monotonic()
+        await asyncio.to_thread(own.restart)
+        resolved = await until(lambda s: DATABASE_ALERT not in s, ALERT_WINDOW + 60)
+        moments["resolved"] = time.monotonic()
+        moments["done"] = time.monotonic()
+        await watcher
+        assert fired, f"{DATABASE_ALERT} never fired: {timeline[-5:]}"
+        assert resolved, f"{DATABASE_ALERT} never resolved: {timeline[-5:]}"
+
+    await load.run(script())
+    origin = moments["stop"]
+    changes: list[str] = []
+    last: dict[str, str] = {}
+    for at, now_states in timeline:
+        if now_states != last:
+            changes.append(f"{at - origin:+6.1f} s {now_states or 'no alert'}")
+            last = now_states
+    print(
+        f"\nalert timeline (0 = PostgreSQL killed; back at {moments['back'] - origin:+.1f} s):\n  "
+        + "\n  ".join(changes)
+    )
+    streams_left = sum(len(s.hung_up) for s in load.streams)
+    print(
+        f"  before the outage: {streams_left} client disconnects mid-stream; responses of the "
+        f"last minute by status: { {k: round(v) for k, v in sorted(quiet_statuses.items())} }"
+    )
+    # Before the outage nothing fires, and nothing is even pending once the first scrapes are
+    # in (ItemstreamMetricsAbsent may be pending for the second before them).
+    before = [(at - origin, s) for at, s in timeline if at < moments["quiet"]]
+    assert all("firing" not in s.values() for _, s in before), before
+    assert all(not s for at, s in before if at > before[0][0] + 10), before
+    assert streams_left >= 6 and quiet_statuses, quiet_statuses
+    assert not any(k.startswith("5") and v > 0 for k, v in quiet_statuses.items()), (
+        "client disconnects counted as server errors",
+        quiet_statuses,
+    )
+    pending = [at for at, s in timeline if s.get(DATABASE_ALERT) == "pending"]
+    firing = [at for at, s in timeline if s.get(DATABASE_ALERT) == "firing"]
+    assert pending and firing and min(pending) < min(firing)
+    assert min(firing) - min(pending) >= ALERT_FOR - 1, "fired before its `for`"
+    assert min(firing) - origin <= ALERT_FOR + 20, "slower than `for` plus scrape and evaluation"
+    assert moments["resolved"] > moments["back"]

@@ -90,8 +90,10 @@ def render_error(values_file: str | None = None, *sets: str) -> str:
     return result.stderr
 
 
-def rendered_rules(release: str = "itemstream", namespace: str = "apps") -> dict[str, Any]:
+def rendered_rules(
+    release: str = "itemstream", namespace: str = "apps", sets: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """The spec of the chart's PrometheusRule (its rule groups), as Helm renders it."""
     from harness.fleet import chart_rules
 
-    return chart_rules(helm_binary(), release, namespace)
+    return chart_rules(helm_binary(), release, namespace, sets)
