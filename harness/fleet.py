@@ -14,11 +14,14 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.parse
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -101,6 +104,7 @@ class Instance:
     metrics_port: int
     log: Path
     process: subprocess.Popen[bytes] | None = None
+    tree: Path = ROOT  # the release it runs: this checkout, or an earlier one's worktree
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -125,6 +129,7 @@ class Fleet:
     env: dict[str, str]
     size: int = 3
     rules: dict[str, Any] | None = None  # the PrometheusRule's spec (its groups)
+    tree: Path = ROOT  # the release the instances start on
     work: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="itemstream-fleet-")))
     instances: list[Instance] = field(default_factory=list)
     port: int = 0
@@ -140,7 +145,11 @@ class Fleet:
     def start(self) -> Fleet:
         for index in range(self.size):
             instance = Instance(
-                f"fleet-{index}", free_port(), free_port(), self.work / f"fleet-{index}.log"
+                f"fleet-{index}",
+                free_port(),
+                free_port(),
+                self.work / f"fleet-{index}.log",
+                tree=self.tree,
             )
             self.instances.append(instance)
             self.start_instance(instance)
@@ -161,8 +170,9 @@ class Fleet:
         self.close()
 
     def close(self) -> None:
-        for instance in self.instances:
-            self.stop(instance)
+        # All at once, as a namespace deletion would: each may drain streams for a while.
+        with ThreadPoolExecutor(max_workers=max(1, len(self.instances))) as pool:
+            list(pool.map(self.stop, self.instances))
         for process in (self._haproxy, self._prometheus):
             if process is not None:
                 stop(process)
@@ -176,12 +186,12 @@ class Fleet:
             "HOST": "127.0.0.1",
             "PORT": str(instance.port),
             "METRICS_PORT": str(instance.metrics_port),
-            "PYTHONPATH": str(ROOT),
+            "PYTHONPATH": str(instance.tree),
         }
         with instance.log.open("ab") as log:
             instance.process = subprocess.Popen(
                 [sys.executable, "-m", "app", "serve"],
-                cwd=ROOT,
+                cwd=instance.tree,
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -201,6 +211,38 @@ class Fleet:
     def ready(self, instance: Instance) -> bool:
         return _ready(instance.port)
 
+    def replace(self, instance: Instance, tree: Path, pre_stop: float) -> dict[str, float]:
+        """A rolling update's step for one pod, as the chart's timings run it: its endpoint
+        goes (HAProxy drains it: no new requests, the open ones go on) while preStop sleeps,
+        then SIGTERM (gunicorn's graceful shutdown, open streams drained), then the new
+        release starts on the same ports and takes requests once `/readyz` answers. Returns
+        the seconds of each phase."""
+        started = time.monotonic()
+        self.set_state(instance, "drain")
+        time.sleep(pre_stop)
+        stopping = time.monotonic()
+        self.stop(instance)
+        stopped = time.monotonic()
+        instance.tree = tree
+        self.start_instance(instance)
+        wait_for_port(instance.port, 60, instance.process)
+        assert wait_until(partial(self.ready, instance), 60), instance.output()[-3000:]
+        self.set_state(instance, "ready")
+        return {
+            "pre_stop": stopping - started,
+            "shutdown": stopped - stopping,
+            "start": time.monotonic() - stopped,
+        }
+
+    def set_state(self, instance: Instance, state: str) -> None:
+        """HAProxy's runtime API: `drain` (an endpoint removed), `ready` (added back)."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as admin:
+            admin.settimeout(5)
+            admin.connect(str(self.work / "haproxy.sock"))
+            admin.sendall(f"set server pods/{instance.name} state {state}\n".encode())
+            answer = admin.recv(4096).decode().strip()
+        assert not answer, f"haproxy: {answer}"
+
     # -- the Service ------------------------------------------------------------------------
 
     def _start_haproxy(self) -> None:
@@ -210,6 +252,7 @@ class Fleet:
         config.write_text(
             f"""global
   maxconn 4096
+  stats socket {self.work / "haproxy.sock"} mode 600 level admin
 defaults
   mode http
   timeout connect 2s

@@ -354,6 +354,16 @@ class Keys:
     def env(self) -> dict[str, str]:
         return {**os.environ, "GNUPGHOME": str(self.gnupg)}
 
+    def stop_agent(self) -> None:
+        """gpg starts an agent per GNUPGHOME and leaves it running: stop this one's."""
+        gpgconf = shutil.which("gpgconf")
+        if gpgconf is not None and self.gnupg.exists():
+            subprocess.run(
+                [gpgconf, "--homedir", str(self.gnupg), "--kill", "gpg-agent"],
+                capture_output=True,
+                check=False,
+            )
+
     def uid(self) -> tuple[str, str]:
         """The signing key's (fingerprint, user id)."""
         listing = run(

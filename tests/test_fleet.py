@@ -584,3 +584,107 @@ async def _rehearse_outage(fleet: Fleet, own: Any) -> None:
     assert min(firing) - min(pending) >= ALERT_FOR - 1, "fired before its `for`"
     assert min(firing) - origin <= ALERT_FOR + 20, "slower than `for` plus scrape and evaluation"
     assert moments["resolved"] > moments["back"]
+
+
+async def test_a_rolling_upgrade_across_a_migration_serves_throughout(
+    pg: PostgresServer, pgbouncer_modern: PgBouncer
+) -> None:
+    """The fleet starts on the previous release (the commit before tenancy, a worktree), this
+    release's migrations run under load while it serves, then each instance is replaced in
+    turn with the chart's timings (endpoint drained for preStopSleepSeconds, SIGTERM,
+    gunicorn's graceful shutdown with the stream drain, the new release ready before it takes
+    requests). No client request fails except as 503 + Retry-After (the client retries it,
+    keyed writes with their Idempotency-Key), every acknowledged write is stored once, every
+    running instance of either release stays ready, and every stream either completes or is
+    ended by a drain with the client holding exactly the stored text."""
+    _fleet_or_skip()
+    from harness.releases import BEFORE_TENANCY, ReleaseUnavailable, checked_out, require
+    from harness.servers import run_cli
+
+    try:
+        require(BEFORE_TENANCY)
+    except ReleaseUnavailable as error:
+        missing(str(error))
+    values = yaml.safe_load((ROOT / "chart" / "values.yaml").read_text())
+    pre_stop = float(values["preStopSleepSeconds"])
+    database = pg.create_database("itemstream_rollout")
+    try:
+        with checked_out(BEFORE_TENANCY) as previous:
+            env = _env(pg, pgbouncer_modern, database)
+            migrated = run_cli("migrate", env=env, cwd=previous)
+            assert migrated.returncode == 0, migrated.stdout + migrated.stderr
+            with Fleet(env, tree=previous) as fleet:
+                await _roll_out(fleet, env, pre_stop, pg, database)
+    finally:
+        pg.drop_database(database)
+
+
+async def _roll_out(
+    fleet: Fleet, env: dict[str, str], pre_stop: float, pg: PostgresServer, database: str
+) -> None:
+    from harness.servers import run_cli
+
+    replacing: set[str] = set()
+    not_ready: list[str] = []
+    timings: list[dict[str, float]] = []
+    moments: dict[str, float] = {}
+
+    async def watch_readiness() -> None:
+        while "done" not in moments:
+            for instance in fleet.instances:
+                if instance.name in replacing:
+                    continue  # a terminating pod is not expected ready
+                ready = await asyncio.to_thread(fleet.ready, instance)
+                if not ready and instance.name not in replacing:
+                    not_ready.append(f"{instance.name} ({instance.tree.name})")
+            await asyncio.sleep(0.5)
+
+    async def script() -> None:
+        watcher = asyncio.create_task(watch_readiness())
+        await asyncio.sleep(3)
+        started = time.monotonic()
+        upgrade = await asyncio.to_thread(run_cli, "migrate", env=env)
+        moments["migration"] = time.monotonic() - started
+        assert upgrade.returncode == 0, upgrade.stdout + upgrade.stderr
+        await asyncio.sleep(2)
+        for instance in fleet.instances:
+            replacing.add(instance.name)
+            timings.append(await asyncio.to_thread(fleet.replace, instance, ROOT, pre_stop))
+            replacing.discard(instance.name)
+            await asyncio.sleep(1)
+        await asyncio.sleep(3)
+        moments["done"] = time.monotonic()
+        await watcher
+
+    load = Load(fleet.base, writers=8, readers=4, generations=6, generation_tokens=900)
+    await load.run(script())
+    assert all(i.tree == ROOT for i in fleet.instances)
+    failed = [o for o in load.outcomes if not o.ok]
+    refused = [o for o in failed if o.status == 503 and o.retry_after]
+    rows = await _rows(pg, database)
+    lost, duplicated, _ = exactly_once(load, rows)
+    ended: Counter[str] = Counter()
+    for stream in load.streams:
+        row = await _generation(pg, database, stream.generation_id)
+        stored = row["output"] or ""
+        ended[f"{row['status']}" + (f" ({row['error'][:40]})" if row["error"] else "")] += 1
+        assert stream.received == stored, (stream, row)
+        assert row["status"] == "completed" or "shut" in (row["error"] or ""), row
+    print(
+        f"\nrolling upgrade: migration {moments['migration']:.2f} s under load; replacements "
+        + ", ".join(
+            f"preStop {t['pre_stop']:.1f} + shutdown {t['shutdown']:.1f} + start {t['start']:.1f} s"
+            for t in timings
+        )
+        + f"; {len(load.outcomes)} requests, {len(failed)} not 2xx ({len(refused)} of them "
+        f"503 + Retry-After, retried); {len(load.acknowledged)} writes acknowledged, lost "
+        f"{len(lost)}, duplicated {len(duplicated)}; streams {dict(ended)}, resumes "
+        f"{sum(s.resumes for s in load.streams)}; not ready: {not_ready or 'never'}"
+    )
+    print(
+        "  what the streams' clients met: "
+        f"{Counter(e[:60] for s in load.streams for e in s.errors)}"
+    )
+    assert failed == refused, sorted({(o.kind, o.status) for o in failed})
+    assert not lost and not duplicated, (lost[:3], duplicated[:3])
+    assert not not_ready, not_ready

@@ -94,7 +94,8 @@ def released(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Released]:
     git(clone, "commit", "-qam", f"Release {VERSION}")
     assert release_problems(VERSION, clone) == []
 
-    keys = make_keys(work / "keys").path
+    made = make_keys(work / "keys")
+    keys = made.path
     env = {k: v for k, v in os.environ.items() if k not in ("REGISTRY", "RELEASE_KEYS")}
     env["HELM"] = helm_binary()
     with registry() as address:
@@ -104,7 +105,10 @@ def released(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Released]:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         run.record = json.loads((work / "dist" / f"itemstream-{VERSION}.release.json").read_text())
         run.chart_version = run.record["chart"].rsplit(":", 1)[1]
-        yield run
+        try:
+            yield run
+        finally:
+            made.stop_agent()
 
 
 def pulled_chart(released: Released, into: Path) -> Path:
@@ -254,6 +258,7 @@ def test_the_wrong_key_or_an_unsigned_image_under_the_tag_fails(
     released: Released, tmp_path: Path
 ) -> None:
     stranger = make_keys(tmp_path / "stranger", name="not the release key")
+    stranger.stop_agent()  # verifying needs only its exported public halves
     result = released.verify(stranger.path)
     assert result.returncode == 1 and "helm pull" in result.stderr, result.stderr
 
