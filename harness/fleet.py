@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 
 from harness.processes import (
+    cpu_seconds,
     free_port,
     stop,
     stop_group,
@@ -114,14 +115,7 @@ class Instance:
         less the workers that already exited)."""
         if self.process is None or self.process.poll() is not None:
             return 0.0
-        total = 0
-        for pid in [self.process.pid, *worker_pids(self.process.pid)]:
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue  # a worker that just exited
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-        return total / os.sysconf("SC_CLK_TCK")
+        return sum(cpu_seconds(p) for p in [self.process.pid, *worker_pids(self.process.pid)])
 
 
 @dataclass
@@ -156,8 +150,7 @@ class Fleet:
         for instance in self.instances:
             # Ready before it gets traffic, as a readiness probe gates a pod: HAProxy counts
             # a server up until its checks fail, and would answer 503 meanwhile.
-            wait_for_port(instance.port, 60, instance.process)
-            assert wait_until(partial(self.ready, instance), 60), instance.output()[-3000:]
+            self.wait_ready(instance)
         self._start_haproxy()
         if self.rules is not None:
             self._start_prometheus()
@@ -211,6 +204,10 @@ class Fleet:
     def ready(self, instance: Instance) -> bool:
         return _ready(instance.port)
 
+    def wait_ready(self, instance: Instance, timeout: float = 60) -> None:
+        wait_for_port(instance.port, timeout, instance.process)
+        assert wait_until(partial(self.ready, instance), timeout), instance.output()[-3000:]
+
     def replace(self, instance: Instance, tree: Path, pre_stop: float) -> dict[str, float]:
         """A rolling update's step for one pod, as the chart's timings run it: its endpoint
         goes (HAProxy drains it: no new requests, the open ones go on) while preStop sleeps,
@@ -225,8 +222,7 @@ class Fleet:
         stopped = time.monotonic()
         instance.tree = tree
         self.start_instance(instance)
-        wait_for_port(instance.port, 60, instance.process)
-        assert wait_until(partial(self.ready, instance), 60), instance.output()[-3000:]
+        self.wait_ready(instance)
         self.set_state(instance, "ready")
         return {
             "pre_stop": stopping - started,

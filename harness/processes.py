@@ -113,6 +113,15 @@ def worker_pids(master: int) -> list[int]:
     return [int(p) for p in Path(f"/proc/{master}/task/{master}/children").read_text().split()]
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process from /proc (0 for one that already exited)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
 def memory_kib(pid: int, field: str = "VmRSS") -> int:
     """A memory figure of a process from /proc (VmRSS now, VmHWM the peak)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.release import make_keys
+from scripts.release import ReleaseError, engine, make_keys
 from tests.support.helm import helm_binary
 from tests.support.skips import missing
 
@@ -74,11 +74,10 @@ def released(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Released]:
             missing(f"{tool} is not installed (apt-get install {package})")
     if binary() is None:
         missing("no OCI registry (apt-get install docker-registry)")
-    if not any(
-        shutil.which(name) and subprocess.run([name, "info"], capture_output=True).returncode == 0
-        for name in ("podman", "docker")
-    ):
-        missing("no working podman or docker to build the image")
+    try:
+        engine()  # the one the release will build with
+    except ReleaseError as error:
+        missing(str(error))
     work = tmp_path_factory.mktemp("release")
     clone = work / "repo"
     git(ROOT, "clone", "-q", str(ROOT), str(clone))
@@ -273,7 +272,7 @@ def test_the_wrong_key_or_an_unsigned_image_under_the_tag_fails(
 
     # Last (it replaces the release): an unsigned image pushed under the released tag.
     base = "docker.io/library/python:3.11-slim"
-    source = f"containers-storage:{base}" if shutil.which("podman") else f"docker-daemon:{base}"
+    source = f"containers-storage:{base}" if engine() == "podman" else f"docker-daemon:{base}"
     subprocess.run(
         [
             "skopeo",

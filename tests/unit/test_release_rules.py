@@ -9,10 +9,12 @@ import shutil
 import tomllib
 from pathlib import Path
 
+import pytest
 import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
+from scripts.chart_version import SEMVER
 from scripts.release import Target, bump, parse_dpkg_status, pin_image, same_version
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -104,3 +106,16 @@ def test_bump_writes_the_version_everywhere_it_is_declared(tmp_path: Path) -> No
     assert meta["appVersion"] == "7.8.9-rc.2" and meta["version"] == chart_version
     changelog = (tmp_path / "CHANGELOG.md").read_text()
     assert "## [Unreleased]\n\n## [7.8.9-rc.2] - 2026-12-05\n" in changelog
+
+
+@given(version=st.text(max_size=30))
+def test_any_version_text_is_released_or_refused_by_name(version: str) -> None:
+    """VERSION comes from a command line: any text is either semver or refused naming what it
+    must be, before any file is read or written."""
+    from scripts.release import ReleaseError, release_problems
+
+    if SEMVER.match(version):
+        return
+    assert "is not semver" in release_problems(version, Path("/nonexistent"))[0]
+    with pytest.raises(ReleaseError, match="is not semver"):
+        bump(version, Path("/nonexistent"))
