@@ -88,8 +88,9 @@ def schema() -> dict[str, Any]:
         "minimum": 1,
         "maximum": 64,
     }
-    p["gunicorn"]["properties"]["gracefulTimeout"]["minimum"] = 6
-    p["terminationGracePeriodSeconds"]["minimum"] = 1
+    # Empty: derived from the others (chart/templates/_helpers.tpl, shutdown timings).
+    p["gunicorn"]["properties"]["gracefulTimeout"] = {"type": ["integer", "null"], "minimum": 6}
+    p["terminationGracePeriodSeconds"] = {"type": ["integer", "null"], "minimum": 1}
     p["llm"]["properties"]["provider"]["enum"] = ["mock", "openai"]
     p["tracing"]["properties"]["protocol"]["enum"] = ["http/protobuf"]
     p["tracing"]["properties"]["samplerArg"] = {"type": ["string", "number"]}
@@ -136,7 +137,7 @@ def schema() -> dict[str, Any]:
         p["tests"]["properties"]["image"],
     ):
         image["properties"]["tag"] = {"type": ["string", "number"]}
-    p["streams"]["properties"]["drainSeconds"]["minimum"] = 0
+    p["streams"]["properties"]["drainSeconds"] = {"type": ["number", "null"], "minimum": 0}
     p["auth"]["properties"]["mode"]["enum"] = ["none", "jwt", "hs256"]
     p["rateLimit"]["properties"]["failMode"]["enum"] = ["open", "closed"]
     for name in ("requests", "windowSeconds", "tokens", "tokensWindowSeconds", "streams"):

@@ -3,12 +3,14 @@ every object against the Kubernetes schemas, and check what each switch does."""
 
 from __future__ import annotations
 
+import itertools
 import re
 from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
 import pytest
+import yaml
 
 from app.config import ENV_VARS, Settings
 from tests.support.helm import (
@@ -259,10 +261,11 @@ def test_schema_rejects_bad_values(sets: list[str], message: str) -> None:
         (["pgbouncer.replicaCount=4"], "exceeds the database budget (90)"),
         (["pgbouncer.enabled=false"], "without a pooler"),
         (
-            ["terminationGracePeriodSeconds=20"],
+            ["terminationGracePeriodSeconds=20", "gunicorn.gracefulTimeout=30"],
             "terminationGracePeriodSeconds (20) must be at least",
         ),
-        (["streams.drainSeconds=28"], "streams.drainSeconds"),
+        (["streams.drainSeconds=28", "gunicorn.gracefulTimeout=30"], "streams.drainSeconds"),
+        (["terminationGracePeriodSeconds=8"], "gunicorn.gracefulTimeout (-2, from"),
         (
             ["auth.mode=hs256", "auth.hs256.existingSecret=s"],
             "auth.mode=hs256 (a shared secret) is for development only",
@@ -278,12 +281,60 @@ def test_render_time_guards(sets: list[str], message: str) -> None:
     assert message in render_error(None, *sets)
 
 
+# Shutdown timings, each set or left empty: whatever is left empty follows from what is set.
+TIMINGS = {
+    "terminationGracePeriodSeconds": (None, 45, 400),
+    "gunicorn.gracefulTimeout": (None, 30, 200),
+    "streams.drainSeconds": (None, 10, 120),
+}
+
+
+@pytest.mark.parametrize(
+    "chosen",
+    [
+        dict(zip(TIMINGS, combination, strict=True))
+        for combination in itertools.product(*TIMINGS.values())
+    ],
+    ids=lambda chosen: ",".join(f"{k.split('.')[-1]}={v}" for k, v in chosen.items()),
+)
+def test_shutdown_timings_follow_from_what_is_set(chosen: dict[str, int | None]) -> None:
+    """By default a pod lets every open stream end by its own limit (streams.maxSeconds)
+    before the kubelet's SIGKILL; a timing set by hand is kept, the empty ones fit inside it,
+    and a combination that would cut streams or kill a pod mid-drain fails to render, naming
+    the value."""
+    sets = [f"{key}={value}" for key, value in chosen.items() if value is not None]
+    pre_stop, max_seconds, reserve = 5, 300, 5  # chart defaults; the app's shutdown reserve
+    grace, graceful, drain = (chosen[k] for k in TIMINGS)
+    # The rule: the graceful timeout covers the drain (or the longest stream) plus 20 s for
+    # the other requests, within a grace period that is set; the drain takes what it is given.
+    g = graceful if graceful is not None else (drain or max_seconds) + 20
+    if graceful is None and grace is not None:
+        g = min(g, grace - pre_stop - 5)
+    d = drain if drain is not None else max(0, min(max_seconds, g - reserve))
+    t = grace if grace is not None else pre_stop + g + 5
+    possible = g >= 6 and t >= pre_stop + g + 5 and d <= g - reserve
+    result = helm("template", "demo", str(CHART), *values_args(None, sets), check=False)
+    if not possible:
+        assert result.returncode != 0 and "must be at" in result.stderr, (chosen, result.stderr)
+        return
+    assert result.returncode == 0, result.stderr
+    rendered = Rendered([doc for doc in yaml.safe_load_all(result.stdout) if doc])
+    config = rendered.one("ConfigMap", "api")["data"]
+    pod = rendered.one("Deployment", "api")["spec"]["template"]["spec"]
+    got = (
+        pod["terminationGracePeriodSeconds"],
+        int(config["GUNICORN_GRACEFUL_TIMEOUT"]),
+        float(config["STREAM_DRAIN_SECONDS"]),
+    )
+    assert got == (t, g, d), chosen
+    if not sets:
+        assert d == max_seconds, "by default a rollout must not cut a stream"
+
+
 def test_every_value_is_documented_in_the_chart_readme() -> None:
     import re
     import subprocess
     import sys
-
-    import yaml
 
     for script in (
         "scripts/chart_readme.py",

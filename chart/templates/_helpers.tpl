@@ -273,14 +273,50 @@ imagePullSecrets:
 {{- end -}}
 
 {{/* Render-time guards ---------------------------------------------------------------- */}}
+{{/* Shutdown timings. Each left empty follows from the others, so that by default a
+     rollout or a scale-down lets every open stream end by its own limit (streams.maxSeconds);
+     each one set bounds the ones derived from it. */}}
+{{- define "itemstream.gracefulTimeout" -}}
+{{- if not (kindIs "invalid" .Values.gunicorn.gracefulTimeout) -}}
+{{- int .Values.gunicorn.gracefulTimeout -}}
+{{- else -}}
+{{- $drain := .Values.streams.maxSeconds -}}
+{{- if not (kindIs "invalid" .Values.streams.drainSeconds) -}}{{- $drain = .Values.streams.drainSeconds -}}{{- end -}}
+{{- $graceful := add (ceil $drain | int) 20 -}}
+{{- if not (kindIs "invalid" .Values.terminationGracePeriodSeconds) -}}
+{{- $graceful = min $graceful (sub (int .Values.terminationGracePeriodSeconds) (add (int .Values.preStopSleepSeconds) 5)) -}}
+{{- end -}}
+{{- $graceful -}}
+{{- end -}}
+{{- end -}}
+{{- define "itemstream.streamDrainSeconds" -}}
+{{- if not (kindIs "invalid" .Values.streams.drainSeconds) -}}
+{{- .Values.streams.drainSeconds -}}
+{{- else -}}
+{{- min (ceil .Values.streams.maxSeconds | int) (sub (include "itemstream.gracefulTimeout" . | int) 5) | max 0 -}}
+{{- end -}}
+{{- end -}}
+{{- define "itemstream.terminationGracePeriodSeconds" -}}
+{{- if not (kindIs "invalid" .Values.terminationGracePeriodSeconds) -}}
+{{- int .Values.terminationGracePeriodSeconds -}}
+{{- else -}}
+{{- add (int .Values.preStopSleepSeconds) (include "itemstream.gracefulTimeout" . | int) 5 -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "itemstream.validate" -}}
-{{- $grace := int .Values.terminationGracePeriodSeconds -}}
-{{- $needed := add .Values.preStopSleepSeconds .Values.gunicorn.gracefulTimeout 5 | int -}}
+{{- $graceful := include "itemstream.gracefulTimeout" . | int -}}
+{{- $grace := include "itemstream.terminationGracePeriodSeconds" . | int -}}
+{{- $drain := include "itemstream.streamDrainSeconds" . | float64 -}}
+{{- if lt $graceful 6 -}}
+{{- fail (printf "gunicorn.gracefulTimeout (%d, from terminationGracePeriodSeconds - preStopSleepSeconds - 5 when empty) must be at least 6" $graceful) -}}
+{{- end -}}
+{{- $needed := add .Values.preStopSleepSeconds $graceful 5 | int -}}
 {{- if lt $grace $needed -}}
 {{- fail (printf "terminationGracePeriodSeconds (%d) must be at least preStopSleepSeconds + gunicorn.gracefulTimeout + 5 = %d, or the kubelet kills pods mid-drain" $grace $needed) -}}
 {{- end -}}
-{{- if gt (int .Values.streams.drainSeconds) (sub (int .Values.gunicorn.gracefulTimeout) 5 | int) -}}
-{{- fail (printf "streams.drainSeconds (%v) must be at most gunicorn.gracefulTimeout - 5 (%d)" .Values.streams.drainSeconds (sub (int .Values.gunicorn.gracefulTimeout) 5)) -}}
+{{- if gt $drain (sub $graceful 5 | float64) -}}
+{{- fail (printf "streams.drainSeconds (%v) must be at most gunicorn.gracefulTimeout - 5 (%d)" $drain (sub $graceful 5)) -}}
 {{- end -}}
 {{- if and (eq .Values.auth.mode "hs256") (eq .Values.environment "production") -}}
 {{- fail "auth.mode=hs256 (a shared secret) is for development only; the app refuses it with environment=production" -}}
@@ -362,7 +398,7 @@ REQUIRE_IF_MATCH: {{ .Values.config.requireIfMatch | quote }}
 DOCS_ENABLED: {{ .Values.config.docsEnabled | quote }}
 CORS_ALLOW_ORIGINS: {{ join "," .Values.config.corsAllowOrigins | quote }}
 GUNICORN_TIMEOUT: {{ .Values.gunicorn.timeout | quote }}
-GUNICORN_GRACEFUL_TIMEOUT: {{ .Values.gunicorn.gracefulTimeout | quote }}
+GUNICORN_GRACEFUL_TIMEOUT: {{ include "itemstream.gracefulTimeout" . | quote }}
 GUNICORN_KEEPALIVE: {{ .Values.gunicorn.keepalive | quote }}
 GUNICORN_MAX_REQUESTS: {{ .Values.gunicorn.maxRequests | quote }}
 MAX_WORKERS: {{ .Values.gunicorn.maxWorkers | quote }}
@@ -386,7 +422,7 @@ LLM_READ_TIMEOUT: {{ .Values.llm.readTimeout | quote }}
 STREAM_MAX_CONCURRENT: {{ .Values.streams.maxConcurrent | quote }}
 STREAM_MAX_SECONDS: {{ .Values.streams.maxSeconds | quote }}
 STREAM_HEARTBEAT_SECONDS: {{ .Values.streams.heartbeatSeconds | quote }}
-STREAM_DRAIN_SECONDS: {{ .Values.streams.drainSeconds | quote }}
+STREAM_DRAIN_SECONDS: {{ include "itemstream.streamDrainSeconds" . | quote }}
 AUTH_MODE: {{ .Values.auth.mode | quote }}
 {{- with .Values.auth.issuer }}
 AUTH_ISSUER: {{ . | quote }}
