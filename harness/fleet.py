@@ -1,7 +1,11 @@
 """A fleet on loopback, as a cluster runs the service: several app instances (gunicorn, each
 with its own metrics port, like pods), HAProxy in front as the Service (round robin, a server
 taken out when its `/readyz` fails twice, as a readiness probe does), and a real Prometheus
-(Debian's) scraping every instance with the chart's recording rules and alerts, every second.
+(Debian's) scraping every instance with the chart's recording rules and alerts, every second;
+with observability on, also a PgBouncer exporter (Spreaker's, from PyPI: the same
+`pgbouncer_pools_*` gauges as the chart's sidecar, which is a Go binary that cannot be
+fetched here) scraped beside them, and an OTLP/HTTP receiver (harness.otlp) that every
+instance sends its traces to, each with the resource attributes the chart gives a pod.
 
 The scrape adds the labels a ServiceMonitor gives (`namespace`, `job`, `pod`), so the chart's
 rules and the dashboard's queries run unchanged. `make fleet` starts one by hand
@@ -29,6 +33,7 @@ from typing import Any
 
 import yaml
 
+from harness.otlp import OtlpReceiver
 from harness.processes import (
     cpu_seconds,
     free_port,
@@ -43,6 +48,24 @@ ROOT = Path(__file__).resolve().parents[1]
 NAMESPACE = "apps"
 JOB = "itemstream"  # the Service's name, which a ServiceMonitor's scrape uses as the job
 PROMETHEUS_CACHE = Path.home() / ".cache/itemstream/promtool/usr/bin"  # scripts/setup.sh
+# The exporter's own pins (psycopg2 2.8.5, prometheus_client 0.8.0) predate Python 3.11:
+# scripts/setup.sh installs it without them, with these, in a virtual environment of its own.
+PGBOUNCER_EXPORTER = "prometheus-pgbouncer-exporter==2.1.2"
+PGBOUNCER_EXPORTER_DEPS = (
+    "psycopg2-binary==2.9.13",
+    "prometheus_client==0.26.0",
+    "python-json-logger==4.2.0",
+    "PyYAML==6.0.4",
+)
+
+
+def exporter_dir() -> Path:
+    return Path.home() / ".cache/itemstream/pgbouncer-exporter-2.1.2"
+
+
+def exporter_binary() -> str | None:
+    binary = exporter_dir() / "bin" / "pgbouncer-exporter"
+    return str(binary) if binary.exists() else None
 
 
 def chart_rules(
@@ -90,6 +113,8 @@ def available() -> str | None:
         return "haproxy is not installed (scripts/setup.sh installs it)"
     if prometheus_binary() is None:
         return "no prometheus binary (scripts/setup.sh unpacks Debian's)"
+    if exporter_binary() is None:
+        return f"no PgBouncer exporter in {exporter_dir()} (scripts/setup.sh installs it)"
     return None
 
 
@@ -106,6 +131,7 @@ class Instance:
     log: Path
     process: subprocess.Popen[bytes] | None = None
     tree: Path = ROOT  # the release it runs: this checkout, or an earlier one's worktree
+    env: dict[str, str] = field(default_factory=dict)  # its own settings over the fleet's
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -124,12 +150,17 @@ class Fleet:
     size: int = 3
     rules: dict[str, Any] | None = None  # the PrometheusRule's spec (its groups)
     tree: Path = ROOT  # the release the instances start on
+    # PgBouncer's address (host:port), scraped through the exporter when rules are given.
+    bouncer: str | None = None
     work: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="itemstream-fleet-")))
     instances: list[Instance] = field(default_factory=list)
     port: int = 0
     prometheus_port: int = 0
     _haproxy: subprocess.Popen[bytes] | None = None
     _prometheus: subprocess.Popen[bytes] | None = None
+    _exporter: subprocess.Popen[bytes] | None = None
+    exporter_port: int = 0
+    traces: OtlpReceiver | None = None  # what the instances exported (with rules given)
 
     @property
     def base(self) -> str:
@@ -137,6 +168,8 @@ class Fleet:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> Fleet:
+        if self.rules is not None:
+            self.traces = OtlpReceiver().start()
         for index in range(self.size):
             instance = Instance(
                 f"fleet-{index}",
@@ -153,6 +186,8 @@ class Fleet:
             self.wait_ready(instance)
         self._start_haproxy()
         if self.rules is not None:
+            if self.bouncer is not None:
+                self._start_exporter(self.bouncer)
             self._start_prometheus()
         return self
 
@@ -166,9 +201,11 @@ class Fleet:
         # All at once, as a namespace deletion would: each may drain streams for a while.
         with ThreadPoolExecutor(max_workers=max(1, len(self.instances))) as pool:
             list(pool.map(self.stop, self.instances))
-        for process in (self._haproxy, self._prometheus):
+        for process in (self._haproxy, self._prometheus, self._exporter):
             if process is not None:
                 stop(process)
+        if self.traces is not None:
+            self.traces.close()
         shutil.rmtree(self.work, ignore_errors=True)
 
     # -- instances --------------------------------------------------------------------------
@@ -176,11 +213,18 @@ class Fleet:
     def start_instance(self, instance: Instance) -> None:
         env = {
             **self.env,
+            **instance.env,
             "HOST": "127.0.0.1",
             "PORT": str(instance.port),
             "METRICS_PORT": str(instance.metrics_port),
             "PYTHONPATH": str(instance.tree),
         }
+        if self.traces is not None:
+            env["OTEL_EXPORTER_OTLP_ENDPOINT"] = self.traces.endpoint
+            # What the chart's Deployment sets from the downward API.
+            env["OTEL_RESOURCE_ATTRIBUTES"] = (
+                f"k8s.pod.name={instance.name},k8s.namespace.name={NAMESPACE}"
+            )
         with instance.log.open("ab") as log:
             instance.process = subprocess.Popen(
                 [sys.executable, "-m", "app", "serve"],
@@ -208,23 +252,34 @@ class Fleet:
         wait_for_port(instance.port, timeout, instance.process)
         assert wait_until(partial(self.ready, instance), timeout), instance.output()[-3000:]
 
-    def replace(self, instance: Instance, tree: Path, pre_stop: float) -> dict[str, float]:
+    def replace(
+        self,
+        instance: Instance,
+        tree: Path,
+        pre_stop: float,
+        grace: float = 30,
+        env: dict[str, str] | None = None,
+    ) -> dict[str, float]:
         """A rolling update's step for one pod, as the chart's timings run it: its endpoint
         goes (HAProxy drains it: no new requests, the open ones go on) while preStop sleeps,
-        then SIGTERM (gunicorn's graceful shutdown, open streams drained), then the new
-        release starts on the same ports and takes requests once `/readyz` answers. Returns
-        the seconds of each phase."""
+        then SIGTERM (gunicorn's graceful shutdown, open streams drained) with SIGKILL after
+        the rest of the `grace` period, then the new release (with `env` over the fleet's
+        settings) starts on the same ports and takes requests once `/readyz` answers.
+        Returns the seconds of each phase and the moment of the SIGTERM (`sigterm_at`,
+        time.monotonic())."""
         started = time.monotonic()
         self.set_state(instance, "drain")
         time.sleep(pre_stop)
         stopping = time.monotonic()
-        self.stop(instance)
+        self.stop(instance, timeout=grace - pre_stop)
         stopped = time.monotonic()
         instance.tree = tree
+        instance.env = dict(env or {})
         self.start_instance(instance)
         self.wait_ready(instance)
         self.set_state(instance, "ready")
         return {
+            "sigterm_at": stopping,
             "pre_stop": stopping - started,
             "shutdown": stopped - stopping,
             "start": time.monotonic() - stopped,
@@ -258,6 +313,8 @@ defaults
   option redispatch
 frontend service
   bind 127.0.0.1:{self.port}
+  # Which instance answered: tests follow a stream to the pod it ran on.
+  http-response set-header X-Served-By %[srv_name]
   default_backend pods
 backend pods
   balance roundrobin
@@ -291,13 +348,26 @@ backend pods
             }
             for i in self.instances
         ]
+        jobs: list[dict[str, Any]] = [{"job_name": JOB, "static_configs": targets}]
+        if self._exporter is not None:
+            jobs.append(
+                {
+                    "job_name": f"{JOB}-pgbouncer",
+                    "static_configs": [
+                        {
+                            "targets": [f"127.0.0.1:{self.exporter_port}"],
+                            "labels": {"namespace": NAMESPACE, "pod": "pgbouncer-0"},
+                        }
+                    ],
+                }
+            )
         config = self.work / "prometheus.yml"
         config.write_text(
             yaml.safe_dump(
                 {
                     "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
                     "rule_files": [str(rules)],
-                    "scrape_configs": [{"job_name": JOB, "static_configs": targets}],
+                    "scrape_configs": jobs,
                 }
             )
         )
@@ -316,11 +386,36 @@ backend pods
 
         def all_up() -> bool:
             try:
-                return len(self.targets_up()) == self.size
+                return len(self.targets_up()) == len(jobs) - 1 + self.size
             except OSError:  # 503 while its storage opens, or not listening yet
                 return False
 
         assert wait_until(all_up, 30), self.logs()
+
+    def _start_exporter(self, bouncer: str) -> None:
+        binary = exporter_binary()
+        assert binary is not None, "no PgBouncer exporter"
+        self.exporter_port = free_port()
+        config = self.work / "pgbouncer-exporter.yaml"
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "exporter_host": "127.0.0.1",
+                    "exporter_port": self.exporter_port,
+                    "pgbouncers": [
+                        {
+                            "dsn": f"postgresql://postgres@{bouncer}/pgbouncer",
+                            "exclude_databases": ["pgbouncer"],
+                        }
+                    ],
+                }
+            )
+        )
+        with (self.work / "pgbouncer-exporter.log").open("wb") as log:
+            self._exporter = subprocess.Popen(
+                [binary, "--config", str(config)], stdout=log, stderr=subprocess.STDOUT
+            )
+        wait_for_port(self.exporter_port, 30, self._exporter)
 
     def _api(self, path: str, **params: str) -> Any:
         query = urllib.parse.urlencode(params)

@@ -25,6 +25,7 @@ class Span:
     service: str
     attributes: dict[str, Any]
     events: list[str] = field(default_factory=list)
+    resource: dict[str, Any] = field(default_factory=dict)  # e.g. k8s.pod.name
 
 
 def _value(any_value: Any) -> Any:
@@ -84,6 +85,7 @@ class OtlpReceiver:
                             service=service,
                             attributes={a.key: _value(a.value) for a in span.attributes},
                             events=[event.name for event in span.events],
+                            resource=attributes,
                         )
                     )
         with self._lock:

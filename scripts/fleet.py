@@ -63,7 +63,12 @@ def main() -> int:
         database,
         LOG_FORMAT=os.environ.get("LOG_FORMAT", "json"),
     )
-    fleet = Fleet(env, size=int(os.environ.get("FLEET_SIZE", "3")), rules=rules)
+    fleet = Fleet(
+        env,
+        size=int(os.environ.get("FLEET_SIZE", "3")),
+        rules=rules,
+        bouncer=f"127.0.0.1:{bouncer.port}",
+    )
     try:
         fleet.start()
         say(f"the Service (HAProxy): {fleet.base}")
@@ -73,6 +78,9 @@ def main() -> int:
                 f":{instance.metrics_port}, log {instance.log}"
             )
         say(f"Prometheus: http://127.0.0.1:{fleet.prometheus_port} (rules and alerts loaded)")
+        say(f"PgBouncer exporter: http://127.0.0.1:{fleet.exporter_port}/metrics")
+        if fleet.traces is not None:
+            say(f"OTLP receiver (traces of every instance): {fleet.traces.endpoint}/v1/traces")
         say(f"PostgreSQL {pg.host}:{pg.port} database {database}; PgBouncer :{bouncer.port}")
         say("Ctrl-C stops everything")
         with contextlib.suppress(KeyboardInterrupt):

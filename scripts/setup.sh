@@ -130,11 +130,11 @@ fi
 # Patroni from PyPI (the version in harness/failover.py; Debian 12's 3.0.2 can lose
 # acknowledged writes), in a virtual environment of the system's Python that the postgres
 # user it runs as can read.
+system_python=$(PATH=/usr/local/bin:/usr/bin:/bin command -v python3 || true)
 patroni_bin=$(uv run --frozen python -c 'from harness.failover import patroni_dir; print(patroni_dir())')
 if [ ! -x "$patroni_bin/patroni" ]; then
   patroni_version=$(uv run --frozen python -c 'from harness.failover import PATRONI_VERSION; print(PATRONI_VERSION)')
   say "installing Patroni $patroni_version from PyPI into $(dirname "$patroni_bin")"
-  system_python=$(PATH=/usr/local/bin:/usr/bin:/bin command -v python3 || true)
   if [ -n "$system_python" ] && ! "$system_python" -c 'import ensurepip' 2>/dev/null; then
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null 2>&1 || true
   fi
@@ -142,4 +142,17 @@ if [ ! -x "$patroni_bin/patroni" ]; then
     && "$system_python" -m venv "$(dirname "$patroni_bin")" \
     && "$patroni_bin/pip" install --quiet "patroni[etcd3]==$patroni_version" psycopg2-binary; } \
     || say "could not install Patroni; the failover tests will say so"
+fi
+# The PgBouncer exporter the fleet's Prometheus scrapes (harness/fleet.py pins it and its
+# dependencies: its own pins predate Python 3.11), in a virtual environment of its own.
+exporter_dir=$(uv run --frozen python -c 'from harness.fleet import exporter_dir; print(exporter_dir())')
+if [ ! -x "$exporter_dir/bin/pgbouncer-exporter" ]; then
+  say "installing the PgBouncer exporter from PyPI into $exporter_dir"
+  exporter_pins=$(uv run --frozen python -c 'from harness.fleet import PGBOUNCER_EXPORTER_DEPS as d; print(" ".join(d))')
+  exporter_pkg=$(uv run --frozen python -c 'from harness.fleet import PGBOUNCER_EXPORTER; print(PGBOUNCER_EXPORTER)')
+  { [ -n "$system_python" ] \
+    && "$system_python" -m venv "$exporter_dir" \
+    && "$exporter_dir/bin/pip" install --quiet --no-deps "$exporter_pkg" \
+    && "$exporter_dir/bin/pip" install --quiet $exporter_pins; } \
+    || say "could not install the PgBouncer exporter; the fleet tests will say so"
 fi

@@ -15,10 +15,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
 import re
+import secrets
 import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +31,7 @@ import pytest
 import yaml
 
 from harness import fleet as fleet_rig
-from harness.fleet import JOB, NAMESPACE, Fleet
+from harness.fleet import JOB, NAMESPACE, Fleet, Instance
 from harness.pgbouncer import PgBouncer
 from harness.postgres import PostgresServer
 from harness.processes import wait_until
@@ -46,7 +49,6 @@ DASHBOARD = ROOT / "chart" / "files" / "dashboard.json"
 # Series a cluster has and this rig does not run: the panels that read them are exempt.
 FROM_THE_CLUSTER = {
     "kube_horizontalpodautoscaler_": "kube-state-metrics",
-    "pgbouncer_pools_": "the PgBouncer exporter (a sidecar of the chart's PgBouncer)",
 }
 
 
@@ -87,37 +89,6 @@ def dashboard_queries() -> list[tuple[str, str]]:
             assert "$" not in expr, f"a Grafana variable the test does not set: {expr}"
             queries.append((panel["title"], expr))
     return queries
-
-
-async def test_the_dashboard_and_the_alerts_on_the_series_the_fleet_exports(
-    pg: PostgresServer, pgbouncer_modern: PgBouncer, database: str
-) -> None:
-    _fleet_or_skip()
-    with Fleet(_env(pg, pgbouncer_modern, database), rules=rendered_rules()) as fleet:
-        seen: dict[str, list[str]] = {}
-
-        async def script() -> None:
-            await asyncio.sleep(40)  # several rate windows of steady load
-            for title, expr in dashboard_queries():
-                values = await asyncio.to_thread(fleet.query, expr)
-                seen[expr] = [f"{title}: {v['metric']} = {v['value'][1]}" for v in values]
-
-        load = Load(fleet.base, writers=6, readers=4, generations=6, generation_tokens=900)
-        await load.run(script())
-        alerts = fleet.alerts()
-        problems = fleet.rule_health()
-        for expr, lines in seen.items():
-            print(f"{expr[:90]}: {len(lines)} series; " + "; ".join(lines[:2])[:200])
-        print(f"alerts pending or firing: {[a['labels']['alertname'] for a in alerts]}")
-        empty = [
-            expr
-            for expr, lines in seen.items()
-            if not lines and not any(prefix in expr for prefix in FROM_THE_CLUSTER)
-        ]
-        assert not empty, f"dashboard queries without data: {empty}"
-        assert not problems, problems
-        assert not alerts, [(a["labels"]["alertname"], a["state"]) for a in alerts]
-        assert all(o.ok for o in load.outcomes), sorted({o.status for o in load.outcomes})
 
 
 async def test_an_instance_killed_under_load_loses_no_acknowledged_write(
@@ -240,7 +211,7 @@ async def _rows(pg: PostgresServer, database: str) -> dict[str, int]:
 
 
 STEP = (100, 600)  # concurrent streams before and after the load step
-PHASES = (30.0, 60.0)  # seconds of each (the ramp to 600 takes the client 15-20 s)
+PHASES = (20.0, 55.0)  # seconds of each (the ramp to 600 takes the client 15-20 s)
 IN_FLIGHT_TARGET = "100"  # the HPA's averageValue in this rehearsal
 
 
@@ -319,7 +290,7 @@ async def test_the_autoscaling_signal_through_a_load_step(
     adapter = yaml.safe_load((ROOT / "k8s" / "prometheus-adapter-values.yaml").read_text())
     rule = adapter["rules"]["custom"][0]
     env = _env(pg, pgbouncer_modern, database) | {"MOCK_TOKENS": "300", "MOCK_TOKEN_DELAY": "0.2"}
-    with Fleet(env, rules=rendered_rules()) as fleet:
+    with Fleet(env, rules=rendered_rules(), bouncer=f"127.0.0.1:{pgbouncer_modern.port}") as fleet:
         pods = [i.name for i in fleet.instances]
         cpu: list[tuple[float, float]] = []
         holders = StreamHolders(fleet.base)
@@ -462,13 +433,49 @@ def _plot(
 # The rehearsal's durations: ItemstreamDatabaseUnavailable as rendered with a shorter `for`
 # and rate window (chart values) so an outage, the page and its resolution fit in CI.
 ALERT_FOR, ALERT_WINDOW = 15, 30
+QUIET_SECONDS = float(os.environ.get("FLEET_QUIET_SECONDS", "180"))
+
+
+async def _trace_through(fleet: Fleet) -> dict[str, Any]:
+    """A request with a sampled `traceparent` through the Service, then what the OTLP
+    receiver holds: the pods it heard from, and whether the caller's trace was continued."""
+    receiver = fleet.traces
+    assert receiver is not None
+    trace_id = secrets.token_hex(16)
+    async with httpx.AsyncClient(base_url=fleet.base) as client:
+        answer = await client.get(
+            "/v1/items?per_page=1",
+            headers={"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"},
+        )
+    assert answer.status_code == 200, answer.text
+
+    def arrived() -> bool:
+        return any(span.trace_id == trace_id for span in receiver.spans)
+
+    continued = await asyncio.to_thread(wait_until, arrived, 15)  # the batch exporter's delay
+    spans = list(receiver.spans)
+    pods = {str(span.resource.get("k8s.pod.name")) for span in spans}
+    ours = [s for s in spans if s.trace_id == trace_id]
+    return {
+        "pods": pods,
+        "continued": continued,
+        "summary": f"{len(spans)} spans from {sorted(pods)}; the caller's trace: "
+        + ", ".join(f"{s.name} on {s.resource.get('k8s.pod.name')}" for s in ours[:4]),
+    }
+
+
 DATABASE_ALERT = "ItemstreamDatabaseUnavailable"
 
 
-async def test_a_database_outage_pages_and_resolves_and_disconnects_page_nobody() -> None:
-    """Steady load with clients hanging up mid-stream (disconnects are not errors: the error
-    ratio the burn-rate alerts read stays 0), then PostgreSQL killed for longer than the
-    alert's `for`: ItemstreamDatabaseUnavailable goes pending, then firing (read from
+async def test_quiet_under_load_then_a_database_outage_pages_and_resolves() -> None:
+    """QUIET_SECONDS (3 minutes) of steady load, clients hanging up mid-stream among it
+    (disconnects are not errors: the error ratio the burn-rate alerts read stays 0), with no
+    alert pending or firing once the first scrapes are in; then every panel of the chart's
+    dashboard returns data from the rig's Prometheus (PgBouncer's through its exporter; only
+    kube-state-metrics' series are a cluster's), every rule evaluates without error, and
+    every instance's traces reached the OTLP receiver, a caller's sampled trace continued by
+    the instance that served it. Then PostgreSQL is killed for longer than
+    ItemstreamDatabaseUnavailable's `for`: it goes pending, then firing (read from
     Prometheus' API), and resolves once the database is back and the failures leave the rate
     window; the alert timeline is printed."""
     _fleet_or_skip()
@@ -488,7 +495,9 @@ async def test_a_database_outage_pages_and_resolves_and_disconnects_page_nobody(
                 f"prometheusRule.databaseUnavailableWindow={ALERT_WINDOW}s",
             )
         )
-        with Fleet(_env(own, bouncer, database), rules=rules) as fleet:
+        with Fleet(
+            _env(own, bouncer, database), rules=rules, bouncer=f"127.0.0.1:{bouncer.port}"
+        ) as fleet:
             await _rehearse_outage(fleet, own)
     finally:
         bouncer.close()
@@ -522,13 +531,23 @@ async def _rehearse_outage(fleet: Fleet, own: Any) -> None:
         writers=4,
         readers=2,
         generations=6,
-        generation_tokens=900,
-        hang_ups=[now + 6, now + 10, now + 14],  # every stream's client leaves, three times
+        generation_tokens=300,
+        repeat_generations=True,
+        generation_stagger=2.5,
+        # Every stream's client running then leaves (and resumes).
+        hang_ups=[now + 6, now + 10, now + 14, now + QUIET_SECONDS / 2],
     )
+    seen: dict[str, list[str]] = {}
+    traced: dict[str, Any] = {}
 
     async def script() -> None:
         watcher = asyncio.create_task(watch())
-        await asyncio.sleep(20)
+        await asyncio.sleep(QUIET_SECONDS)
+        for title, expr in dashboard_queries():
+            values = await asyncio.to_thread(fleet.query, expr)
+            seen[expr] = [f"{title}: {v['metric']} = {v['value'][1]}" for v in values]
+        traced.update(await _trace_through(fleet))
+        traced["rule problems"] = fleet.rule_health()
         # What the burn-rate alerts read, over the disconnects: responses by status.
         by_status = await asyncio.to_thread(
             fleet.query,
@@ -551,8 +570,14 @@ async def _rehearse_outage(fleet: Fleet, own: Any) -> None:
         assert fired, f"{DATABASE_ALERT} never fired: {timeline[-5:]}"
         assert resolved, f"{DATABASE_ALERT} never resolved: {timeline[-5:]}"
 
+    started = time.monotonic()
     await load.run(script())
     origin = moments["stop"]
+    print(
+        f"\nphases: quiet {moments['quiet'] - started:.0f} s, outage to resolved "
+        f"{moments['resolved'] - moments['stop']:.0f} s, clients done "
+        f"{time.monotonic() - moments['done']:.0f} s later"
+    )
     changes: list[str] = []
     last: dict[str, str] = {}
     for at, now_states in timeline:
@@ -574,6 +599,18 @@ async def _rehearse_outage(fleet: Fleet, own: Any) -> None:
     assert all("firing" not in s.values() for _, s in before), before
     assert all(not s for at, s in before if at > before[0][0] + 10), before
     assert streams_left >= 6 and quiet_statuses, quiet_statuses
+    for expr, lines in seen.items():
+        print(f"  {expr[:90]}: {len(lines)} series; " + "; ".join(lines[:2])[:160])
+    print(f"  traces: {traced['summary']}")
+    empty = [
+        expr
+        for expr, lines in seen.items()
+        if not lines and not any(prefix in expr for prefix in FROM_THE_CLUSTER)
+    ]
+    assert not empty, f"dashboard queries without data: {empty}"
+    assert not traced["rule problems"], traced["rule problems"]
+    assert traced["pods"] == {i.name for i in fleet.instances}, traced["pods"]
+    assert traced["continued"], "the caller's sampled trace was not continued"
     assert not any(k.startswith("5") and v > 0 for k, v in quiet_statuses.items()), (
         "client disconnects counted as server errors",
         quiet_statuses,
@@ -586,17 +623,51 @@ async def _rehearse_outage(fleet: Fleet, own: Any) -> None:
     assert moments["resolved"] > moments["back"]
 
 
+@dataclass(frozen=True)
+class Timings:
+    """A chart's shutdown timings as its pods run them (its default values rendered)."""
+
+    pre_stop: float
+    grace: float  # terminationGracePeriodSeconds: SIGKILL this long after preStop begins
+    env: dict[str, str]  # the settings they give the app
+
+    @classmethod
+    def of(cls, chart: Path) -> Timings:
+        from tests.support.helm import TRY_OUT, helm
+
+        try_out = chart / "ci" / TRY_OUT  # releases before it rendered their bare defaults
+        values = ["-f", str(try_out)] if try_out.exists() else []
+        out = helm("template", "demo", str(chart), *values, "-n", NAMESPACE).stdout
+        objects = [o for o in yaml.safe_load_all(out) if o]
+        api = [
+            o
+            for o in objects
+            if o["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "api"
+        ]
+        config = next(o for o in api if o["kind"] == "ConfigMap")["data"]
+        pod = next(o for o in api if o["kind"] == "Deployment")["spec"]["template"]["spec"]
+        container = pod["containers"][0]
+        return cls(
+            float(container["lifecycle"]["preStop"]["sleep"]["seconds"]),
+            float(pod["terminationGracePeriodSeconds"]),
+            {k: config[k] for k in ("GUNICORN_GRACEFUL_TIMEOUT", "STREAM_DRAIN_SECONDS")},
+        )
+
+
 async def test_a_rolling_upgrade_across_a_migration_serves_throughout(
     pg: PostgresServer, pgbouncer_modern: PgBouncer
 ) -> None:
-    """The fleet starts on the previous release (the commit before tenancy, a worktree), this
-    release's migrations run under load while it serves, then each instance is replaced in
-    turn with the chart's timings (endpoint drained for preStopSleepSeconds, SIGTERM,
-    gunicorn's graceful shutdown with the stream drain, the new release ready before it takes
-    requests). No client request fails except as 503 + Retry-After (the client retries it,
+    """The fleet starts on the previous release (the commit before tenancy, a worktree) with
+    its chart's shutdown timings, this release's migrations run under load while it serves,
+    then each instance is replaced in turn as a rollout does (endpoint drained for the old
+    pod's preStop, SIGTERM, gunicorn's graceful shutdown with the stream drain, SIGKILL at
+    its grace period; the new release, with this chart's timings, ready before it takes
+    requests); then one more rollout of this release (a restart) replaces the instance
+    running the most streams. No client request fails except as 503 + Retry-After (retried,
     keyed writes with their Idempotency-Key), every acknowledged write is stored once, every
-    running instance of either release stays ready, and every stream either completes or is
-    ended by a drain with the client holding exactly the stored text."""
+    running instance of either release stays ready, every stream's client holds exactly the
+    stored text, and no stream is cut by this release's pods: only the previous release's
+    10 s drain may end one (its record `failed`, "shut down")."""
     _fleet_or_skip()
     from harness.releases import BEFORE_TENANCY, ReleaseUnavailable, checked_out, require
     from harness.servers import run_cli
@@ -605,27 +676,32 @@ async def test_a_rolling_upgrade_across_a_migration_serves_throughout(
         require(BEFORE_TENANCY)
     except ReleaseUnavailable as error:
         missing(str(error))
-    values = yaml.safe_load((ROOT / "chart" / "values.yaml").read_text())
-    pre_stop = float(values["preStopSleepSeconds"])
     database = pg.create_database("itemstream_rollout")
     try:
         with checked_out(BEFORE_TENANCY) as previous:
+            old, new = Timings.of(previous / "chart"), Timings.of(ROOT / "chart")
             env = _env(pg, pgbouncer_modern, database)
             migrated = run_cli("migrate", env=env, cwd=previous)
             assert migrated.returncode == 0, migrated.stdout + migrated.stderr
-            with Fleet(env, tree=previous) as fleet:
-                await _roll_out(fleet, env, pre_stop, pg, database)
+            with Fleet({**env, **old.env}, tree=previous) as fleet:
+                await _roll_out(fleet, env, old, new, pg, database)
     finally:
         pg.drop_database(database)
 
 
 async def _roll_out(
-    fleet: Fleet, env: dict[str, str], pre_stop: float, pg: PostgresServer, database: str
+    fleet: Fleet,
+    env: dict[str, str],
+    old: Timings,
+    new: Timings,
+    pg: PostgresServer,
+    database: str,
 ) -> None:
     from harness.servers import run_cli
 
     replacing: set[str] = set()
     not_ready: list[str] = []
+    terminated: list[tuple[str, float, str]] = []  # (instance, SIGTERM moment, its release)
     timings: list[dict[str, float]] = []
     moments: dict[str, float] = {}
 
@@ -639,6 +715,16 @@ async def _roll_out(
                     not_ready.append(f"{instance.name} ({instance.tree.name})")
             await asyncio.sleep(0.5)
 
+    async def replace(instance: Instance, timing: Timings) -> None:
+        release = "previous" if instance.tree != ROOT else "this"
+        replacing.add(instance.name)
+        step = await asyncio.to_thread(
+            fleet.replace, instance, ROOT, timing.pre_stop, timing.grace, new.env
+        )
+        replacing.discard(instance.name)
+        terminated.append((instance.name, step["sigterm_at"], release))
+        timings.append(step)
+
     async def script() -> None:
         watcher = asyncio.create_task(watch_readiness())
         await asyncio.sleep(3)
@@ -647,16 +733,28 @@ async def _roll_out(
         moments["migration"] = time.monotonic() - started
         assert upgrade.returncode == 0, upgrade.stdout + upgrade.stderr
         await asyncio.sleep(2)
-        for instance in fleet.instances:
-            replacing.add(instance.name)
-            timings.append(await asyncio.to_thread(fleet.replace, instance, ROOT, pre_stop))
-            replacing.discard(instance.name)
-            await asyncio.sleep(1)
-        await asyncio.sleep(3)
+        for instance in fleet.instances:  # the old pods terminate with their own timings
+            await replace(instance, old)
+        await asyncio.sleep(2)
+        # A rollout of this release: the pod with the most streams running goes.
+        now = time.monotonic()
+        running = Counter(s.served_by for s in load.streams if s.started < now and not s.ended)
+        busiest = max(fleet.instances, key=lambda i: running[i.name])
+        moments["busiest_streams"] = running[busiest.name]
+        await replace(busiest, new)
+        await asyncio.sleep(2)
         moments["done"] = time.monotonic()
         await watcher
 
-    load = Load(fleet.base, writers=8, readers=4, generations=6, generation_tokens=900)
+    load = Load(
+        fleet.base,
+        writers=8,
+        readers=4,
+        generations=9,
+        generation_tokens=400,  # 20 s: longer than the previous release's preStop + drain
+        repeat_generations=True,
+        generation_stagger=2.2,
+    )
     await load.run(script())
     assert all(i.tree == ROOT for i in fleet.instances)
     failed = [o for o in load.outcomes if not o.ok]
@@ -664,12 +762,28 @@ async def _roll_out(
     rows = await _rows(pg, database)
     lost, duplicated, _ = exactly_once(load, rows)
     ended: Counter[str] = Counter()
+    drained: Counter[str] = Counter()  # streams running on a pod at its SIGTERM, by release
+    past_sigterm = 0.0  # how long a stream ran on after this release's SIGTERM
     for stream in load.streams:
         row = await _generation(pg, database, stream.generation_id)
         stored = row["output"] or ""
-        ended[f"{row['status']}" + (f" ({row['error'][:40]})" if row["error"] else "")] += 1
+        outcome = row["status"] + (f" ({row['error'][:40]})" if row["error"] else "")
+        ended[outcome] += 1
         assert stream.received == stored, (stream, row)
-        assert row["status"] == "completed" or "shut" in (row["error"] or ""), row
+        on_sigterm = [
+            release
+            for name, at, release in terminated
+            if name == stream.served_by and stream.started < at < stream.ended
+        ]
+        for release in on_sigterm:
+            drained[f"{release}: {outcome}"] += 1
+        if "this" in on_sigterm:
+            at = next(a for n, a, r in terminated if n == stream.served_by and r == "this")
+            past_sigterm = max(past_sigterm, stream.ended - at)
+        if "this" in on_sigterm or not on_sigterm:
+            assert row["status"] == "completed", (stream, row)
+        else:
+            assert row["status"] == "completed" or "shut" in (row["error"] or ""), row
     print(
         f"\nrolling upgrade: migration {moments['migration']:.2f} s under load; replacements "
         + ", ".join(
@@ -678,13 +792,15 @@ async def _roll_out(
         )
         + f"; {len(load.outcomes)} requests, {len(failed)} not 2xx ({len(refused)} of them "
         f"503 + Retry-After, retried); {len(load.acknowledged)} writes acknowledged, lost "
-        f"{len(lost)}, duplicated {len(duplicated)}; streams {dict(ended)}, resumes "
-        f"{sum(s.resumes for s in load.streams)}; not ready: {not_ready or 'never'}"
+        f"{len(lost)}, duplicated {len(duplicated)}; streams {dict(ended)}; running at their "
+        f"pod's SIGTERM {dict(drained)} (on this release's, until +{past_sigterm:.1f} s); "
+        f"not ready: {not_ready or 'never'}"
     )
     print(
         "  what the streams' clients met: "
         f"{Counter(e[:60] for s in load.streams for e in s.errors)}"
     )
+    assert sum(v for k, v in drained.items() if k.startswith("this")) >= 1, drained
     assert failed == refused, sorted({(o.kind, o.status) for o in failed})
     assert not lost and not duplicated, (lost[:3], duplicated[:3])
     assert not not_ready, not_ready

@@ -24,12 +24,12 @@ import httpx
 import pytest
 import yaml
 
+from harness.otlp import OtlpReceiver
 from harness.pgbouncer import PgBouncer
 from harness.postgres import PostgresServer
 from harness.processes import free_port, wait_until
 from harness.servers import ROOT, Server, pooled_env, serve
 from tests.support.helm import render
-from tests.support.otlp import OtlpReceiver
 
 pytestmark = pytest.mark.slow
 

@@ -49,6 +49,9 @@ class Stream:
     errors: list[str] = field(default_factory=list)
     hung_up: list[float] = field(default_factory=list)  # when the client left on purpose
     resumed: list[float] = field(default_factory=list)  # when a resume was answered 200
+    served_by: str = ""  # the instance that ran it (X-Served-By of a proxy in front)
+    started: float = 0.0  # time.monotonic() when the generation was asked for
+    ended: float = 0.0  # time.monotonic() when the client saw it end
 
 
 @dataclass
@@ -58,6 +61,12 @@ class Load:
     readers: int = 6
     generations: int = 0
     generation_tokens: int = 0
+    # Each generation client starts another generation when its last one ended, until
+    # stopped (otherwise one each).
+    repeat_generations: bool = False
+    # Seconds between two generation clients' first requests: repeated streams of one length
+    # would otherwise start and end in lockstep.
+    generation_stagger: float = 0.0
     outcomes: list[Outcome] = field(default_factory=list)
     acknowledged: dict[str, int] = field(default_factory=dict)  # key -> items acknowledged
     attempted: set[str] = field(default_factory=set)
@@ -105,6 +114,12 @@ class Load:
             await self._call(client, "read", client.build_request("GET", url))
             await asyncio.sleep(0.01)
 
+    async def _generations(self, client: httpx.AsyncClient, index: int) -> None:
+        await asyncio.sleep(index * self.generation_stagger)
+        await self._generation(client)
+        while self.repeat_generations and not self.stopping:
+            await self._generation(client)
+
     async def _generation(self, client: httpx.AsyncClient) -> None:
         """One long generation, read to its end: resumed with Last-Event-ID whenever the
         connection breaks (an instance gone), as an EventSource client does."""
@@ -125,6 +140,7 @@ class Load:
                         f"/v1/items/{item_id}/generate",
                         json={"max_tokens": self.generation_tokens},
                     )
+                    stream.started = time.monotonic()
                 else:
                     stream.resumes += 1
                     request = client.build_request(
@@ -136,10 +152,19 @@ class Load:
                 try:
                     if response.status_code != 200:
                         stream.errors.append(f"{response.status_code}")
+                        if response.status_code == 409 and stream.generation_id:
+                            # Ended otherwise than completed: the record says how.
+                            record = await client.get(f"/v1/generations/{stream.generation_id}")
+                            if record.status_code == 200:
+                                stream.status = record.json()["status"]
+                                stream.error = str(record.json().get("error"))
+                                continue
                         await asyncio.sleep(0.5)
                         continue
                     if stream.resumes:
                         stream.resumed.append(time.monotonic())
+                    else:
+                        stream.served_by = response.headers.get("x-served-by", "")
                     await self._read_events(response, stream)
                 finally:
                     await response.aclose()
@@ -153,6 +178,7 @@ class Load:
             except httpx.HTTPError as error:
                 stream.errors.append(type(error).__name__)
                 await asyncio.sleep(0.2)
+        stream.ended = time.monotonic()
 
     async def _read_events(self, response: httpx.Response, stream: Stream) -> None:
         async for event, event_id, payload in each_event(response):
@@ -161,7 +187,8 @@ class Load:
             elif event == "token":
                 stream.received += payload["text"]
                 stream.last_id = event_id or stream.last_id
-                due = [m for m in self.hang_ups if m <= time.monotonic()]
+                now = time.monotonic()
+                due = [m for m in self.hang_ups if stream.started <= m <= now]
                 if len(due) > len(stream.hung_up):
                     stream.hung_up.append(time.monotonic())
                     return  # closing the response drops the connection
@@ -182,7 +209,7 @@ class Load:
             tasks = [asyncio.create_task(self._writer(client)) for _ in range(self.writers)]
             tasks += [asyncio.create_task(self._reader(client, i)) for i in range(self.readers)]
             streams = [
-                asyncio.create_task(self._generation(client)) for _ in range(self.generations)
+                asyncio.create_task(self._generations(client, i)) for i in range(self.generations)
             ]
             try:
                 await script
