@@ -60,7 +60,8 @@ PGBOUNCER_EXPORTER_DEPS = (
 
 
 def exporter_dir() -> Path:
-    return Path.home() / ".cache/itemstream/pgbouncer-exporter-2.1.2"
+    version = PGBOUNCER_EXPORTER.split("==")[1]
+    return Path.home() / f".cache/itemstream/pgbouncer-exporter-{version}"
 
 
 def exporter_binary() -> str | None:
@@ -361,6 +362,7 @@ backend pods
                     ],
                 }
             )
+        expected = sum(len(c["targets"]) for job in jobs for c in job["static_configs"])
         config = self.work / "prometheus.yml"
         config.write_text(
             yaml.safe_dump(
@@ -386,7 +388,7 @@ backend pods
 
         def all_up() -> bool:
             try:
-                return len(self.targets_up()) == len(jobs) - 1 + self.size
+                return len(self.targets_up()) == expected
             except OSError:  # 503 while its storage opens, or not listening yet
                 return False
 

@@ -148,8 +148,7 @@ fi
 exporter_dir=$(uv run --frozen python -c 'from harness.fleet import exporter_dir; print(exporter_dir())')
 if [ ! -x "$exporter_dir/bin/pgbouncer-exporter" ]; then
   say "installing the PgBouncer exporter from PyPI into $exporter_dir"
-  exporter_pins=$(uv run --frozen python -c 'from harness.fleet import PGBOUNCER_EXPORTER_DEPS as d; print(" ".join(d))')
-  exporter_pkg=$(uv run --frozen python -c 'from harness.fleet import PGBOUNCER_EXPORTER; print(PGBOUNCER_EXPORTER)')
+  read -r exporter_pkg exporter_pins <<< "$(uv run --frozen python -c 'from harness.fleet import PGBOUNCER_EXPORTER as p, PGBOUNCER_EXPORTER_DEPS as d; print(p, *d)')"
   { [ -n "$system_python" ] \
     && "$system_python" -m venv "$exporter_dir" \
     && "$exporter_dir/bin/pip" install --quiet --no-deps "$exporter_pkg" \

@@ -248,6 +248,10 @@ def test_switches() -> None:
         (["tracing.protocol=grpc"], "/tracing/protocol"),
         (["llm.provider=openai"], "/llm/baseUrl"),
         (["image.digest=latest"], "/image/digest"),
+        (["streams.drainSeconds=-1"], "/streams/drainSeconds"),
+        (["gunicorn.gracefulTimeout=abc"], "/gunicorn/gracefulTimeout"),
+        (["gunicorn.gracefulTimeout=5"], "/gunicorn/gracefulTimeout"),
+        (["terminationGracePeriodSeconds=0"], "/terminationGracePeriodSeconds"),
     ],
 )
 def test_schema_rejects_bad_values(sets: list[str], message: str) -> None:

@@ -633,19 +633,14 @@ class Timings:
 
     @classmethod
     def of(cls, chart: Path) -> Timings:
-        from tests.support.helm import TRY_OUT, helm
+        from tests.support.helm import TRY_OUT, Rendered, helm
 
         try_out = chart / "ci" / TRY_OUT  # releases before it rendered their bare defaults
         values = ["-f", str(try_out)] if try_out.exists() else []
         out = helm("template", "demo", str(chart), *values, "-n", NAMESPACE).stdout
-        objects = [o for o in yaml.safe_load_all(out) if o]
-        api = [
-            o
-            for o in objects
-            if o["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "api"
-        ]
-        config = next(o for o in api if o["kind"] == "ConfigMap")["data"]
-        pod = next(o for o in api if o["kind"] == "Deployment")["spec"]["template"]["spec"]
+        rendered = Rendered([o for o in yaml.safe_load_all(out) if o])
+        config = rendered.one("ConfigMap", "api")["data"]
+        pod = rendered.one("Deployment", "api")["spec"]["template"]["spec"]
         container = pod["containers"][0]
         return cls(
             float(container["lifecycle"]["preStop"]["sleep"]["seconds"]),

@@ -152,25 +152,20 @@ class Load:
                 try:
                     if response.status_code != 200:
                         stream.errors.append(f"{response.status_code}")
-                        if response.status_code == 409 and stream.generation_id:
-                            # Ended otherwise than completed: the record says how.
-                            record = await client.get(f"/v1/generations/{stream.generation_id}")
-                            if record.status_code == 200:
-                                stream.status = record.json()["status"]
-                                stream.error = str(record.json().get("error"))
-                                continue
-                        await asyncio.sleep(0.5)
-                        continue
-                    if stream.resumes:
-                        stream.resumed.append(time.monotonic())
+                        if response.status_code != 409:  # 409: it ended; its record says how
+                            await asyncio.sleep(0.5)
+                            continue
                     else:
-                        stream.served_by = response.headers.get("x-served-by", "")
-                    await self._read_events(response, stream)
+                        if stream.resumes:
+                            stream.resumed.append(time.monotonic())
+                        else:
+                            stream.served_by = response.headers.get("x-served-by", "")
+                        await self._read_events(response, stream)
                 finally:
                     await response.aclose()
                 if not stream.status and stream.errors and stream.generation_id:
-                    # An error event ends the connection; the record says whether the
-                    # generation ended too (failed, cancelled) or goes on (resume it).
+                    # An error event (or a 409) ends the connection; the record says whether
+                    # the generation ended too (failed, cancelled) or goes on (resume it).
                     record = await client.get(f"/v1/generations/{stream.generation_id}")
                     if record.status_code == 200 and record.json()["status"] != "streaming":
                         stream.status = record.json()["status"]
