@@ -305,8 +305,13 @@ class Fleet:
             f"""global
   maxconn 4096
   stats socket {self.work / "haproxy.sock"} mode 600 level admin
+  log stderr format raw local0
 defaults
   mode http
+  # Abnormal endings only (a connection cut, a 5xx, a timeout), with who ended it.
+  log global
+  option httplog
+  option dontlog-normal
   timeout connect 2s
   timeout client 180s
   timeout server 180s
@@ -333,6 +338,11 @@ backend pods
             )
         wait_for_port(self.port, 15, self._haproxy)
         assert wait_until(partial(_ready, self.port), 60), (self.work / "haproxy.log").read_text()
+
+    def cut_sessions(self) -> list[str]:
+        """HAProxy's log of the sessions that did not end normally (dontlog-normal)."""
+        log = self.work / "haproxy.log"
+        return log.read_text(errors="replace").splitlines() if log.exists() else []
 
     # -- Prometheus -------------------------------------------------------------------------
 

@@ -217,14 +217,18 @@ IN_FLIGHT_TARGET = "100"  # the HPA's averageValue in this rehearsal
 
 class StreamHolders:
     """Keeps `target` streams open through the Service: each holder creates an item, then
-    streams generations for it back to back, so the in-flight count is the clients'."""
+    streams generations for it back to back, so the in-flight count is the clients'. A
+    connection cut mid-stream is resumed with Last-Event-ID, as an EventSource client does;
+    the cut is recorded (with HAProxy's account of it) and must stay rare."""
 
     def __init__(self, base: str) -> None:
         self.base = base
         self.target = 0
         self.holders: list[asyncio.Task[None]] = []
+        self.started = 0
         self.completed = 0
         self.failures: Counter[str] = Counter()
+        self.cuts: list[str] = []  # when, what, which instance: each was resumed
         self.stopping = False
 
     async def hold(self, client: Any, index: int) -> None:
@@ -236,26 +240,46 @@ class StreamHolders:
             else:
                 self.failures[f"create {created.status_code}"] += 1
                 await asyncio.sleep(0.5)
+        generation, last_id, served_by = None, "0", ""
         while not self.stopping and index < self.target:
-            try:
+            if generation is None:
                 request = client.build_request("POST", f"/v1/items/{item}/generate", json={})
+            else:
+                request = client.build_request(
+                    "GET",
+                    f"/v1/generations/{generation}/events",
+                    headers={"Last-Event-ID": last_id},
+                )
+            try:
                 response = await client.send(request, stream=True)
                 try:
                     if response.status_code != 200:
-                        self.failures[str(response.status_code)] += 1
+                        self.failures[f"{request.method} {response.status_code}"] += 1
+                        generation = None
                         await asyncio.sleep(0.5)
                         continue
-                    async for event, _, payload in each_event(response):
+                    served_by = response.headers.get("x-served-by", "")
+                    if generation is None:
+                        self.started += 1
+                    async for event, event_id, payload in each_event(response):
                         if self.stopping:
                             break
-                        if event == "done":
+                        if event == "generation":
+                            generation = payload["generation_id"]
+                        elif event == "token":
+                            last_id = event_id or last_id
+                        elif event == "done":
                             self.completed += 1
+                            generation, last_id = None, "0"
                         elif event == "error":
                             self.failures[str(payload.get("error", payload))[:60]] += 1
+                            generation = None
                 finally:
                     await response.aclose()
             except httpx.HTTPError as error:
-                self.failures[type(error).__name__] += 1
+                what = f"{time.strftime('%H:%M:%S')} {request.method} {type(error).__name__}"
+                # Resumed from its last event, or (cut before its first) asked for again.
+                self.cuts.append(f"{what} {error!r} on {served_by or '?'}")
                 await asyncio.sleep(0.5)
 
     def scale_to(self, client: Any, target: int) -> None:
@@ -316,6 +340,7 @@ async def test_the_autoscaling_signal_through_a_load_step(
             for task in holders.holders:
                 task.cancel()
             await asyncio.gather(*holders.holders, sampler, return_exceptions=True)
+        cut = fleet.cut_sessions()
 
         await asyncio.sleep(2)  # the last scrape
         assert fleet.series(rule["seriesQuery"]), "the adapter's seriesQuery finds no series"
@@ -350,7 +375,8 @@ async def test_the_autoscaling_signal_through_a_load_step(
     print(
         f"  HPA: {hpa.min_replicas}..{hpa.max_replicas} replicas, in-flight target {target:g}, "
         f"CPU {hpa.cpu_target_percent:g}% of {cpu_request:g} core; step at {step_at:.0f} s; "
-        f"streams completed {holders.completed}, failures {dict(holders.failures)}"
+        f"streams completed {holders.completed}, failures {dict(holders.failures)}, "
+        f"cut and resumed {len(holders.cuts)}"
     )
     for sample, proposed, (_, replicas) in zip(syncs, proposals, decisions, strict=True):
         print(
@@ -376,7 +402,10 @@ async def test_the_autoscaling_signal_through_a_load_step(
     )
     after = [r for s, (_, r) in zip(syncs, decisions, strict=True) if s.at >= reached_at]
     assert set(after) == {expected}, f"flapping under a steady load: {after}"
-    assert not holders.failures, holders.failures
+    assert not holders.failures, (holders.failures, holders.cuts, cut[-20:])
+    # A cut stream resumed is served, but a cut on loopback is still a defect to explain:
+    # more than one in a hundred streams fails the rehearsal.
+    assert len(holders.cuts) <= holders.started // 100, (holders.cuts, cut[-20:])
 
 
 def _cores(quantity: str | int | float) -> float:

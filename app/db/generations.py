@@ -161,7 +161,7 @@ def _abandon(dialect: str) -> Executable:
         )
         .values(
             status="failed",
-            error="abandoned: the serving process stopped before the stream ended",
+            error=bindparam("g_error", type_=generations.c.error.type),
             finished_at=bindparam("g_now", type_=generations.c.finished_at.type),
         )
     )
@@ -247,9 +247,14 @@ class GenerationRepository:
         return row is not None
 
     async def abandon_stale(
-        self, started_before: datetime, silent_since: datetime, now: datetime
+        self, started_before: datetime, silent_since: datetime, now: datetime, error: str
     ) -> int:
         """Fail the streams whose worker is gone: no heartbeat since `silent_since`, or (rows
         of a release without heartbeats) started before `started_before`."""
-        params = {"g_before": started_before, "g_silent_since": silent_since, "g_now": now}
+        params = {
+            "g_before": started_before,
+            "g_silent_since": silent_since,
+            "g_now": now,
+            "g_error": error,
+        }
         return await self._s.execute("abandon_generations", _abandon, params)

@@ -711,8 +711,15 @@ class GenerationService:
         now = _now()
         cutoff = now - timedelta(seconds=self.limits.max_seconds + 60)
         silent_since = now - timedelta(seconds=ABANDONED_AFTER_SECONDS)
+        # What the sweep knows, not a guess: a worker that could not write the stream's end
+        # through an outage is as silent as one that stopped.
+        error = (
+            f"abandoned: no word from its serving process for {ABANDONED_AFTER_SECONDS:g} s"
+            " before the stream ended (the process stopped, or could not reach the database)"
+        )
         async with self._db.transaction() as session:
-            return await GenerationRepository(session).abandon_stale(cutoff, silent_since, now)
+            repository = GenerationRepository(session)
+            return await repository.abandon_stale(cutoff, silent_since, now, error)
 
 
 def _item_prompt(item: Item, instructions: str | None) -> tuple[Message, ...]:
