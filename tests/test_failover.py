@@ -54,8 +54,10 @@ pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 PASSWORD = "failover-test"
 # The service answers within DB_REQUEST_TIMEOUT + MARGIN by its own clock; its clients, whose
 # requests also queue before the service reads them, within DB_REQUEST_TIMEOUT + CLIENT_MARGIN.
+# The queue is the rig's (Patroni, etcd, HAProxy, gunicorn and the client on 2 shared cores):
+# a CI run whose suite ran 10 % slow saw one write answered 503 after 7.64 s at the client.
 MARGIN = 0.5
-CLIENT_MARGIN = 1.5
+CLIENT_MARGIN = 3.0
 TOKENS = 900  # at 50 ms each: 45 s at most; each scenario asks for what outlasts it
 TOKEN_DELAY = 0.05
 
