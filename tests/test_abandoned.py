@@ -121,6 +121,7 @@ async def test_silent_streams_are_failed_and_live_ones_left(settings: Settings) 
         assert text == "saved so far"[5:]
         assert events[-1][0] == "error", events[-1]
         assert "abandoned" in str(events[-1][2])
+        assert "or could not reach the database" in str(events[-1][2]), events[-1]
 
         assert (await _status(client, silent))["status"] == "failed"
         assert (await _status(client, old_release))["status"] == "failed"

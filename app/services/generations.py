@@ -48,6 +48,12 @@ TRAILER_SECONDS = 1.0
 # gone) and is failed by the sweeper, so a client following it elsewhere gets its end.
 HEARTBEAT_SECONDS = 5.0
 ABANDONED_AFTER_SECONDS = 20.0
+# What the sweep knows, not a guess: a worker that could not write the stream's end through an
+# outage is as silent as one that stopped.
+ABANDONED_ERROR = (
+    f"abandoned: no word from its serving process for {ABANDONED_AFTER_SECONDS:g} s"
+    " before the stream ended (the process stopped, or could not reach the database)"
+)
 ABANDONED_SWEEP_SECONDS = 5.0
 _tracer = trace.get_tracer("app.generations")
 
@@ -711,15 +717,9 @@ class GenerationService:
         now = _now()
         cutoff = now - timedelta(seconds=self.limits.max_seconds + 60)
         silent_since = now - timedelta(seconds=ABANDONED_AFTER_SECONDS)
-        # What the sweep knows, not a guess: a worker that could not write the stream's end
-        # through an outage is as silent as one that stopped.
-        error = (
-            f"abandoned: no word from its serving process for {ABANDONED_AFTER_SECONDS:g} s"
-            " before the stream ended (the process stopped, or could not reach the database)"
-        )
         async with self._db.transaction() as session:
             repository = GenerationRepository(session)
-            return await repository.abandon_stale(cutoff, silent_since, now, error)
+            return await repository.abandon_stale(cutoff, silent_since, now, ABANDONED_ERROR)
 
 
 def _item_prompt(item: Item, instructions: str | None) -> tuple[Message, ...]:
